@@ -1,0 +1,583 @@
+"""The HTTP side of aurora-todo: the Starlette app `app`, and `python app.py` for local runs.
+
+What lives here: the msgspec Structs for every message (one encoder, one decoder per body
+type, built once), the routes (listed together near the end), problem+json errors
+(RFC 9457), request ids and JSON logs, the optional bearer token, and the OpenAPI document
+generated from the Structs. Importing this module does no I/O: the database pool is created
+on the first request that needs it (db.py), and credentials come from auth.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import contextvars
+import hmac
+import logging
+import os
+import re
+import sys
+import time
+import uuid
+from datetime import datetime, timedelta, timezone
+from http import HTTPStatus
+from typing import Annotated, Any, AsyncIterator
+from urllib.parse import urlencode
+
+import msgspec
+from msgspec import UNSET, Meta, Struct, UnsetType
+from starlette.applications import Starlette
+from starlette.endpoints import HTTPEndpoint
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+import auth
+import db
+
+MAX_BODY_BYTES = 64 * 1024
+BODY_READ_TIMEOUT = 10.0  # a body that trickles in slower than this is cut off (408)
+DEFAULT_LIMIT, MAX_LIMIT = 50, 100
+MAX_TITLE = 500
+JSON = "application/json"
+PROBLEM_JSON = "application/problem+json"
+
+
+# --- messages ------------------------------------------------------------------------
+
+Title = Annotated[str, Meta(min_length=1, max_length=MAX_TITLE, pattern=r"\S",
+                            description="Trimmed of surrounding white space; 1–500 characters.")]
+
+
+class Todo(Struct):
+    id: uuid.UUID
+    title: str
+    completed: bool
+    created_at: datetime
+    updated_at: datetime
+
+
+class NewTodo(Struct, forbid_unknown_fields=True):
+    """Body of POST /todos."""
+    title: Title
+    completed: bool = False
+
+
+class TodoChanges(Struct, forbid_unknown_fields=True):
+    """Body of PATCH /todos/{id}: at least one field."""
+    title: Title | UnsetType = UNSET
+    completed: bool | UnsetType = UNSET
+
+
+class Problem(Struct, kw_only=True):
+    """An RFC 9457 problem detail: the body of every error."""
+    type: str = "about:blank"
+    title: str
+    status: int
+    detail: str
+
+
+class Health(Struct):
+    status: str
+
+
+class PoolStatus(Struct):
+    size: int
+    idle: int
+    min: int
+    max: int
+
+
+class TokenStatus(Struct):
+    age_seconds: float
+    ttl_seconds: int
+    seconds_left: float
+    replacements: int
+
+
+class ReplacementStatus(Struct):
+    failures: int
+    last_error: str | None
+
+
+class Readiness(Struct, omit_defaults=True):
+    """Body of /readyz: never a secret."""
+    status: str
+    database: str
+    auth: str | None = None
+    detail: str | None = None
+    pool: PoolStatus | None = None
+    token: TokenStatus | None = None
+    replacement: ReplacementStatus | None = None
+
+
+encoder = msgspec.json.Encoder()
+new_todo_decoder = msgspec.json.Decoder(NewTodo)
+todo_changes_decoder = msgspec.json.Decoder(TodoChanges)
+HEALTHY = encoder.encode(Health(status="ok"))
+
+
+# --- logs ------------------------------------------------------------------------------
+
+log = logging.getLogger("aurora_todo")
+request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
+_RECORD_FIELDS = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "color_message"}
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line, with the request id, scrubbed of every known secret."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "time": datetime.fromtimestamp(record.created, timezone.utc).isoformat(timespec="milliseconds"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        request_id = request_id_var.get()
+        if request_id:
+            entry["request_id"] = request_id
+        for key, value in vars(record).items():
+            if key not in _RECORD_FIELDS:
+                entry[key] = value
+        if record.exc_info and record.exc_info[0] is not None:
+            entry["error_type"] = record.exc_info[0].__name__
+        return auth.redact(msgspec.json.encode(entry, enc_hook=str).decode())
+
+
+def configure_logging(*loggers: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter())
+    level = os.environ.get("LOG_LEVEL", "info").upper()
+    for name in ("aurora_todo", *loggers):
+        logger = logging.getLogger(name)
+        logger.handlers[:] = [handler]
+        logger.setLevel(level if level in logging.getLevelNamesMapping() else "INFO")
+        logger.propagate = False
+
+
+configure_logging()
+
+
+# --- errors ----------------------------------------------------------------------------
+
+def problem(status: int, detail: str = "", headers: dict[str, str] | None = None) -> Response:
+    body = Problem(title=HTTPStatus(status).phrase, status=status, detail=detail)
+    return Response(encoder.encode(body), status, headers, media_type=PROBLEM_JSON)
+
+
+def unprocessable(field: str, message: str) -> HTTPException:
+    return HTTPException(422, f"{field}: {message}")
+
+
+async def http_error(request: Request, error: Exception) -> Response:
+    assert isinstance(error, HTTPException)
+    detail = error.detail
+    if error.status_code == 405 and error.headers:
+        detail = f"{request.method} is not allowed here; use {error.headers.get('Allow')}"
+    return problem(error.status_code, detail, error.headers)
+
+
+async def database_unavailable(request: Request, error: Exception) -> Response:
+    detail = auth.redact(str(error))
+    log.warning("database unavailable", extra={"error_type": type(error).__name__, "error": detail})
+    if isinstance(error, db.ConfigError):
+        detail = f"configuration error: {detail}"
+    return problem(503, detail, {"Retry-After": str(db.RETRY_AFTER_SECONDS)})
+
+
+# --- request parsing -------------------------------------------------------------------
+
+async def read_body(request: Request) -> bytes:
+    """The request body, refusing non-JSON (415), oversized (413) and stalled (408) bodies."""
+    headers = request.headers
+    length = headers.get("content-length")
+    chunked = "chunked" in headers.get("transfer-encoding", "").lower()
+    if not chunked and length in (None, "0"):
+        return b""
+    if length is not None:
+        if not length.isdigit():
+            raise HTTPException(400, "Content-Length is not a number")
+        if int(length) > MAX_BODY_BYTES:
+            raise HTTPException(413, f"the body may be at most {MAX_BODY_BYTES} bytes")
+    media_type = headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if media_type != JSON and not (media_type.startswith("application/") and media_type.endswith("+json")):
+        raise HTTPException(415, "send the body as application/json")
+    body = bytearray()
+    try:
+        async with asyncio.timeout(BODY_READ_TIMEOUT):
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > MAX_BODY_BYTES:
+                    raise HTTPException(413, f"the body may be at most {MAX_BODY_BYTES} bytes")
+    except TimeoutError:
+        raise HTTPException(408, "the body arrived too slowly") from None
+    return bytes(body)
+
+
+def decode(body: bytes, decoder: msgspec.json.Decoder) -> Any:
+    try:
+        return decoder.decode(body)
+    except msgspec.ValidationError as error:
+        raise HTTPException(422, _field_error(str(error))) from None
+    except msgspec.DecodeError as error:
+        raise HTTPException(400, f"malformed JSON: {error}") from None
+
+
+def from_query(request: Request, struct_type: type) -> Any:
+    """A body Struct from `?title=…&completed=…`, held to the same rules as a JSON body."""
+    query = request.query_params
+    fields: dict[str, Any] = {}
+    if "title" in query:
+        fields["title"] = query["title"]
+    if "completed" in query:
+        fields["completed"] = parse_bool("completed", query["completed"])
+    try:
+        return msgspec.convert(fields, struct_type)
+    except msgspec.ValidationError as error:
+        raise HTTPException(422, _field_error(str(error))) from None
+
+
+def _field_error(message: str) -> str:
+    """msgspec says "Expected `str`, got `int` - at `$.title`"; lead with the field."""
+    match = re.search(r"^(.*) - at `\$\.?([^`]*)`$", message)
+    if match:
+        return f"{match.group(2) or 'body'}: {match.group(1)}"
+    match = re.search(r"field `([^`]+)`", message)
+    return f"{match.group(1)}: {message}" if match else f"body: {message}"
+
+
+def clean_title(title: str) -> str:
+    title = title.strip()
+    if "\x00" in title:
+        raise unprocessable("title", "must not contain NUL characters")
+    try:
+        title.encode()
+    except UnicodeEncodeError:
+        raise unprocessable("title", "must be valid Unicode (no lone surrogates)") from None
+    return title
+
+
+TRUE_WORDS, FALSE_WORDS = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
+
+
+def parse_bool(field: str, text: str | None) -> bool | None:
+    if text is None:
+        return None
+    if text.lower() in TRUE_WORDS:
+        return True
+    if text.lower() in FALSE_WORDS:
+        return False
+    raise unprocessable(field, "must be true or false")
+
+
+def parse_limit(text: str | None) -> int:
+    if text is None:
+        return DEFAULT_LIMIT
+    if not text.isdigit() or not 1 <= int(text) <= MAX_LIMIT:
+        raise unprocessable("limit", f"must be a whole number from 1 to {MAX_LIMIT}")
+    return int(text)
+
+
+EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+
+
+def encode_cursor(todo: Todo) -> str:
+    micros = (todo.created_at - EPOCH) // timedelta(microseconds=1)
+    return base64.urlsafe_b64encode(f"{micros}.{todo.id.hex}".encode()).rstrip(b"=").decode()
+
+
+def decode_cursor(text: str | None) -> tuple[datetime, uuid.UUID] | None:
+    """The (created_at, id) of the last todo of the previous page."""
+    if text is None:
+        return None
+    try:
+        if len(text) > 100:
+            raise ValueError
+        micros, todo_id = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)).decode().split(".")
+        return EPOCH + timedelta(microseconds=int(micros)), uuid.UUID(hex=todo_id)
+    except (ValueError, OverflowError, UnicodeDecodeError):
+        raise unprocessable("cursor", "is not a cursor this API handed out") from None
+
+
+def todo_id(request: Request) -> uuid.UUID:
+    text = request.path_params["todo_id"]
+    try:
+        return uuid.UUID(text)
+    except ValueError:
+        raise HTTPException(404, f"no todo with id {text[:64]!r}") from None
+
+
+def json_response(content: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(encoder.encode(content), status, headers, media_type=JSON)
+
+
+# --- routes ----------------------------------------------------------------------------
+
+class TodoCollection(HTTPEndpoint):
+    async def get(self, request: Request) -> Response:
+        query = request.query_params
+        limit = parse_limit(query.get("limit"))
+        completed = parse_bool("completed", query.get("completed"))
+        after = decode_cursor(query.get("cursor"))
+        rows = await db.list_todos(limit + 1, completed, after)
+        todos = [Todo(*row) for row in rows[:limit]]
+        headers = None
+        if len(rows) > limit:
+            next_query = {"limit": limit, "cursor": encode_cursor(todos[-1])}
+            if completed is not None:
+                next_query["completed"] = "true" if completed else "false"
+            headers = {"Link": f'</todos?{urlencode(next_query)}>; rel="next"'}
+        return json_response(todos, headers=headers)
+
+    async def post(self, request: Request) -> Response:
+        body = await read_body(request)
+        if body:
+            new = decode(body, new_todo_decoder)
+        else:  # clients of the FastAPI service: POST /todos?title=…
+            new = from_query(request, NewTodo)
+        row = await db.create_todo(uuid.uuid4(), clean_title(new.title), new.completed)
+        todo = Todo(*row)
+        return json_response(todo, 201, {"Location": f"/todos/{todo.id}"})
+
+
+class TodoItem(HTTPEndpoint):
+    async def get(self, request: Request) -> Response:
+        row = await db.get_todo(todo_id(request))
+        if row is None:
+            raise HTTPException(404, f"no todo with id {request.path_params['todo_id']}")
+        return json_response(Todo(*row))
+
+    async def patch(self, request: Request) -> Response:
+        wanted = todo_id(request)
+        body = await read_body(request)
+        if body:
+            changes = decode(body, todo_changes_decoder)
+        else:  # clients of the FastAPI service: PATCH /todos/{id}?completed=true
+            changes = from_query(request, TodoChanges)
+        if changes.title is UNSET and changes.completed is UNSET:
+            raise unprocessable("body", "give at least one of title, completed")
+        title = None if changes.title is UNSET else clean_title(changes.title)
+        completed = None if changes.completed is UNSET else changes.completed
+        row = await db.update_todo(wanted, title, completed)
+        if row is None:
+            raise HTTPException(404, f"no todo with id {wanted}")
+        return json_response(Todo(*row))
+
+    async def delete(self, request: Request) -> Response:
+        wanted = todo_id(request)
+        if not await db.delete_todo(wanted):
+            raise HTTPException(404, f"no todo with id {wanted}")
+        return Response(status_code=204)
+
+
+async def healthz(request: Request) -> Response:
+    return Response(HEALTHY, media_type=JSON)
+
+
+async def readyz(request: Request) -> Response:
+    ready, report = await db.readiness()
+    body = msgspec.convert(report, Readiness)
+    if ready:
+        return json_response(body)
+    return json_response(body, 503, {"Retry-After": str(db.RETRY_AFTER_SECONDS)})
+
+
+async def openapi(request: Request) -> Response:
+    return Response(openapi_document(), media_type=JSON)
+
+
+routes = [
+    Route("/todos", TodoCollection),
+    Route("/todos/{todo_id}", TodoItem),
+    Route("/healthz", healthz, methods=["GET"]),
+    Route("/readyz", readyz, methods=["GET"]),
+    Route("/openapi.json", openapi, methods=["GET"]),
+]
+
+
+# --- middleware: request id, bearer token, logs, last-resort 500 -----------------------
+
+SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+
+
+class RequestContext:
+    """Pure ASGI middleware around every HTTP request (no BaseHTTPMiddleware overhead).
+
+    Gives each request an id (the caller's, if sane), answers 401 on /todos when API_TOKEN
+    is set and the bearer token is wrong, logs one line per request, and turns any escaped
+    exception into a problem+json 500 that carries the request id but no traceback.
+    """
+
+    def __init__(self, app: Any):
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = time.perf_counter()
+        headers = dict(scope["headers"])
+        given = headers.get(b"x-request-id", b"").decode("latin-1")
+        request_id = given if SANE_REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
+        request_id_var.set(request_id)
+        id_header = (b"x-request-id", request_id.encode())
+        status, response_started = 500, False
+
+        async def send_with_id(message: dict) -> None:
+            nonlocal status, response_started
+            if message["type"] == "http.response.start":
+                status, response_started = message["status"], True
+                message["headers"] = [*message.get("headers", ()), id_header]
+            await send(message)
+
+        try:
+            if scope["path"].startswith("/todos") and not bearer_token_ok(headers):
+                await problem(401, "send Authorization: Bearer <API_TOKEN>",
+                              {"WWW-Authenticate": 'Bearer realm="todos"'})(scope, receive, send_with_id)
+            else:
+                await self.app(scope, receive, send_with_id)
+        except Exception as error:
+            log.error("unhandled error", exc_info=error, extra={"error": auth.redact(str(error))[:300]})
+            if not response_started:
+                await problem(500, f"internal error; request id {request_id}")(scope, receive, send_with_id)
+        finally:
+            if log.isEnabledFor(logging.INFO):
+                log.info("request", extra={
+                    "method": scope["method"], "path": scope["path"], "status": status,
+                    "duration_ms": round((time.perf_counter() - started) * 1000, 2)})
+
+
+def bearer_token_ok(headers: dict[bytes, bytes]) -> bool:
+    expected = os.environ.get("API_TOKEN")
+    if not expected:
+        return True
+    given = headers.get(b"authorization", b"")
+    scheme, _, token = given.partition(b" ")
+    return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), expected.encode())
+
+
+@contextlib.asynccontextmanager
+async def lifespan(app: Starlette) -> AsyncIterator[None]:
+    # Nothing to start: on Vercel a failing startup kills the instance and no OIDC token
+    # exists yet, so the pool is created on the first request that needs it.
+    yield
+    await db.close()
+
+
+app = Starlette(
+    routes=routes,
+    middleware=[Middleware(RequestContext)],
+    exception_handlers={HTTPException: http_error, db.Unavailable: database_unavailable,
+                        db.ConfigError: database_unavailable},
+    lifespan=lifespan,
+)
+
+
+# --- OpenAPI ---------------------------------------------------------------------------
+
+_openapi: bytes | None = None
+
+
+def openapi_document() -> bytes:
+    """OpenAPI 3.1 for every route, built on first use from the Structs above."""
+    global _openapi
+    if _openapi is None:
+        _openapi = encoder.encode(_build_openapi())
+    return _openapi
+
+
+def _build_openapi() -> dict[str, Any]:
+    types = [Todo, list[Todo], NewTodo, TodoChanges, Problem, Health, Readiness]
+    (todo, todo_list, new_todo, changes, problem_schema, health, readiness), components = \
+        msgspec.json.schema_components(types, ref_template="#/components/schemas/{name}")
+
+    def body(schema: dict, description: str, headers: dict | None = None) -> dict:
+        response: dict[str, Any] = {"description": description, "content": {JSON: {"schema": schema}}}
+        if headers:
+            response["headers"] = headers
+        return response
+
+    def error(status: int) -> dict:
+        return {"description": HTTPStatus(status).phrase, "content": {PROBLEM_JSON: {"schema": problem_schema}}}
+
+    def errors(*statuses: int) -> dict:
+        return {str(s): error(s) for s in sorted({*statuses, 401, 405, 500, 503})}
+
+    id_param = {"name": "todo_id", "in": "path", "required": True, "schema": {"type": "string", "format": "uuid"}}
+    title_query = {"name": "title", "in": "query", "required": False,
+                   "description": "For clients of the FastAPI service: used when there is no body.",
+                   "schema": {"type": "string", "minLength": 1, "maxLength": MAX_TITLE, "pattern": r"\S"}}
+    completed_query = {"name": "completed", "in": "query", "required": False, "schema": {"type": "boolean"}}
+    json_body = lambda schema, required: {"required": required, "content": {JSON: {"schema": schema}}}  # noqa: E731
+    location = {"Location": {"schema": {"type": "string"}, "description": "/todos/{id}"}}
+    link = {"Link": {"schema": {"type": "string"}, "description": 'RFC 8288 link to the next page: <…>; rel="next"'}}
+    bearer = [{"bearer": []}]
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "aurora-todo", "version": "1.0.0",
+                 "description": "A todo API on Aurora PostgreSQL / Aurora DSQL with IAM authentication."},
+        "paths": {
+            "/todos": {
+                "get": {"operationId": "listTodos", "summary": "List todos, newest first", "security": bearer,
+                        "parameters": [
+                            {"name": "limit", "in": "query", "required": False,
+                             "schema": {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT, "default": DEFAULT_LIMIT}},
+                            completed_query,
+                            {"name": "cursor", "in": "query", "required": False, "schema": {"type": "string"},
+                             "description": "Opaque; from the Link header of the previous page."}],
+                        "responses": {"200": body(todo_list, "A page of todos", link), **errors(422)}},
+                "post": {"operationId": "createTodo", "summary": "Create a todo", "security": bearer,
+                         "parameters": [title_query, completed_query],
+                         "requestBody": json_body(new_todo, False),
+                         "responses": {"201": body(todo, "Created", location),
+                                       **errors(400, 408, 413, 415, 422)}},
+            },
+            "/todos/{todo_id}": {
+                "get": {"operationId": "getTodo", "summary": "Get one todo", "security": bearer,
+                        "parameters": [id_param],
+                        "responses": {"200": body(todo, "The todo"), **errors(404)}},
+                "patch": {"operationId": "updateTodo", "summary": "Change a todo's title or completion",
+                          "security": bearer, "parameters": [id_param, title_query, completed_query],
+                          "requestBody": json_body(changes, False),
+                          "responses": {"200": body(todo, "The updated todo"),
+                                        **errors(400, 404, 408, 413, 415, 422)}},
+                "delete": {"operationId": "deleteTodo", "summary": "Delete a todo", "security": bearer,
+                           "parameters": [id_param],
+                           "responses": {"204": {"description": "Deleted"}, **errors(404)}},
+            },
+            "/healthz": {"get": {"operationId": "healthz", "summary": "Liveness; never touches the database",
+                                 "responses": {"200": body(health, "Alive")}}},
+            "/readyz": {"get": {"operationId": "readyz", "summary": "Readiness: database, pool and token",
+                                "responses": {"200": body(readiness, "Ready"),
+                                              "503": body(readiness, "Not ready")}}},
+            "/openapi.json": {"get": {"operationId": "openapi", "summary": "This document",
+                                      "responses": {"200": {"description": "OpenAPI 3.1",
+                                                            "content": {JSON: {"schema": {"type": "object"}}}}}}},
+        },
+        "components": {
+            "schemas": components,
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer",
+                                           "description": "Needed only when the server sets API_TOKEN."}},
+        },
+    }
+
+
+# --- local runs ------------------------------------------------------------------------
+
+def main() -> None:
+    """Serve on 127.0.0.1:$PORT; with no database configured, on an embedded PostgreSQL."""
+    import uvicorn
+
+    configure_logging("uvicorn", "uvicorn.error")
+    if not db.database_configured():
+        db.use_embedded_postgres()
+        log.info("using the embedded PostgreSQL under .data/postgres")
+    uvicorn.run(app, host=os.environ.get("HOST", "127.0.0.1"), port=int(os.environ.get("PORT", "8000")),
+                log_config=None, access_log=False)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,175 @@
+"""Where database credentials come from: AWS credentials and IAM tokens for Aurora and DSQL.
+
+What lives here:
+- `TokenSigner`: signs an IAM auth token for the configured endpoint — `rds`
+  `generate_db_auth_token` for Aurora PostgreSQL, the DSQL admin token for user `admin`
+  and the role token for any other user. boto3 is imported and its clients are built once,
+  in a worker thread: importing boto3 costs ~190 ms and building a client ~150 ms, and
+  botocore may refresh credentials (an STS call) synchronously inside signing. Nothing
+  here blocks the event loop.
+- Credentials: with `AWS_ROLE_ARN`, the Vercel OIDC token is exchanged with STS
+  `AssumeRoleWithWebIdentity` by botocore's own fetcher, which reuses the credentials until
+  shortly before they expire (`AWS_ENDPOINT_URL_STS` is honoured by botocore). The OIDC token
+  comes from `vercel.oidc.get_vercel_oidc_token_sync()`: the request's `x-vercel-oidc-token`
+  header, else the SDK's process-wide cache of the latest token seen, else
+  `VERCEL_OIDC_TOKEN`. (The SDK's full getter refuses a token in its last 15 minutes.)
+  Without a role, boto3's default credential chain.
+- `redact`: every secret this process handles (database password, IAM tokens, STS keys,
+  OIDC tokens) is registered here and scrubbed from any text bound for a log or a response.
+
+What does not: the pool and when tokens are needed (db.py), HTTP (app.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import threading
+import time
+from collections import deque
+from typing import TYPE_CHECKING, Any, Callable
+
+if TYPE_CHECKING:
+    from db import Settings
+
+ROLE_SESSION_NAME = "aurora-todo"
+OIDC_OBSERVE_INTERVAL = 10.0  # seconds between feeding a request's OIDC token to the SDK cache
+
+
+class TokenSigner:
+    """Signs IAM database tokens for one endpoint; see the module docstring."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self._client: Any = None
+        self._core: Any = None
+        self._client_lock = threading.Lock()
+        self._oidc_getter: Callable[[], str] | None = None
+        self._next_observe = 0.0
+
+    async def token(self) -> str:
+        """A freshly signed token, valid for DB_TOKEN_TTL seconds (900 for Aurora)."""
+        return await asyncio.to_thread(self._sign)
+
+    def _sign(self) -> str:
+        settings = self.settings
+        client = self._client or self._build_client()
+        if settings.auth == "iam":
+            token = client.generate_db_auth_token(
+                DBHostname=settings.host, Port=settings.port,
+                DBUsername=settings.user, Region=settings.region)
+        elif settings.user == "admin":
+            token = client.generate_db_connect_admin_auth_token(
+                Hostname=settings.host, Region=settings.region, ExpiresIn=settings.token_ttl)
+        else:
+            token = client.generate_db_connect_auth_token(
+                Hostname=settings.host, Region=settings.region, ExpiresIn=settings.token_ttl)
+        register_secret(token)
+        credentials = self._core.get_credentials()
+        if credentials is not None:
+            frozen = credentials.get_frozen_credentials()
+            register_secret(frozen.secret_key)
+            register_secret(frozen.token)
+        return token
+
+    def _build_client(self) -> Any:
+        with self._client_lock:
+            if self._client is not None:
+                return self._client
+            import boto3
+            import botocore.session
+
+            core = botocore.session.get_session()
+            if self.settings.region:
+                core.set_config_variable("region", self.settings.region)
+            if self.settings.role_arn:
+                self._oidc_getter = _vercel_oidc_getter()
+                resolver = core.get_component("credential_provider")
+                resolver.insert_before("env", _VercelWebIdentityProvider(
+                    core, self.settings.role_arn, self._oidc_token))
+            service = "rds" if self.settings.auth == "iam" else "dsql"
+            self._client = boto3.Session(botocore_session=core).client(
+                service, region_name=self.settings.region)
+            self._core = core
+            return self._client
+
+    def _oidc_token(self) -> str:
+        assert self._oidc_getter is not None
+        token = self._oidc_getter()
+        register_secret(token)
+        return token
+
+    def observe_request(self) -> None:
+        """Let the Vercel SDK see this request's OIDC token, now and then.
+
+        Replacements triggered by the timer run outside any request; they find a current
+        OIDC token only in the SDK's process-wide cache, which learns tokens from calls made
+        while a request's headers are in context. Cheap: a JWT decode every few seconds.
+        """
+        if self._oidc_getter is None:
+            return
+        now = time.monotonic()
+        if now < self._next_observe:
+            return
+        self._next_observe = now + OIDC_OBSERVE_INTERVAL
+        try:
+            register_secret(self._oidc_getter())
+        except Exception:
+            pass  # no token in this request: the next STS call reports it
+
+    def close(self) -> None:
+        self._client = None
+
+
+def _vercel_oidc_getter() -> Callable[[], str]:
+    from vercel.oidc import get_vercel_oidc_token_sync
+
+    return get_vercel_oidc_token_sync
+
+
+class _VercelWebIdentityProvider:
+    """A botocore credential provider: Vercel OIDC token → STS AssumeRoleWithWebIdentity.
+
+    botocore's resolver needs only METHOD, CANONICAL_NAME and load(), so this need not
+    subclass CredentialProvider (which would mean importing botocore with this module).
+    """
+
+    METHOD = "vercel-oidc-web-identity"
+    CANONICAL_NAME = "VercelOidcWebIdentity"
+
+    def __init__(self, core: Any, role_arn: str, token_loader: Callable[[], str]):
+        from botocore.credentials import AssumeRoleWithWebIdentityCredentialFetcher
+
+        self._fetcher = AssumeRoleWithWebIdentityCredentialFetcher(
+            client_creator=core.create_client, web_identity_token_loader=token_loader,
+            role_arn=role_arn, extra_args={"RoleSessionName": ROLE_SESSION_NAME})
+
+    def load(self) -> Any:
+        from botocore.credentials import DeferredRefreshableCredentials
+
+        return DeferredRefreshableCredentials(
+            refresh_using=self._fetcher.fetch_credentials, method=self.METHOD)
+
+
+# --- secrets never leave the process ------------------------------------------------
+
+_secrets: deque[str] = deque(maxlen=64)
+# Shapes of secrets that were never registered (another process's token, say).
+_SECRET_SHAPES = re.compile(
+    r"(X-Amz-(?:Signature|Security-Token|Credential)=)[^&\s\"']+"
+    r"|eyJ[\w-]{8,}\.[\w-]{8,}\.[\w-]*"
+)
+
+
+def register_secret(secret: str | None) -> None:
+    """Remember a secret so that `redact` scrubs it; short strings are not secrets."""
+    if secret and len(secret) >= 8 and secret not in _secrets:
+        _secrets.append(secret)
+
+
+def redact(text: str) -> str:
+    """`text` with every registered secret and anything shaped like a token replaced."""
+    for secret in list(_secrets):
+        if secret in text:
+            text = text.replace(secret, "[redacted]")
+    return _SECRET_SHAPES.sub(lambda m: (m.group(1) or "") + "[redacted]", text)

