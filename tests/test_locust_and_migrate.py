@@ -1,0 +1,68 @@
+"""The users' tools: locust against the local server, and `python db.py migrate`."""
+
+from __future__ import annotations
+
+import csv
+import subprocess
+import sys
+
+import pytest
+
+from support import ROOT, LiveServer, clean_environment, create_database, drop_database, run_sql
+
+
+def test_locust_mix_runs_headless_without_a_failure(server: LiveServer, tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "locust", "-f", str(ROOT / "locustfile.py"), "--headless",
+         "-u", "8", "-r", "8", "-t", "6s", "--host", server.url, "--csv", str(tmp_path / "run"),
+         "--exit-code-on-error", "1", "--only-summary"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    with open(tmp_path / "run_stats.csv") as stats:
+        total = next(row for row in csv.DictReader(stats) if row["Name"] == "Aggregated")
+    assert int(total["Request Count"]) > 50
+    assert int(total["Failure Count"]) == 0
+    names = {row["Name"] for row in csv.DictReader(open(tmp_path / "run_stats.csv"))}
+    assert {"/todos", "/todos/{id}"} <= names
+
+
+def migrate(url: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "db.py"), "migrate"], cwd=ROOT,
+                          env=clean_environment(DATABASE_URL=url), capture_output=True, text=True, timeout=60)
+
+
+def test_schema_applies_twice_without_harm(postgres_url: str):
+    url = create_database(postgres_url)
+    try:
+        first, second = migrate(url), migrate(url)
+        assert first.returncode == 0 and "schema created" in first.stdout, first.stderr
+        assert second.returncode == 0 and "already up to date" in second.stdout, second.stderr
+        columns = run_sql(url, """SELECT column_name, data_type, is_nullable FROM information_schema.columns
+                                  WHERE table_name = 'todos' ORDER BY ordinal_position""")
+        assert [tuple(c) for c in columns] == [
+            ("id", "uuid", "NO"), ("title", "text", "NO"), ("completed", "boolean", "NO"),
+            ("created_at", "timestamp with time zone", "NO"), ("updated_at", "timestamp with time zone", "NO")]
+        assert run_sql(url, "SELECT indexdef FROM pg_indexes WHERE indexname = 'todos_newest_first'")
+        # A service starting on the migrated database checks once and serves.
+        with LiveServer(clean_environment(DATABASE_URL=url)) as live:
+            import httpx
+            assert httpx.post(live.url + "/todos", json={"title": "after migrate"}).status_code == 201
+            assert not any(e["message"] == "schema applied" for e in live.logs())
+    finally:
+        drop_database(postgres_url, url)
+
+
+def test_schema_uses_nothing_dsql_lacks():
+    import db
+
+    ddl = " ".join([db.CREATE_TABLE, db.CREATE_INDEX_DSQL]).upper()
+    for forbidden in ("SERIAL", "SEQUENCE", "TRIGGER", "REFERENCES", "TEMPORARY", "SAVEPOINT"):
+        assert forbidden not in ddl
+    assert "CREATE INDEX ASYNC" in db.CREATE_INDEX_DSQL
+
+
+def test_migrate_reports_bad_configuration():
+    result = subprocess.run([sys.executable, str(ROOT / "db.py"), "migrate"], cwd=ROOT,
+                            env=clean_environment(PGHOST="db.example.com", DB_AUTH="nonsense"),
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1 and "DB_AUTH" in result.stderr
