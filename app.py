@@ -159,7 +159,7 @@ def configure_logging(*loggers: str) -> None:
         logger.propagate = False
 
 
-configure_logging()
+configure_logging("asyncpg")
 
 
 # --- errors ----------------------------------------------------------------------------
@@ -571,7 +571,7 @@ def main() -> None:
     """Serve on 127.0.0.1:$PORT; with no database configured, on an embedded PostgreSQL."""
     import uvicorn
 
-    configure_logging("uvicorn", "uvicorn.error")
+    configure_logging("asyncpg", "uvicorn", "uvicorn.error")
     if not db.database_configured():
         db.use_embedded_postgres()
         log.info("using the embedded PostgreSQL under .data/postgres")

@@ -86,6 +86,10 @@ class Unavailable(Exception):
     """The database cannot serve this request now; the caller should retry (503)."""
 
 
+class TokenExpired(Unavailable):
+    """A pool tried to open a connection after its IAM token expired."""
+
+
 class Settings(msgspec.Struct, frozen=True):
     auth: str  # "password", "iam" or "dsql"
     host: str
@@ -359,6 +363,7 @@ async def _run(operation: Callable[..., Awaitable[Any]], *args: Any) -> Any:
                     conflicts += 1
                     if conflicts >= CONFLICT_ATTEMPTS:
                         raise
+                    log.info("retrying after a serialization conflict", extra={"attempt": conflicts})
                     await asyncio.sleep(_jittered(CONFLICT_BACKOFF_FIRST, CONFLICT_BACKOFF_MAX, conflicts))
                 except CONNECTION_LOST:
                     if reconnected:
@@ -435,20 +440,22 @@ class PoolLifecycle:
         settings = self._load_settings()
         if self._signer is not None:
             self._signer.observe_request()
-        replacing = self._start_replacement()
-        if self.current is not None and self.failures and time.time() < self._expires_at:
-            return self.current  # degraded: the retries go on in the background
+        if self.failures and self._still_valid():
+            return self.current  # degraded: the backoff timer retries the replacement
         try:
-            await asyncio.wait_for(asyncio.shield(replacing), REPLACEMENT_WAIT)
+            await asyncio.wait_for(asyncio.shield(self._start_replacement()), REPLACEMENT_WAIT)
         except Exception as error:
-            if self.current is not None and time.time() < self._expires_at:
+            if self._still_valid():
                 return self.current
-            if isinstance(error, (ConfigError, Unavailable)):
+            if isinstance(error, ConfigError):
                 raise
             raise Unavailable(f"no database connection for {settings.auth} authentication: "
                               f"{self.last_error or _describe(error)}") from None
         assert self.current is not None
         return self.current
+
+    def _still_valid(self) -> bool:
+        return self.current is not None and time.time() < self._expires_at
 
     def _load_settings(self) -> Settings:
         if self.settings is None:
@@ -465,33 +472,34 @@ class PoolLifecycle:
         return self.settings
 
     def _start_replacement(self) -> asyncio.Task:
+        """The replacement attempt under way, or a new one: never two at a time."""
         if self._replacing is None or self._replacing.done():
-            self._replacing = asyncio.create_task(self._replace_until_done())
+            self._replacing = asyncio.create_task(self._replace_once())
+            self._replacing.add_done_callback(self._after_attempt)
         return self._replacing
 
-    async def _replace_until_done(self) -> None:
-        """Replace the pool; while a current pool still serves, keep retrying with backoff."""
-        attempt = 0
-        while True:
-            attempt += 1
-            try:
-                await self._replace_once()
-                return
-            except Exception as error:
-                self.failures += 1
-                self.last_error = _describe(error)
-                log.warning("pool replacement failed", extra={
-                    "error_type": type(error).__name__, "error": self.last_error,
-                    "failures": self.failures})
-                if self.current is None:
-                    raise  # no pool to keep: the waiting request answers 503, the next one retries
-                await asyncio.sleep(_jittered(RETRY_BACKOFF_FIRST, RETRY_BACKOFF_MAX, attempt)
-                                    + RETRY_BACKOFF_FIRST)
+    def _after_attempt(self, attempt: asyncio.Task) -> None:
+        if attempt.cancelled() or attempt.exception() is None:
+            return
+        error = attempt.exception()
+        self.failures += 1
+        self.last_error = _describe(error)
+        log.warning("pool replacement failed", extra={
+            "error_type": type(error).__name__, "error": self.last_error, "failures": self.failures})
+        if self.current is not None:
+            # A pool still serves: retry in the background. Without one there is nothing to
+            # keep alive, and the next request tries again.
+            self._schedule_refresh(RETRY_BACKOFF_FIRST
+                                   + _jittered(RETRY_BACKOFF_FIRST, RETRY_BACKOFF_MAX, self.failures))
 
     async def _replace_once(self) -> None:
         settings = self._load_settings()
         issued_at = time.time()
-        password = await self._signer.token() if self._signer else settings.password
+        lifetime = settings.pool_lifetime()
+        if self._signer is not None:
+            password = _password_until(await self._signer.token(), issued_at + EXPIRED_AT * lifetime)
+        else:
+            password = settings.password
         new_pool = await asyncpg.create_pool(
             dsn=settings.dsn, host=None if settings.dsn else settings.host,
             port=None if settings.dsn else settings.port, user=settings.user,
@@ -510,7 +518,6 @@ class PoolLifecycle:
             new_pool.terminate()
             raise
         old_pool, self.current = self.current, new_pool
-        lifetime = settings.pool_lifetime()
         self.issued_at = issued_at
         self._due_at = issued_at + DUE_AT * lifetime
         self._expires_at = issued_at + EXPIRED_AT * lifetime
@@ -537,9 +544,14 @@ class PoolLifecycle:
         task.add_done_callback(self._draining.discard)
         if os.environ.get("VERCEL"):
             # On Vercel the instance may be frozen as soon as the response is sent;
-            # wait_until keeps it running until the old pool has closed.
+            # wait_until keeps it running until the old pool has closed. It only works
+            # inside a live request (a replacement the request awaits); from a timer it
+            # raises or does nothing, and the task simply finishes when the instance runs.
             from vercel.functions import wait_until
-            wait_until(task)
+            try:
+                wait_until(task)
+            except RuntimeError:
+                pass
 
     def status(self) -> dict[str, Any]:
         """What /readyz reports about the pool and its token; never a secret."""
@@ -575,11 +587,27 @@ class PoolLifecycle:
         self.__init__()
 
 
+def _password_until(token: str, expires_at: float) -> Callable[[], str]:
+    """The pool's password: its token, which it never presents once expired.
+
+    asyncpg calls this for every new connection, including the ones it opens on its own
+    to restore the pool's minimum size (after a thawed instance finds its connections
+    dropped). Aurora would refuse an expired token anyway; this refuses it before a
+    round trip, until the replacement that is due takes over.
+    """
+    def password() -> str:
+        if time.time() >= expires_at:
+            raise TokenExpired("this pool's IAM token has expired; its replacement is due")
+        return token
+    return password
+
+
 async def _close_gracefully(pool: asyncpg.Pool) -> None:
     try:
         await asyncio.wait_for(pool.close(), DRAIN_TIMEOUT)
     except (TimeoutError, Exception):
         pool.terminate()
+    log.info("replaced pool closed")
 
 
 lifecycle = PoolLifecycle()
