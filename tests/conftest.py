@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from support import LiveServer, clean_environment, create_database, drop_database  # noqa: E402
+from iam_support import fresh_sts, sts  # noqa: E402,F401  (fixtures: moto STS on loopback)
 
 
 @pytest.fixture(scope="session")

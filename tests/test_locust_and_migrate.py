@@ -6,7 +6,6 @@ import csv
 import subprocess
 import sys
 
-import pytest
 
 from support import ROOT, LiveServer, clean_environment, create_database, drop_database, run_sql
 

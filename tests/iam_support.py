@@ -1,0 +1,100 @@
+"""Shared by the IAM and Vercel tests: moto's STS on loopback, and Vercel-shaped OIDC tokens."""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+import uuid
+
+import pytest
+from moto.server import ThreadedMotoServer
+from moto.sts.responses import TokenResponse
+
+from support import free_port
+
+ROLE_ARN = "arn:aws:iam::123456789012:role/aurora-todo"
+REGION = "us-east-1"
+
+
+def oidc_token(lifetime: float = 3600, subject: str = "owner:acme:project:todo:environment:production") -> str:
+    """A JWT shaped like Vercel's OIDC token (moto does not verify its signature)."""
+    def part(data: dict) -> str:
+        return base64.urlsafe_b64encode(json.dumps(data).encode()).rstrip(b"=").decode()
+    claims = {"iss": "https://oidc.vercel.com/acme", "aud": "https://vercel.com/acme", "sub": subject,
+              "iat": int(time.time()), "exp": int(time.time() + lifetime)}
+    return f"{part({'alg': 'RS256', 'typ': 'JWT', 'kid': 'k1'})}.{part(claims)}.{uuid.uuid4().hex}{uuid.uuid4().hex}"
+
+
+class Sts:
+    """moto's STS on loopback, with a record of every AssumeRoleWithWebIdentity call.
+
+    `credential_lifetime` shortens the credentials moto issues; `delay` makes STS slow;
+    `stop()` / `start()` take it down and bring it back on the same port.
+    """
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.web_identity_tokens: list[str] = []
+        self.credential_lifetime: int | None = None
+        self.delay = 0.0
+        self._server: ThreadedMotoServer | None = None
+
+    def start(self) -> None:
+        self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
+        self._server.start()
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.stop()
+            self._server = None
+
+    @property
+    def calls(self) -> int:
+        return len(self.web_identity_tokens)
+
+    def secrets(self) -> list[str]:
+        """Every secret key and session token moto has issued."""
+        from moto.sts.models import sts_backends
+
+        found = []
+        for per_account in list(dict.values(sts_backends)):
+            for backend in list(dict.values(per_account)):
+                for role in backend.assumed_roles:
+                    found += [role.secret_access_key, role.session_token]
+        return found
+
+
+@pytest.fixture(scope="module")
+def sts():
+    from moto.sts.models import STSBackend
+
+    recorder = Sts()
+    original_response = TokenResponse.assume_role_with_web_identity
+    original_backend = STSBackend.assume_role_with_web_identity
+
+    def recording(self: TokenResponse):
+        recorder.web_identity_tokens.append(self._get_param("WebIdentityToken"))
+        time.sleep(recorder.delay)
+        return original_response(self)
+
+    def issuing(self: STSBackend, **kwargs):
+        if recorder.credential_lifetime is not None:
+            kwargs["duration"] = recorder.credential_lifetime
+        return original_backend(self, **kwargs)
+
+    TokenResponse.assume_role_with_web_identity = recording
+    STSBackend.assume_role_with_web_identity = issuing
+    recorder.start()
+    yield recorder
+    recorder.stop()
+    TokenResponse.assume_role_with_web_identity = original_response
+    STSBackend.assume_role_with_web_identity = original_backend
+
+
+@pytest.fixture
+def fresh_sts(sts: Sts) -> Sts:
+    sts.web_identity_tokens.clear()
+    sts.credential_lifetime, sts.delay = None, 0.0
+    return sts
