@@ -78,9 +78,11 @@ def replacements(live: LiveServer) -> int:
 # --- 1. soak ----------------------------------------------------------------------------
 
 def test_soak_across_many_replacements_loses_nothing(fresh_sts: Sts, iam_database: str):
-    ttl, duration, workers = 4, 32.0, 6
+    # More workers than connections: requests queue on the pool, so some are still waiting
+    # on the old pool when it is replaced; they must finish, not be cancelled.
+    ttl, duration, workers = 4, 32.0, 10
     with aurora(iam_database, ttl) as gateway:
-        env = iam_environment(gateway, fresh_sts, iam_database, ttl)
+        env = iam_environment(gateway, fresh_sts, iam_database, ttl, DB_POOL_MAX="3")
         with LiveServer(env) as live:
             failures: list[str] = []
             created: list[str] = []
