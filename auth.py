@@ -88,9 +88,9 @@ class TokenSigner:
                 resolver.insert_before("env", _VercelWebIdentityProvider(
                     core, self.settings.role_arn, self._oidc_token))
             service = "rds" if self.settings.auth == "iam" else "dsql"
+            self._core = core
             self._client = boto3.Session(botocore_session=core).client(
                 service, region_name=self.settings.region)
-            self._core = core
             return self._client
 
     def _oidc_token(self) -> str:
