@@ -1,12 +1,12 @@
 """Where database credentials come from: AWS credentials and IAM tokens for Aurora and DSQL.
 
 What lives here:
-- `TokenSigner`: signs an IAM auth token for the configured endpoint — `rds`
+- `TokenSigner`: signs an IAM auth token for the configured endpoint — botocore's `rds`
   `generate_db_auth_token` for Aurora PostgreSQL, the DSQL admin token for user `admin`
-  and the role token for any other user. boto3 is imported and its clients are built once,
-  in a worker thread: importing boto3 costs ~190 ms and building a client ~150 ms, and
-  botocore may refresh credentials (an STS call) synchronously inside signing. Nothing
-  here blocks the event loop.
+  and the role token for any other user. botocore is imported and the signer built once,
+  in a worker thread: the import costs ~150 ms on a cold start, and botocore may refresh
+  credentials (an STS call) synchronously inside signing. Nothing here blocks the event
+  loop. No rds/dsql client is built: signing needs only botocore's request signer.
 - Credentials: with `AWS_ROLE_ARN`, the Vercel OIDC token is exchanged with STS
   `AssumeRoleWithWebIdentity` by botocore's own fetcher, which reuses the credentials until
   shortly before they expire (`AWS_ENDPOINT_URL_STS` is honoured by botocore). The OIDC token
@@ -26,6 +26,7 @@ import asyncio
 import re
 import threading
 import time
+import types
 from collections import deque
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -52,18 +53,20 @@ class TokenSigner:
         return await asyncio.to_thread(self._sign)
 
     def _sign(self) -> str:
+        from botocore import signers
+
         settings = self.settings
         client = self._client or self._build_client()
         if settings.auth == "iam":
-            token = client.generate_db_auth_token(
-                DBHostname=settings.host, Port=settings.port,
+            token = signers.generate_db_auth_token(
+                client, DBHostname=settings.host, Port=settings.port,
                 DBUsername=settings.user, Region=settings.region)
         elif settings.user == "admin":
-            token = client.generate_db_connect_admin_auth_token(
-                Hostname=settings.host, Region=settings.region, ExpiresIn=settings.token_ttl)
+            token = signers.dsql_generate_db_connect_admin_auth_token(
+                client, Hostname=settings.host, Region=settings.region, ExpiresIn=settings.token_ttl)
         else:
-            token = client.generate_db_connect_auth_token(
-                Hostname=settings.host, Region=settings.region, ExpiresIn=settings.token_ttl)
+            token = signers.dsql_generate_db_connect_auth_token(
+                client, Hostname=settings.host, Region=settings.region, ExpiresIn=settings.token_ttl)
         register_secret(token)
         credentials = self._core.get_credentials()
         if credentials is not None:
@@ -76,7 +79,6 @@ class TokenSigner:
         with self._client_lock:
             if self._client is not None:
                 return self._client
-            import boto3
             import botocore.session
 
             core = botocore.session.get_session()
@@ -87,10 +89,9 @@ class TokenSigner:
                 resolver = core.get_component("credential_provider")
                 resolver.insert_before("env", _VercelWebIdentityProvider(
                     core, self.settings.role_arn, self._oidc_token))
-            service = "rds" if self.settings.auth == "iam" else "dsql"
             self._core = core
-            self._client = boto3.Session(botocore_session=core).client(
-                service, region_name=self.settings.region)
+            self._client = _SigningClient(core, "rds" if self.settings.auth == "iam" else "dsql",
+                                          self.settings.region)
             return self._client
 
     def _oidc_token(self) -> str:
@@ -125,6 +126,24 @@ def _vercel_oidc_getter() -> Callable[[], str]:
     from vercel.oidc import get_vercel_oidc_token_sync
 
     return get_vercel_oidc_token_sync
+
+
+class _SigningClient:
+    """What botocore's token functions use of an rds or dsql client: its signer and region.
+
+    They are the functions behind `rds.generate_db_auth_token` and the dsql client's
+    `generate_db_connect_(admin_)auth_token`. Building the client itself would load the
+    service's whole API model (~30 ms of a cold start) only to sign one URL.
+    """
+
+    def __init__(self, core: Any, service: str, region: str | None):
+        from botocore.model import ServiceId
+        from botocore.signers import RequestSigner
+
+        self.meta = types.SimpleNamespace(region_name=region)
+        self._request_signer = RequestSigner(
+            ServiceId(service), region, service, "v4", core.get_credentials(),
+            core.get_component("event_emitter"))
 
 
 class _VercelWebIdentityProvider:
