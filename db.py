@@ -20,6 +20,8 @@ What does not: HTTP (app.py) and where credentials and IAM tokens come from (aut
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import contextvars
 import logging
 import os
 import random
@@ -45,6 +47,7 @@ log = logging.getLogger("aurora_todo.db")
 # request's cost.) Connecting is bounded on its own so that a dead server is reported fast.
 CONNECT_TIMEOUT = 3.0
 OPERATION_DEADLINE = 8.0
+CANCEL_GRACE = 0.5  # after the deadline, how long PostgreSQL gets to acknowledge the cancel
 READY_CHECK_TIMEOUT = 2.0
 DRAIN_POLL = 0.05
 
@@ -153,7 +156,8 @@ class Settings(msgspec.Struct, frozen=True):
         if self.auth == "iam":
             return float(self.token_ttl)
         if self.auth == "dsql":
-            return float(min(self.token_ttl, DSQL_MAX_CONNECTION_AGE / DUE_AT))
+            # No connection outlives the pool's expiry: keep that under DSQL's one-hour limit.
+            return float(min(self.token_ttl, DSQL_MAX_CONNECTION_AGE / EXPIRED_AT))
         return float("inf")
 
     def ssl_context(self) -> ssl.SSLContext | str | None:
@@ -333,6 +337,8 @@ UNAVAILABLE = CONNECTION_LOST + (
     OSError,
     TimeoutError,
     asyncpg.InterfaceError,
+    # A connection that read the server's FATAL (a shutdown) just as a query was starting on it.
+    asyncpg.InternalClientError,
     asyncpg.CannotConnectNowError,
     asyncpg.TooManyConnectionsError,
     asyncpg.InvalidAuthorizationSpecificationError,
@@ -358,7 +364,17 @@ async def _run(operation: Callable[..., Awaitable[Any]], *args: Any) -> Any:
                 pool = await lifecycle.pool()
                 try:
                     async with pool.acquire() as connection:
-                        return await operation(connection)
+                        try:
+                            return await operation(connection)
+                        except asyncio.CancelledError:
+                            # The deadline struck mid-query. Releasing waits for PostgreSQL to
+                            # acknowledge the cancel (so a query stuck behind a lock does not
+                            # run later), and asyncpg waits without limit: a frozen server or a
+                            # dead network would hold this request forever. Past CANCEL_GRACE
+                            # the connection is dropped instead.
+                            with contextlib.suppress(Exception):
+                                await pool.release(connection, timeout=CANCEL_GRACE)
+                            raise
                 except asyncpg.SerializationError:
                     conflicts += 1
                     if conflicts >= CONFLICT_ATTEMPTS:
@@ -434,8 +450,12 @@ class PoolLifecycle:
         if self.current is not None and time.time() < self._due_at:
             if self._signer is not None:
                 self._signer.observe_request()
-            return self.current
-        return await self._pool_when_due()
+            pool = self.current
+        else:
+            pool = await self._pool_when_due()
+        if self._draining:
+            self._keep_alive_while_draining()
+        return pool
 
     async def _pool_when_due(self) -> asyncpg.Pool:
         settings = self._load_settings()
@@ -535,8 +555,10 @@ class PoolLifecycle:
         if self._refresh_timer is not None:
             self._refresh_timer.cancel()
         if delay != float("inf"):
+            # A fresh context: the replacement belongs to no request (its logs carry no
+            # request id, and it must not touch an invocation that ended long ago).
             self._refresh_timer = asyncio.get_running_loop().call_later(
-                max(delay, 0.0), self._start_replacement)
+                max(delay, 0.0), self._start_replacement, context=contextvars.Context())
 
     def _drain(self, old_pool: asyncpg.Pool) -> None:
         """Close a replaced pool once its in-flight queries finish, off the request path."""
@@ -544,16 +566,24 @@ class PoolLifecycle:
         task.add_done_callback(lambda _: log.info("replaced pool closed"))
         self._draining.add(task)
         task.add_done_callback(self._draining.discard)
-        if os.environ.get("VERCEL"):
-            # On Vercel the instance may be frozen as soon as the response is sent;
-            # wait_until keeps it running until the old pool has closed. It only works
-            # inside a live request (a replacement the request awaits); from a timer it
-            # raises or does nothing, and the task simply finishes when the instance runs.
-            from vercel.functions import wait_until
+        self._keep_alive_while_draining()
+
+    def _keep_alive_while_draining(self) -> None:
+        """On Vercel, keep this invocation alive until every replaced pool has closed.
+
+        The instance may be frozen as soon as a response is sent. `wait_until` belongs to
+        the request in whose context it is called: a replacement started by the timer has
+        none, so each request that sees a drain under way registers it (the runtime ignores
+        an awaitable registered twice).
+        """
+        if not os.environ.get("VERCEL"):
+            return
+        from vercel.functions import wait_until
+        for task in list(self._draining):
             try:
                 wait_until(task)
             except RuntimeError:
-                pass
+                pass  # no live invocation in this context
 
     def status(self) -> dict[str, Any]:
         """What /readyz reports about the pool and its token; never a secret."""
