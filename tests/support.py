@@ -71,6 +71,14 @@ def clean_environment(**overrides: str) -> dict[str, str]:
     return env
 
 
+def wait_until_serving(client: httpx.Client, within: float, why: str, path: str = "/todos") -> None:
+    """Poll `path` until it answers 200; fail with `why` after `within` seconds."""
+    deadline = time.monotonic() + within
+    while client.get(path).status_code != 200:
+        assert time.monotonic() < deadline, why
+        time.sleep(0.2)
+
+
 class LiveServer:
     """`python app.py` in a subprocess; `url`, `logs()`, `stop()`."""
 

@@ -22,7 +22,7 @@ import pytest
 
 from aurora_gateway import AuroraGateway, moto_credentials_lookup, parse_upstream_url
 from iam_support import REGION, ROLE_ARN, Sts, oidc_token
-from support import LiveServer, clean_environment, create_database, drop_database, run_sql
+from support import LiveServer, clean_environment, create_database, drop_database, run_sql, wait_until_serving
 
 
 
@@ -200,10 +200,7 @@ def test_sts_outage_keeps_the_current_pool_then_recovers(fresh_sts: Sts, iam_dat
                 assert late.elapsed.total_seconds() < 10
             finally:
                 fresh_sts.start()
-            deadline = time.monotonic() + 20
-            while client.get("/todos").status_code != 200:
-                assert time.monotonic() < deadline, "did not recover after STS came back"
-                time.sleep(0.3)
+            wait_until_serving(client, 20, "did not recover after STS came back")
             assert client.get("/readyz").json()["status"] == "ok"
             assert gateway.refused == []
             assert_no_secrets([live.logs_text()], fresh_sts, env)

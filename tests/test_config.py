@@ -1,0 +1,72 @@
+"""The SPEC's configuration table: defaults, inference from the endpoint, and refusals."""
+
+from __future__ import annotations
+
+
+import pytest
+
+from db import ConfigError, Settings
+
+AURORA = "mycluster.cluster-abc123xyz.eu-west-1.rds.amazonaws.com"
+DSQL = "abcdefghijklmnopqrstuvwxyz.dsql.us-east-2.on.aws"
+
+
+def test_database_url_means_password_auth():
+    s = Settings.from_env({"DATABASE_URL": "postgresql://app:s3cret@db.local:6543/todos"})
+    assert (s.auth, s.host, s.port, s.user, s.database, s.password) == ("password", "db.local", 6543, "app", "todos", "s3cret")
+    assert s.sslmode is None and s.pool_min == 1 and s.pool_max == 10
+    assert s.pool_lifetime() == float("inf")
+
+
+def test_libpq_names_and_their_defaults():
+    s = Settings.from_env({"PGHOST": "db.local", "PGPASSWORD": "pw"})
+    assert (s.auth, s.port, s.user, s.database, s.password) == ("password", 5432, "postgres", "postgres", "pw")
+
+
+def test_aurora_host_without_password_is_iam_with_region_and_tls():
+    s = Settings.from_env({"PGHOST": AURORA, "PGUSER": "todo_app"})
+    assert (s.auth, s.region, s.sslmode, s.token_ttl, s.password) == ("iam", "eu-west-1", "require", 900, None)
+    assert s.ssl_context() == "require"
+    assert s.pool_lifetime() == 900
+
+
+def test_dsql_host_is_dsql_with_admin_and_its_region():
+    s = Settings.from_env({"PGHOST": DSQL})
+    assert (s.auth, s.user, s.region, s.sslmode) == ("dsql", "admin", "us-east-2", "require")
+    assert Settings.from_env({"PGHOST": DSQL, "PGUSER": "todo_app"}).user == "todo_app"
+    # A DSQL connection lives at most an hour: the pool is due well before 55 minutes.
+    long = Settings.from_env({"PGHOST": DSQL, "DB_TOKEN_TTL": "86400"})
+    assert long.token_ttl == 86400 and long.pool_lifetime() * 0.95 <= 55 * 60
+
+
+def test_explicit_settings_win(tmp_path):
+    ca = tmp_path / "ca.pem"
+    ca.write_text("not read until a connection is made")
+    s = Settings.from_env({"PGHOST": "10.0.0.5", "DB_AUTH": "iam", "AWS_REGION": "ap-south-1",
+                           "AWS_ROLE_ARN": "arn:aws:iam::1:role/r", "DB_TOKEN_TTL": "600",
+                           "PGSSLROOTCERT": str(ca), "DB_POOL_MIN": "2", "DB_POOL_MAX": "4"})
+    assert (s.auth, s.region, s.role_arn, s.token_ttl, s.sslmode) == ("iam", "ap-south-1", "arn:aws:iam::1:role/r", 600, "verify-full")
+    assert (s.pool_min, s.pool_max) == (2, 4)
+    assert Settings.from_env({"PGHOST": AURORA, "PGSSLMODE": "disable"}).sslmode == "disable"
+
+
+@pytest.mark.parametrize("env, variable", [
+    ({}, "DATABASE_URL"),
+    ({"PGHOST": AURORA, "DB_AUTH": "kerberos"}, "DB_AUTH"),
+    ({"DATABASE_URL": "postgresql://u@/db", "DB_AUTH": "iam"}, "PGHOST"),
+    ({"PGHOST": "10.0.0.5", "DB_AUTH": "iam"}, "AWS_REGION"),
+    ({"PGHOST": AURORA, "DB_TOKEN_TTL": "901"}, "DB_TOKEN_TTL"),
+    ({"PGHOST": AURORA, "DB_TOKEN_TTL": "0"}, "DB_TOKEN_TTL"),
+    ({"PGHOST": AURORA, "DB_TOKEN_TTL": "soon"}, "DB_TOKEN_TTL"),
+    ({"PGHOST": DSQL, "DB_TOKEN_TTL": "604801"}, "DB_TOKEN_TTL"),
+    ({"PGHOST": AURORA, "DB_POOL_MIN": "5", "DB_POOL_MAX": "2"}, "DB_POOL_MAX"),
+    ({"PGHOST": AURORA, "DB_POOL_MIN": "0"}, "DB_POOL_MIN"),
+    ({"PGHOST": AURORA, "PGSSLMODE": "maybe"}, "PGSSLMODE"),
+    ({"PGHOST": AURORA, "PGSSLROOTCERT": "/no/such/ca.pem"}, "PGSSLROOTCERT"),
+    ({"PGHOST": "db", "PGPORT": "five"}, "PGPORT"),
+    ({"DATABASE_URL": "mysql://u@h/db"}, "DATABASE_URL"),
+])
+def test_configuration_that_cannot_work_names_the_variable(env, variable):
+    with pytest.raises(ConfigError) as raised:
+        Settings.from_env(env)
+    assert raised.value.variable == variable and variable in str(raised.value)
