@@ -160,6 +160,12 @@ class Settings(msgspec.Struct, frozen=True):
             return float(min(self.token_ttl, DSQL_MAX_CONNECTION_AGE / EXPIRED_AT))
         return float("inf")
 
+    def connect_arguments(self) -> dict[str, Any]:
+        """Where and as whom to connect, for asyncpg's connect and create_pool (no password)."""
+        return dict(dsn=self.dsn, host=None if self.dsn else self.host,
+                    port=None if self.dsn else self.port, user=self.user,
+                    database=self.database, ssl=self.ssl_context(), timeout=CONNECT_TIMEOUT)
+
     def ssl_context(self) -> ssl.SSLContext | str | None:
         if self.sslmode in ("verify-ca", "verify-full"):
             context = ssl.create_default_context(cafile=self.sslrootcert)
@@ -517,17 +523,15 @@ class PoolLifecycle:
         settings = self._load_settings()
         issued_at = time.time()
         lifetime = settings.pool_lifetime()
+        expires_at = issued_at + EXPIRED_AT * lifetime
         if self._signer is not None:
-            password = _password_until(await self._signer.token(), issued_at + EXPIRED_AT * lifetime)
+            password = _password_until(await self._signer.token(), expires_at)
         else:
             password = settings.password
         new_pool = await asyncpg.create_pool(
-            dsn=settings.dsn, host=None if settings.dsn else settings.host,
-            port=None if settings.dsn else settings.port, user=settings.user,
-            database=settings.database, password=password, ssl=settings.ssl_context(),
-            min_size=settings.pool_min, max_size=settings.pool_max, timeout=CONNECT_TIMEOUT,
-            reset=_reset_session,
-            max_inactive_connection_lifetime=min(300.0, settings.pool_lifetime()),
+            **settings.connect_arguments(), password=password, reset=_reset_session,
+            min_size=settings.pool_min, max_size=settings.pool_max,
+            max_inactive_connection_lifetime=min(300.0, lifetime),
         )
         try:
             if not self._schema_ready:
@@ -541,7 +545,7 @@ class PoolLifecycle:
         old_pool, self.current = self.current, new_pool
         self.issued_at = issued_at
         self._due_at = issued_at + DUE_AT * lifetime
-        self._expires_at = issued_at + EXPIRED_AT * lifetime
+        self._expires_at = expires_at
         self.failures, self.last_error = 0, None
         self._schedule_refresh(REFRESH_AT * lifetime - (time.time() - issued_at))
         if old_pool is None:
@@ -702,11 +706,7 @@ async def migrate() -> bool:
     settings = Settings.from_env()
     signer = auth.TokenSigner(settings) if settings.uses_tokens else None
     password = await signer.token() if signer else settings.password
-    connection = await asyncpg.connect(
-        dsn=settings.dsn, host=None if settings.dsn else settings.host,
-        port=None if settings.dsn else settings.port, user=settings.user,
-        database=settings.database, password=password, ssl=settings.ssl_context(),
-        timeout=CONNECT_TIMEOUT)
+    connection = await asyncpg.connect(**settings.connect_arguments(), password=password)
     try:
         return await apply_schema(connection, settings)
     finally:
