@@ -44,8 +44,8 @@ log = logging.getLogger("aurora_todo.db")
 # Every database call finishes, one way or another, inside the 10 s the SPEC allows before
 # a 503: one deadline covers waiting for a replacement, for a free connection and for the
 # query. (One timer per operation, not one per step: timers are a measurable share of a
-# request's cost.) Connecting is bounded on its own so that a dead server is reported fast.
-CONNECT_TIMEOUT = 3.0
+# request's cost.) Connecting is bounded on its own (DB_CONNECT_TIMEOUT) so that a dead
+# server is reported fast.
 OPERATION_DEADLINE = 8.0
 CANCEL_GRACE = 0.5  # after the deadline, how long PostgreSQL gets to acknowledge the cancel
 READY_CHECK_TIMEOUT = 2.0
@@ -108,6 +108,9 @@ class Settings(msgspec.Struct, frozen=True):
     token_ttl: int = 900
     pool_min: int = 1
     pool_max: int = 10
+    idle_timeout: int = 300  # seconds an idle connection above pool_min stays open
+    connect_timeout: int = 3
+    statement_cache: int = 100  # asyncpg's prepared-statement cache; 0 behind RDS Proxy
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> Settings:
@@ -136,15 +139,25 @@ class Settings(msgspec.Struct, frozen=True):
         if sslrootcert and not os.path.isfile(sslrootcert):
             raise ConfigError("PGSSLROOTCERT", "no such file")
         token_ttl = _int_setting(env, "DB_TOKEN_TTL", 900, 1, MAX_TOKEN_TTL.get(auth_mode, 900))
-        pool_min = _int_setting(env, "DB_POOL_MIN", 1, 1, 1000)
+        # On Vercel a suspended instance must hold nothing open: no floor, and idle
+        # connections close soon after the invocation (see IdleRelease).
+        on_vercel = bool(env.get("VERCEL"))
+        pool_min = _int_setting(env, "DB_POOL_MIN", 0 if on_vercel else 1, 0, 1000)
         pool_max = _int_setting(env, "DB_POOL_MAX", max(10, pool_min), 1, 1000)
         if pool_max < pool_min:
             raise ConfigError("DB_POOL_MAX", f"must be at least DB_POOL_MIN ({pool_min})")
+        idle_timeout = _int_setting(env, "DB_IDLE_TIMEOUT", 5 if on_vercel else 300, 1, 86400)
+        connect_timeout = _int_setting(env, "DB_CONNECT_TIMEOUT", 3, 1, 120)
+        # RDS Proxy pins a session to its client once it sees a named prepared statement;
+        # with no cache asyncpg uses only the unnamed statement, which does not pin.
+        statement_cache = _int_setting(env, "DB_STATEMENT_CACHE",
+                                       0 if ".proxy-" in host else 100, 0, 100_000)
         return cls(
             auth=auth_mode, host=host, port=port, user=user, database=database,
             password=password if auth_mode == "password" else None, dsn=dsn, region=region,
             role_arn=env.get("AWS_ROLE_ARN") or None, sslmode=sslmode, sslrootcert=sslrootcert,
-            token_ttl=token_ttl, pool_min=pool_min, pool_max=pool_max,
+            token_ttl=token_ttl, pool_min=pool_min, pool_max=pool_max, idle_timeout=idle_timeout,
+            connect_timeout=connect_timeout, statement_cache=statement_cache,
         )
 
     @property
@@ -164,7 +177,8 @@ class Settings(msgspec.Struct, frozen=True):
         """Where and as whom to connect, for asyncpg's connect and create_pool (no password)."""
         return dict(dsn=self.dsn, host=None if self.dsn else self.host,
                     port=None if self.dsn else self.port, user=self.user,
-                    database=self.database, ssl=self.ssl_context(), timeout=CONNECT_TIMEOUT)
+                    database=self.database, ssl=self.ssl_context(), timeout=self.connect_timeout,
+                    statement_cache_size=self.statement_cache)
 
     def ssl_context(self) -> ssl.SSLContext | str | None:
         if self.sslmode in ("verify-ca", "verify-full"):
@@ -350,19 +364,22 @@ UNAVAILABLE = CONNECTION_LOST + (
     asyncpg.InvalidAuthorizationSpecificationError,
     asyncpg.InsufficientResourcesError,
     asyncpg.SerializationError,
+    asyncpg.ReadOnlySQLTransactionError,
 )
 
 
 async def _run(operation: Callable[..., Awaitable[Any]], *args: Any) -> Any:
     """Run `operation(connection)` (or `operation(*args)(connection)`) on a pooled connection.
 
-    A connection lost while idle is retried once; an optimistic-concurrency conflict is
-    retried with jittered exponential backoff. Everything else the database cannot do now
-    becomes `Unavailable`, within OPERATION_DEADLINE.
+    A connection lost while idle is retried once; so is a statement refused as read-only
+    (SQLSTATE 25006), on fresh connections; an optimistic-concurrency conflict is retried
+    with jittered exponential backoff. Everything else the database cannot do now becomes
+    `Unavailable`, within OPERATION_DEADLINE.
     """
     if args:
         operation = operation(*args)
     reconnected = False
+    read_only_retried = False
     conflicts = 0
     try:
         async with asyncio.timeout(OPERATION_DEADLINE):
@@ -391,6 +408,15 @@ async def _run(operation: Callable[..., Awaitable[Any]], *args: Any) -> Any:
                     if reconnected:
                         raise
                     reconnected = True
+                except asyncpg.ReadOnlySQLTransactionError:
+                    # After an Aurora failover, stale DNS can lead connections to the old
+                    # writer, now a read-only replica; nothing was written. Every connection
+                    # of this pool may point there: replace them all, and try once more.
+                    await pool.expire_connections()
+                    if read_only_retried:
+                        raise
+                    read_only_retried = True
+                    log.warning("read-only database: retrying on fresh connections")
                 except (asyncpg.InterfaceError, asyncpg.InternalClientError, asyncpg.QueryCanceledError):
                     # The pool we took was replaced and closed under this query: run it on
                     # the current one (an insert carries its id, so repeating it is safe).
@@ -531,11 +557,11 @@ class PoolLifecycle:
         new_pool = await asyncpg.create_pool(
             **settings.connect_arguments(), password=password, reset=_reset_session,
             min_size=settings.pool_min, max_size=settings.pool_max,
-            max_inactive_connection_lifetime=min(300.0, lifetime),
+            max_inactive_connection_lifetime=min(float(settings.idle_timeout), lifetime),
         )
         try:
             if not self._schema_ready:
-                async with new_pool.acquire(timeout=CONNECT_TIMEOUT) as connection:
+                async with new_pool.acquire(timeout=settings.connect_timeout) as connection:
                     if await apply_schema(connection, settings):
                         log.info("schema applied")
                 self._schema_ready = True

@@ -50,6 +50,32 @@ def test_explicit_settings_win(tmp_path):
     assert Settings.from_env({"PGHOST": AURORA, "PGSSLMODE": "disable"}).sslmode == "disable"
 
 
+def test_pool_defaults_elsewhere_and_on_vercel():
+    local = Settings.from_env({"DATABASE_URL": "postgresql://u@h/db"})
+    assert (local.pool_min, local.pool_max, local.idle_timeout) == (1, 10, 300)
+    assert (local.connect_timeout, local.statement_cache) == (3, 100)
+    # On Vercel a suspended instance must hold nothing open: no floor, a short idle life.
+    vercel = Settings.from_env({"DATABASE_URL": "postgresql://u@h/db", "VERCEL": "1"})
+    assert (vercel.pool_min, vercel.pool_max, vercel.idle_timeout) == (0, 10, 5)
+    assert connect_timeout_of(Settings.from_env({"PGHOST": AURORA, "DB_CONNECT_TIMEOUT": "20"})) == 20
+    chosen = Settings.from_env({"DATABASE_URL": "postgresql://u@h/db", "VERCEL": "1",
+                                "DB_POOL_MIN": "2", "DB_IDLE_TIMEOUT": "30"})
+    assert (chosen.pool_min, chosen.idle_timeout) == (2, 30)
+
+
+def connect_timeout_of(settings: Settings) -> float:
+    return settings.connect_arguments()["timeout"]
+
+
+def test_rds_proxy_gets_no_named_statements():
+    proxy = "todo.proxy-abc123xyz.eu-west-1.rds.amazonaws.com"
+    s = Settings.from_env({"PGHOST": proxy})
+    assert (s.auth, s.region, s.statement_cache) == ("iam", "eu-west-1", 0)
+    assert s.connect_arguments()["statement_cache_size"] == 0
+    assert Settings.from_env({"PGHOST": AURORA}).connect_arguments()["statement_cache_size"] == 100
+    assert Settings.from_env({"PGHOST": proxy, "DB_STATEMENT_CACHE": "50"}).statement_cache == 50
+
+
 @pytest.mark.parametrize("env, variable", [
     ({}, "DATABASE_URL"),
     ({"PGHOST": AURORA, "DB_AUTH": "kerberos"}, "DB_AUTH"),
@@ -60,7 +86,10 @@ def test_explicit_settings_win(tmp_path):
     ({"PGHOST": AURORA, "DB_TOKEN_TTL": "soon"}, "DB_TOKEN_TTL"),
     ({"PGHOST": DSQL, "DB_TOKEN_TTL": "604801"}, "DB_TOKEN_TTL"),
     ({"PGHOST": AURORA, "DB_POOL_MIN": "5", "DB_POOL_MAX": "2"}, "DB_POOL_MAX"),
-    ({"PGHOST": AURORA, "DB_POOL_MIN": "0"}, "DB_POOL_MIN"),
+    ({"PGHOST": AURORA, "DB_POOL_MIN": "-1"}, "DB_POOL_MIN"),
+    ({"PGHOST": AURORA, "DB_IDLE_TIMEOUT": "0"}, "DB_IDLE_TIMEOUT"),
+    ({"PGHOST": AURORA, "DB_CONNECT_TIMEOUT": "fast"}, "DB_CONNECT_TIMEOUT"),
+    ({"PGHOST": AURORA, "DB_STATEMENT_CACHE": "-5"}, "DB_STATEMENT_CACHE"),
     ({"PGHOST": AURORA, "PGSSLMODE": "maybe"}, "PGSSLMODE"),
     ({"PGHOST": AURORA, "PGSSLROOTCERT": "/no/such/ca.pem"}, "PGSSLROOTCERT"),
     ({"PGHOST": "db", "PGPORT": "five"}, "PGPORT"),
