@@ -28,13 +28,25 @@ import threading
 import time
 import types
 from collections import deque
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, NamedTuple
 
 if TYPE_CHECKING:
     from db import Settings
 
 ROLE_SESSION_NAME = "aurora-todo"
 OIDC_OBSERVE_INTERVAL = 10.0  # seconds between feeding a request's OIDC token to the SDK cache
+
+
+class Token(NamedTuple):
+    """A signed IAM token, and when the AWS credentials that signed it expire.
+
+    A token signed with temporary credentials stops working when they expire, whatever
+    its own TTL says: its user must not present it after `credentials_expire_at`
+    (epoch seconds; inf for long-term keys).
+    """
+
+    secret: str
+    credentials_expire_at: float
 
 
 class TokenSigner:
@@ -48,15 +60,24 @@ class TokenSigner:
         self._oidc_getter: Callable[[], str] | None = None
         self._next_observe = 0.0
 
-    async def token(self) -> str:
+    async def token(self) -> Token:
         """A freshly signed token, valid for DB_TOKEN_TTL seconds (900 for Aurora)."""
         return await asyncio.to_thread(self._sign)
 
-    def _sign(self) -> str:
+    def _sign(self) -> Token:
         from botocore import signers
 
         settings = self.settings
         client = self._client or self._build_client()
+        # Freeze the credentials first: botocore refreshes them here if they are due, so
+        # the expiry read next belongs to the keys that sign below.
+        credentials = self._core.get_credentials()
+        expire_at = float("inf")
+        if credentials is not None:
+            frozen = credentials.get_frozen_credentials()
+            register_secret(frozen.secret_key)
+            register_secret(frozen.token)
+            expire_at = _expiry_of(credentials)
         if settings.auth == "iam":
             token = signers.generate_db_auth_token(
                 client, DBHostname=settings.host, Port=settings.port,
@@ -68,12 +89,7 @@ class TokenSigner:
             token = signers.dsql_generate_db_connect_auth_token(
                 client, Hostname=settings.host, Region=settings.region, ExpiresIn=settings.token_ttl)
         register_secret(token)
-        credentials = self._core.get_credentials()
-        if credentials is not None:
-            frozen = credentials.get_frozen_credentials()
-            register_secret(frozen.secret_key)
-            register_secret(frozen.token)
-        return token
+        return Token(token, expire_at)
 
     def _build_client(self) -> Any:
         with self._client_lock:
@@ -120,6 +136,16 @@ class TokenSigner:
 
     def close(self) -> None:
         self._client = None
+
+
+def _expiry_of(credentials: Any) -> float:
+    """Epoch seconds at which botocore credentials expire; inf for long-term keys.
+
+    botocore keeps the expiry of refreshable (temporary) credentials in `_expiry_time`
+    and offers no public accessor for it.
+    """
+    expiry = getattr(credentials, "_expiry_time", None)
+    return expiry.timestamp() if expiry is not None else float("inf")
 
 
 def _vercel_oidc_getter() -> Callable[[], str]:

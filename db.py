@@ -12,7 +12,8 @@ What lives here:
   once per process on first use and by `python db.py migrate`.
 - One function per query (`list_todos`, `create_todo`, …), each run through `_run`, which
   retries what is safe to retry: a connection dropped while idle (once) and optimistic
-  concurrency conflicts (SQLSTATE 40001, how Aurora DSQL reports OC000/OC001).
+  concurrency conflicts (`is_conflict`).
+- "Aurora DSQL": every way DSQL differs from PostgreSQL that this service meets, in one place.
 
 What does not: HTTP (app.py) and where credentials and IAM tokens come from (auth.py).
 """
@@ -57,13 +58,13 @@ DRAIN_POLL = 0.05
 REFRESH_AT = 0.70
 DUE_AT = 0.80
 EXPIRED_AT = 0.95
-DSQL_MAX_CONNECTION_AGE = 55 * 60  # DSQL closes a connection after 60 minutes
 REPLACEMENT_WAIT = 6.0  # how long a request waits for a due replacement
 RETRY_BACKOFF_FIRST, RETRY_BACKOFF_MAX = 0.25, 5.0
 DRAIN_TIMEOUT = 60.0  # in-flight queries on a replaced pool get this long to finish
 
 CONFLICT_ATTEMPTS = 8  # optimistic-concurrency retries, each after a jittered backoff
 CONFLICT_BACKOFF_FIRST, CONFLICT_BACKOFF_MAX = 0.005, 0.2
+SCHEMA_CONFLICT_BACKOFF_FIRST, SCHEMA_CONFLICT_BACKOFF_MAX = 0.05, 1.0  # DDL racing DDL
 
 RETRY_AFTER_SECONDS = 2
 
@@ -74,7 +75,56 @@ DSQL_HOST = re.compile(r"\.dsql(?:-[a-z0-9]+)?\.([a-z0-9-]+)\.on\.aws$")
 RDS_HOST = re.compile(r"\.([a-z]{2}(?:-[a-z]+)+-\d)\.rds\.amazonaws\.com$")
 AUTH_MODES = ("password", "iam", "dsql")
 SSL_MODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
-MAX_TOKEN_TTL = {"iam": 900, "dsql": 604800}
+MAX_TOKEN_TTL = {"iam": 900, "dsql": 3600}  # DSQL: see "Aurora DSQL" below
+SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")  # needs no quoting in search_path
+
+
+# --- Aurora DSQL: every way it differs from PostgreSQL here, and why ------------------
+#
+# Aurora DSQL speaks PostgreSQL's wire protocol, extended protocol and prepared statements
+# included, but it is not PostgreSQL. This service meets these differences, and only these:
+#
+# - Authentication: a SigV4 token for dsql:DbConnectAdmin (user `admin`) or dsql:DbConnect
+#   (any other role), signed by auth.py; PGUSER defaults to `admin`.
+# - Token life (MAX_TOKEN_TTL): DSQL would accept a token signed for up to a week, but a
+#   token signed with temporary credentials dies with them, and DSQL closes every
+#   connection after 60 minutes anyway: DB_TOKEN_TTL ≤ 3600. Whatever the TTL, a pool is
+#   never trusted past the expiry of the credentials that signed its token (auth.Token).
+# - Connection age (DSQL_MAX_CONNECTION_AGE): DSQL closes a connection after 60 minutes;
+#   a pool, and with it every connection, is replaced before 55.
+# - TLS (DSQL_SSLMODE): always on, and DSQL's certificate chains to Amazon Root CA 1, a
+#   public root: `verify-full` against the system trust store costs nothing and keeps the
+#   token from being captured in transit. Aurora PostgreSQL's certificate is signed by the
+#   RDS CA, which is not in system trust stores: `require` stays its default.
+# - Schemas (DB_SCHEMA): roles other than `admin` cannot be granted anything on `public`.
+#   The service sets `search_path` to DB_SCHEMA on every connection; `python db.py
+#   migrate`, run as `admin`, creates the schema and prints the grants a role needs.
+# - DDL (apply_schema): one DDL statement per transaction, never mixed with DML; indexes
+#   only as `CREATE INDEX ASYNC` (CREATE_INDEX_DSQL), which answers with a job id.
+# - Catalog (SCHEMA_CHECK): only what DSQL documents: pg_class, pg_namespace and
+#   current_schema(); no `regnamespace` cast.
+# - Optimistic concurrency (is_conflict): a transaction that lost a race fails with
+#   SQLSTATE 40001 and "(OC000)" (data) or "(OC001)" (schema, e.g. two processes creating
+#   the table at once) in its message; AWS's own connectors match the code in the message,
+#   and have seen it under XX000 too. Such a transaction is retried with jittered backoff,
+#   schema creation included.
+# - Session reset (_reset_session): no advisory locks, no UNLISTEN.
+# - Never used anywhere: savepoints, sequences/SERIAL, triggers, foreign keys, temporary
+#   tables, TRUNCATE, extensions.
+#
+# tests/dsql_gateway.py holds the tests to all of this: it refuses, as DSQL does, what DSQL
+# lacks, and injects the conflicts DSQL raises.
+
+DSQL_MAX_CONNECTION_AGE = 55 * 60
+DSQL_SSLMODE = "verify-full"
+OCC_CODES = re.compile(r"\(OC00[01]\)")
+
+
+def is_conflict(error: BaseException) -> bool:
+    """An optimistic-concurrency conflict: retry the transaction (PostgreSQL or DSQL)."""
+    if isinstance(error, asyncpg.SerializationError):
+        return True
+    return isinstance(error, asyncpg.PostgresError) and bool(OCC_CODES.search(str(error)))
 
 
 class ConfigError(Exception):
@@ -111,6 +161,7 @@ class Settings(msgspec.Struct, frozen=True):
     idle_timeout: int = 300  # seconds an idle connection above pool_min stays open
     connect_timeout: int = 3
     statement_cache: int = 100  # asyncpg's prepared-statement cache; 0 behind RDS Proxy
+    schema: str = "public"
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> Settings:
@@ -130,10 +181,12 @@ class Settings(msgspec.Struct, frozen=True):
             raise ConfigError("AWS_REGION", f"cannot tell the region from host {host!r}")
         sslmode = (env.get("PGSSLMODE") or "").strip().lower() or None
         sslrootcert = env.get("PGSSLROOTCERT") or None
-        if sslmode is None and auth_mode != "password":
-            sslmode = "verify-full" if sslrootcert else "require"
-        elif sslmode is None and sslrootcert:
+        if sslmode is None and sslrootcert:
             sslmode = "verify-full"
+        elif sslmode is None and auth_mode == "dsql":
+            sslmode = DSQL_SSLMODE
+        elif sslmode is None and auth_mode == "iam":
+            sslmode = "require"  # the RDS CA is not in system trust stores; see README
         if sslmode is not None and sslmode not in SSL_MODES:
             raise ConfigError("PGSSLMODE", f"must be one of {', '.join(SSL_MODES)}")
         if sslrootcert and not os.path.isfile(sslrootcert):
@@ -152,12 +205,15 @@ class Settings(msgspec.Struct, frozen=True):
         # with no cache asyncpg uses only the unnamed statement, which does not pin.
         statement_cache = _int_setting(env, "DB_STATEMENT_CACHE",
                                        0 if ".proxy-" in host else 100, 0, 100_000)
+        schema = (env.get("DB_SCHEMA") or "").strip() or "public"
+        if not SCHEMA_NAME.match(schema):
+            raise ConfigError("DB_SCHEMA", "must be a lower-case name: letters, digits and _")
         return cls(
             auth=auth_mode, host=host, port=port, user=user, database=database,
             password=password if auth_mode == "password" else None, dsn=dsn, region=region,
             role_arn=env.get("AWS_ROLE_ARN") or None, sslmode=sslmode, sslrootcert=sslrootcert,
             token_ttl=token_ttl, pool_min=pool_min, pool_max=pool_max, idle_timeout=idle_timeout,
-            connect_timeout=connect_timeout, statement_cache=statement_cache,
+            connect_timeout=connect_timeout, statement_cache=statement_cache, schema=schema,
         )
 
     @property
@@ -178,10 +234,12 @@ class Settings(msgspec.Struct, frozen=True):
         return dict(dsn=self.dsn, host=None if self.dsn else self.host,
                     port=None if self.dsn else self.port, user=self.user,
                     database=self.database, ssl=self.ssl_context(), timeout=self.connect_timeout,
-                    statement_cache_size=self.statement_cache)
+                    statement_cache_size=self.statement_cache,
+                    server_settings={"search_path": self.schema})
 
     def ssl_context(self) -> ssl.SSLContext | str | None:
         if self.sslmode in ("verify-ca", "verify-full"):
+            # Without PGSSLROOTCERT: the system trust store (DSQL's chain ends at a public root).
             context = ssl.create_default_context(cafile=self.sslrootcert)
             context.check_hostname = self.sslmode == "verify-full"
             return context
@@ -242,10 +300,12 @@ def _int_setting(env: Mapping[str, str], name: str, default: int, low: int, high
 
 # --- schema and statements ---------------------------------------------------------
 
+# current_schema() is NULL until DB_SCHEMA exists: then nothing is found and it is created.
 SCHEMA_CHECK = """
-SELECT count(*) = 2 FROM pg_catalog.pg_class
-WHERE relname IN ('todos', 'todos_newest_first') AND relnamespace = current_schema()::regnamespace
+SELECT count(*) = 2 FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+WHERE c.relname IN ('todos', 'todos_newest_first') AND n.nspname = current_schema()
 """
+CREATE_SCHEMA = 'CREATE SCHEMA IF NOT EXISTS "{schema}"'
 CREATE_TABLE = """
 CREATE TABLE IF NOT EXISTS todos (
     id uuid PRIMARY KEY,
@@ -285,19 +345,41 @@ DELETE_TODO = "DELETE FROM todos WHERE id = $1"
 PING = "SELECT 1"
 
 
-async def apply_schema(connection: asyncpg.Connection, settings: Settings) -> bool:
-    """Create the table and index unless both exist; True when anything was created.
+# What a role other than the owner needs to run the service on DB_SCHEMA (printed by migrate).
+GRANTS = (
+    'GRANT USAGE ON SCHEMA "{schema}" TO "{role}"',
+    'GRANT SELECT, INSERT, UPDATE, DELETE ON "{schema}".todos TO "{role}"',
+)
 
-    Each DDL runs in its own transaction (autocommit), as Aurora DSQL requires.
+
+async def apply_schema(connection: asyncpg.Connection, settings: Settings) -> bool:
+    """Create DB_SCHEMA, the table and the index unless they exist; True when it did.
+
+    Each DDL runs alone in its own transaction (autocommit), as Aurora DSQL requires, and
+    is retried when it raced another process's DDL (OC001): every statement is idempotent.
     """
     if await connection.fetchval(SCHEMA_CHECK):
         return False
-    index = CREATE_INDEX_DSQL if settings.auth == "dsql" else CREATE_INDEX
-    for statement in (CREATE_TABLE, index):
-        try:
-            await connection.execute(statement)
-        except asyncpg.UniqueViolationError:
-            pass  # another process created it between our check and our CREATE
+    statements = [CREATE_TABLE, CREATE_INDEX_DSQL if settings.auth == "dsql" else CREATE_INDEX]
+    if settings.schema != "public":
+        statements.insert(0, CREATE_SCHEMA.format(schema=settings.schema))
+    for statement in statements:
+        for attempt in range(1, CONFLICT_ATTEMPTS + 1):
+            try:
+                await connection.execute(statement)
+                break
+            except asyncpg.UniqueViolationError:
+                break  # another process created it between our check and our CREATE
+            except asyncpg.InsufficientPrivilegeError as error:
+                raise ConfigError("DB_SCHEMA", f"{settings.user} may not create the schema in "
+                                  f"{settings.schema!r} ({error}); run `python db.py migrate` "
+                                  "as admin first") from None
+            except asyncpg.PostgresError as error:
+                if not is_conflict(error) or attempt == CONFLICT_ATTEMPTS:
+                    raise
+                log.info("retrying schema creation after a conflict", extra={"attempt": attempt})
+                await asyncio.sleep(_jittered(SCHEMA_CONFLICT_BACKOFF_FIRST,
+                                              SCHEMA_CONFLICT_BACKOFF_MAX, attempt))
     return True
 
 
@@ -372,9 +454,9 @@ async def _run(operation: Callable[..., Awaitable[Any]], *args: Any) -> Any:
     """Run `operation(connection)` (or `operation(*args)(connection)`) on a pooled connection.
 
     A connection lost while idle is retried once; so is a statement refused as read-only
-    (SQLSTATE 25006), on fresh connections; an optimistic-concurrency conflict is retried
-    with jittered exponential backoff. Everything else the database cannot do now becomes
-    `Unavailable`, within OPERATION_DEADLINE.
+    (SQLSTATE 25006), on fresh connections; an optimistic-concurrency conflict (`is_conflict`,
+    under any SQLSTATE) is retried with jittered exponential backoff. Everything else the
+    database cannot do now becomes `Unavailable`, within OPERATION_DEADLINE.
     """
     if args:
         operation = operation(*args)
@@ -398,12 +480,6 @@ async def _run(operation: Callable[..., Awaitable[Any]], *args: Any) -> Any:
                             with contextlib.suppress(Exception):
                                 await pool.release(connection, timeout=CANCEL_GRACE)
                             raise
-                except asyncpg.SerializationError:
-                    conflicts += 1
-                    if conflicts >= CONFLICT_ATTEMPTS:
-                        raise
-                    log.info("retrying after a serialization conflict", extra={"attempt": conflicts})
-                    await asyncio.sleep(_jittered(CONFLICT_BACKOFF_FIRST, CONFLICT_BACKOFF_MAX, conflicts))
                 except CONNECTION_LOST:
                     if reconnected:
                         raise
@@ -423,6 +499,14 @@ async def _run(operation: Callable[..., Awaitable[Any]], *args: Any) -> Any:
                     if pool is lifecycle.current or reconnected:
                         raise
                     reconnected = True
+                except asyncpg.PostgresError as error:
+                    if not is_conflict(error):
+                        raise
+                    conflicts += 1
+                    if conflicts >= CONFLICT_ATTEMPTS:
+                        raise Unavailable("optimistic concurrency conflicts persisted; retry") from None
+                    log.info("retrying after a serialization conflict", extra={"attempt": conflicts})
+                    await asyncio.sleep(_jittered(CONFLICT_BACKOFF_FIRST, CONFLICT_BACKOFF_MAX, conflicts))
     except (Unavailable, ConfigError):
         raise
     except TimeoutError:
@@ -474,6 +558,7 @@ class PoolLifecycle:
         self._refresh_timer: asyncio.TimerHandle | None = None
         self._draining: set[asyncio.Task] = set()
         self._schema_ready = False
+        self._lifetime = 0.0  # of the current pool: its token's, or its credentials' if shorter
         self._due_at = 0.0
         self._expires_at = 0.0
 
@@ -549,16 +634,23 @@ class PoolLifecycle:
         settings = self._load_settings()
         issued_at = time.time()
         lifetime = settings.pool_lifetime()
-        expires_at = issued_at + EXPIRED_AT * lifetime
         if self._signer is not None:
-            password = _password_until(await self._signer.token(), expires_at)
+            token = await self._signer.token()
+            # A pool ends with its token or with the credentials that signed it, if sooner.
+            lifetime = max(0.0, min(lifetime, token.credentials_expire_at - issued_at))
+            expires_at = issued_at + EXPIRED_AT * lifetime
+            password = _password_until(token.secret, expires_at)
         else:
+            expires_at = issued_at + EXPIRED_AT * lifetime
             password = settings.password
-        new_pool = await asyncpg.create_pool(
-            **settings.connect_arguments(), password=password, reset=_reset_session,
-            min_size=settings.pool_min, max_size=settings.pool_max,
-            max_inactive_connection_lifetime=min(float(settings.idle_timeout), lifetime),
-        )
+        try:
+            new_pool = await asyncpg.create_pool(
+                **settings.connect_arguments(), password=password, reset=_reset_session,
+                min_size=settings.pool_min, max_size=settings.pool_max,
+                max_inactive_connection_lifetime=min(float(settings.idle_timeout), lifetime),
+            )
+        except ssl.SSLCertVerificationError as error:
+            raise _certificate_error(settings, error) from None
         try:
             if not self._schema_ready:
                 async with new_pool.acquire(timeout=settings.connect_timeout) as connection:
@@ -570,6 +662,7 @@ class PoolLifecycle:
             raise
         old_pool, self.current = self.current, new_pool
         self.issued_at = issued_at
+        self._lifetime = lifetime
         self._due_at = issued_at + DUE_AT * lifetime
         self._expires_at = expires_at
         self.failures, self.last_error = 0, None
@@ -625,9 +718,8 @@ class PoolLifecycle:
                               "min": pool.get_min_size(), "max": pool.get_max_size()}
         if settings is not None and settings.uses_tokens and pool is not None:
             age = time.time() - self.issued_at
-            lifetime = settings.pool_lifetime()
             report["token"] = {"age_seconds": round(age, 1), "ttl_seconds": settings.token_ttl,
-                               "seconds_left": round(max(0.0, lifetime - age), 1),
+                               "seconds_left": round(max(0.0, self._lifetime - age), 1),
                                "replacements": self.replacements}
         if self.failures:
             report["replacement"] = {"failures": self.failures, "last_error": self.last_error}
@@ -648,6 +740,14 @@ class PoolLifecycle:
         if self._signer is not None:
             self._signer.close()
         self.__init__()
+
+
+def _certificate_error(settings: Settings, error: ssl.SSLCertVerificationError) -> ConfigError:
+    """A server certificate that did not verify: say which variable fixes it."""
+    where = f"the CA bundle {settings.sslrootcert}" if settings.sslrootcert else "the system trust store"
+    return ConfigError("PGSSLROOTCERT", f"the database's TLS certificate did not verify against "
+                       f"{where} ({error.verify_message or error.reason}) with "
+                       f"PGSSLMODE={settings.sslmode}; set PGSSLROOTCERT to the CA bundle that signs it")
 
 
 def _password_until(token: str, expires_at: float) -> Callable[[], str]:
@@ -731,26 +831,42 @@ async def migrate() -> bool:
     """Apply the schema once, on one connection, with the configured authentication."""
     settings = Settings.from_env()
     signer = auth.TokenSigner(settings) if settings.uses_tokens else None
-    password = await signer.token() if signer else settings.password
-    connection = await asyncpg.connect(**settings.connect_arguments(), password=password)
+    password = (await signer.token()).secret if signer else settings.password
+    try:
+        connection = await asyncpg.connect(**settings.connect_arguments(), password=password)
+    except ssl.SSLCertVerificationError as error:
+        raise _certificate_error(settings, error) from None
     try:
         return await apply_schema(connection, settings)
     finally:
         await connection.close()
 
 
+def grant_statements(schema: str, role: str) -> list[str]:
+    """What `role` needs, granted by the schema's owner, to run the service on `schema`."""
+    return [grant.format(schema=schema, role=role) + ";" for grant in GRANTS]
+
+
 def main(argv: list[str]) -> int:
-    if argv[1:] != ["migrate"]:
-        print("usage: python db.py migrate", file=sys.stderr)
+    if argv[1:2] != ["migrate"] or len(argv) > 3:
+        print("usage: python db.py migrate [ROLE]   (ROLE: the role to print grants for)",
+              file=sys.stderr)
         return 2
     if not database_configured():
         use_embedded_postgres()
     try:
         created = asyncio.run(migrate())
+        schema = Settings.from_env().schema
     except ConfigError as error:
         print(f"configuration error: {error}", file=sys.stderr)
         return 1
     print("schema created" if created else "schema already up to date")
+    role = argv[2] if len(argv) == 3 else ("<role>" if schema == "public" else schema)
+    print(f"-- grants a role other than the schema's owner needs on {schema!r} "
+          f"(run them as the owner, e.g. DSQL's admin):")
+    if schema == "public":
+        print("-- (on Aurora DSQL only admin may use schema public: set DB_SCHEMA for other roles)")
+    print("\n".join(grant_statements(schema, role)))
     return 0
 
 

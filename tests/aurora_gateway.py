@@ -415,6 +415,8 @@ class _Session:
     client: asyncio.StreamWriter
     upstream: asyncio.StreamWriter | None = None
     relaying: bool = False
+    params: dict[str, str] = field(default_factory=dict)  # the client's startup parameters
+    opened_at: float = field(default_factory=time.monotonic)
 
     def writers(self) -> list[asyncio.StreamWriter]:
         return [w for w in (self.client, self.upstream) if w is not None]
@@ -663,6 +665,10 @@ class AuroraGateway:
                    f'no pg_hba.conf entry for host "{self.host}", user "{user}", '
                    f'database "{database}", no encryption')
             return await writer.drain()
+        not_admitted = self._admit(user)
+        if not_admitted is not None:
+            refuse(not_admitted[0], not_admitted[1], not_admitted[2])
+            return await writer.drain()
 
         writer.write(b"R" + struct.pack("!II", 8, 3))  # AuthenticationCleartextPassword
         await writer.drain()
@@ -696,7 +702,33 @@ class AuroraGateway:
             return await writer.drain()
         self.accepted.append(Attempt(user, database, verdict.action, verdict.age, "ok", on_tls))
 
+        session.params = params
         await self._relay(session, reader, writer, params, body[:4])
+
+    # ---- hooks for stand-ins that do more than Aurora's front door (dsql_gateway.py)
+
+    def _admit(self, user: str) -> tuple[str, str, str] | None:
+        """(reason, sqlstate, message) to refuse a connection before its token is asked for."""
+        return None
+
+    def _upstream_params(self, params: dict[str, str]) -> dict[str, str]:
+        """The startup parameters sent to the real server."""
+        params = dict(params)
+        if self.upstream_user:
+            params["user"] = self.upstream_user
+        if self.upstream_database:
+            params["database"] = self.upstream_database
+        return params
+
+    async def _client_pump(self, session: _Session, reader: asyncio.StreamReader,
+                           upstream: asyncio.StreamWriter) -> None:
+        """Client → server, once authenticated: relay bytes."""
+        await self._pump(reader, upstream)
+
+    async def _server_pump(self, session: _Session, upstream: asyncio.StreamReader,
+                           writer: asyncio.StreamWriter) -> None:
+        """Server → client, once authenticated: relay bytes."""
+        await self._pump(upstream, writer)
 
     async def _open_upstream(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         if self.upstream_host.startswith("/"):
@@ -720,11 +752,7 @@ class AuroraGateway:
                 "08006", f"aurora_gateway: cannot reach upstream PostgreSQL ({exc.strerror or exc})"))
             return await writer.drain()
         session.upstream = up_writer
-        params = dict(params)
-        if self.upstream_user:
-            params["user"] = self.upstream_user
-        if self.upstream_database:
-            params["database"] = self.upstream_database
+        params = self._upstream_params(params)
         (proto,) = struct.unpack("!I", protocol)
         up_writer.write(_startup_message(params, proto))
 
@@ -752,8 +780,8 @@ class AuroraGateway:
 
         session.relaying = True
         pumps = [
-            asyncio.ensure_future(self._pump(reader, up_writer)),
-            asyncio.ensure_future(self._pump(up_reader, writer)),
+            asyncio.ensure_future(self._client_pump(session, reader, up_writer)),
+            asyncio.ensure_future(self._server_pump(session, up_reader, writer)),
         ]
         try:
             await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)

@@ -32,11 +32,32 @@ def test_aurora_host_without_password_is_iam_with_region_and_tls():
 
 def test_dsql_host_is_dsql_with_admin_and_its_region():
     s = Settings.from_env({"PGHOST": DSQL})
-    assert (s.auth, s.user, s.region, s.sslmode) == ("dsql", "admin", "us-east-2", "require")
-    assert Settings.from_env({"PGHOST": DSQL, "PGUSER": "todo_app"}).user == "todo_app"
+    assert (s.auth, s.user, s.region, s.schema) == ("dsql", "admin", "us-east-2", "public")
+    role = Settings.from_env({"PGHOST": DSQL, "PGUSER": "todo_app", "DB_SCHEMA": "todo_app"})
+    assert (role.user, role.schema) == ("todo_app", "todo_app")
     # A DSQL connection lives at most an hour: the pool is due well before 55 minutes.
-    long = Settings.from_env({"PGHOST": DSQL, "DB_TOKEN_TTL": "86400"})
-    assert long.token_ttl == 86400 and long.pool_lifetime() * 0.95 <= 55 * 60
+    longest = Settings.from_env({"PGHOST": DSQL, "DB_TOKEN_TTL": "3600"})
+    assert longest.token_ttl == 3600 and longest.pool_lifetime() * 0.95 <= 55 * 60
+
+
+def test_dsql_verifies_its_certificate_against_the_system_trust_store():
+    import ssl
+
+    s = Settings.from_env({"PGHOST": DSQL})
+    assert s.sslmode == "verify-full" and s.sslrootcert is None
+    context = s.ssl_context()
+    assert isinstance(context, ssl.SSLContext)
+    assert context.check_hostname and context.verify_mode == ssl.CERT_REQUIRED
+    assert context.cert_store_stats()["x509_ca"] > 0  # the system's roots, loaded
+    # Aurora PostgreSQL's RDS CA is in no system store: require, unless a bundle is given.
+    assert Settings.from_env({"PGHOST": AURORA}).sslmode == "require"
+    assert Settings.from_env({"PGHOST": DSQL, "PGSSLMODE": "require"}).ssl_context() == "require"
+
+
+def test_schema_is_the_search_path_of_every_connection():
+    assert Settings.from_env({"PGHOST": DSQL}).connect_arguments()["server_settings"] == {"search_path": "public"}
+    s = Settings.from_env({"DATABASE_URL": "postgresql://u@h/db", "DB_SCHEMA": "todo_app"})
+    assert s.connect_arguments()["server_settings"] == {"search_path": "todo_app"}
 
 
 def test_explicit_settings_win(tmp_path):
@@ -84,7 +105,9 @@ def test_rds_proxy_gets_no_named_statements():
     ({"PGHOST": AURORA, "DB_TOKEN_TTL": "901"}, "DB_TOKEN_TTL"),
     ({"PGHOST": AURORA, "DB_TOKEN_TTL": "0"}, "DB_TOKEN_TTL"),
     ({"PGHOST": AURORA, "DB_TOKEN_TTL": "soon"}, "DB_TOKEN_TTL"),
-    ({"PGHOST": DSQL, "DB_TOKEN_TTL": "604801"}, "DB_TOKEN_TTL"),
+    ({"PGHOST": DSQL, "DB_TOKEN_TTL": "3601"}, "DB_TOKEN_TTL"),
+    ({"PGHOST": DSQL, "DB_SCHEMA": "Todo-App"}, "DB_SCHEMA"),
+    ({"PGHOST": DSQL, "DB_SCHEMA": 'x"; DROP'}, "DB_SCHEMA"),
     ({"PGHOST": AURORA, "DB_POOL_MIN": "5", "DB_POOL_MAX": "2"}, "DB_POOL_MAX"),
     ({"PGHOST": AURORA, "DB_POOL_MIN": "-1"}, "DB_POOL_MIN"),
     ({"PGHOST": AURORA, "DB_IDLE_TIMEOUT": "0"}, "DB_IDLE_TIMEOUT"),
