@@ -24,7 +24,7 @@ import uuid
 from datetime import datetime, timedelta, timezone
 from http import HTTPStatus
 from typing import Annotated, Any, AsyncIterator
-from urllib.parse import urlencode
+from urllib.parse import unquote_to_bytes, urlencode
 
 import msgspec
 from msgspec import UNSET, Meta, Struct, UnsetType
@@ -48,8 +48,14 @@ PROBLEM_JSON = "application/problem+json"
 
 # --- messages ------------------------------------------------------------------------
 
-Title = Annotated[str, Meta(min_length=1, max_length=MAX_TITLE, pattern=r"\S",
-                            description="Trimmed of surrounding white space; 1–500 characters.")]
+# A title is trimmed (str.strip) and then 1–500 characters without NUL, which PostgreSQL text
+# cannot hold. msgspec checks only the type: its length limits would count the white space
+# that trimming removes. clean_title() holds the rule; TITLE_PATTERN says the same thing for
+# the OpenAPI document (Python's and ECMAScript's \s differ only on rare control characters).
+TITLE_PATTERN = rf"^\s*[^\s\x00](?:[^\x00]{{0,{MAX_TITLE - 2}}}[^\s\x00])?\s*$"
+Title = Annotated[str, Meta(description=f"Trimmed of surrounding white space, then 1–{MAX_TITLE} "
+                                        "characters; no NUL.",
+                            extra_json_schema={"pattern": TITLE_PATTERN})]
 
 
 class Todo(Struct):
@@ -231,14 +237,42 @@ def decode(body: bytes, decoder: msgspec.json.Decoder) -> Any:
         raise HTTPException(422, _field_error(str(error))) from None
     except msgspec.DecodeError as error:
         raise HTTPException(400, f"malformed JSON: {error}") from None
+    except UnicodeDecodeError as error:
+        # msgspec raises this, not DecodeError, for bad bytes inside a JSON string.
+        raise HTTPException(400, f"the body is not valid UTF-8 (byte {error.start})") from None
 
 
-def from_query(request: Request, struct_type: type) -> Any:
+def query_fields(request: Request) -> dict[str, str]:
+    """The query string's fields (the last value of each name), decoded strictly as UTF-8.
+
+    Starlette's `request.query_params` replaces bytes that are not UTF-8 with U+FFFD, so a
+    title would be stored altered; here such a value is a 422 naming its field.
+    """
+    raw: bytes = request.scope["query_string"]
+    fields: dict[str, str] = {}
+    if not raw:
+        return fields
+    for pair in raw.split(b"&"):
+        if not pair:
+            continue
+        raw_name, _, raw_value = pair.partition(b"=")
+        name_bytes = unquote_to_bytes(raw_name.replace(b"+", b" "))
+        try:
+            name = name_bytes.decode()
+        except UnicodeDecodeError:
+            raise unprocessable("query", "a parameter name is not valid UTF-8") from None
+        try:
+            fields[name] = unquote_to_bytes(raw_value.replace(b"+", b" ")).decode()
+        except UnicodeDecodeError:
+            raise unprocessable(name[:64], "is not valid UTF-8") from None
+    return fields
+
+
+def from_query(query: dict[str, str], struct_type: type) -> Any:
     """A body Struct from `?title=…&completed=…`, held to the same rules as a JSON body."""
-    query = request.query_params
     fields: dict[str, Any] = {}
     if "title" in query:
-        fields["title"] = query["title"]
+        fields["title"] = clean_title(query["title"])
     if "completed" in query:
         fields["completed"] = parse_bool("completed", query["completed"])
     try:
@@ -257,7 +291,10 @@ def _field_error(message: str) -> str:
 
 
 def clean_title(title: str) -> str:
+    """The title trimmed, then held to its rule (1–500 characters, no NUL, valid Unicode)."""
     title = title.strip()
+    if not 1 <= len(title) <= MAX_TITLE:
+        raise unprocessable("title", f"must be 1 to {MAX_TITLE} characters once trimmed (got {len(title)})")
     if "\x00" in title:
         raise unprocessable("title", "must not contain NUL characters")
     try:
@@ -326,7 +363,7 @@ def json_response(content: Any, status: int = 200, headers: dict[str, str] | Non
 
 class TodoCollection(HTTPEndpoint):
     async def get(self, request: Request) -> Response:
-        query = request.query_params
+        query = query_fields(request)
         limit = parse_limit(query.get("limit"))
         completed = parse_bool("completed", query.get("completed"))
         after = decode_cursor(query.get("cursor"))
@@ -342,11 +379,12 @@ class TodoCollection(HTTPEndpoint):
 
     async def post(self, request: Request) -> Response:
         body = await read_body(request)
+        query = query_fields(request)
         if body:
             new = decode(body, new_todo_decoder)
-            from_query(request, TodoChanges)  # a title or completed in the query is held to its rules too
+            from_query(query, TodoChanges)  # a title or completed in the query is held to its rules too
         else:  # clients of the FastAPI service: POST /todos?title=…
-            new = from_query(request, NewTodo)
+            new = from_query(query, NewTodo)
         row = await db.create_todo(uuid.uuid4(), clean_title(new.title), new.completed)
         todo = Todo(*row)
         return json_response(todo, 201, {"Location": f"/todos/{todo.id}"})
@@ -362,11 +400,12 @@ class TodoItem(HTTPEndpoint):
     async def patch(self, request: Request) -> Response:
         wanted = todo_id(request)
         body = await read_body(request)
+        query = query_fields(request)
         if body:
             changes = decode(body, todo_changes_decoder)
-            from_query(request, TodoChanges)  # a title or completed in the query is held to its rules too
+            from_query(query, TodoChanges)  # a title or completed in the query is held to its rules too
         else:  # clients of the FastAPI service: PATCH /todos/{id}?completed=true
-            changes = from_query(request, TodoChanges)
+            changes = from_query(query, TodoChanges)
         if changes.title is UNSET and changes.completed is UNSET:
             raise unprocessable("body", "give at least one of title, completed")
         title = None if changes.title is UNSET else clean_title(changes.title)
