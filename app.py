@@ -13,6 +13,7 @@ import asyncio
 import base64
 import contextlib
 import contextvars
+import hashlib
 import hmac
 import itertools
 import logging
@@ -347,6 +348,39 @@ def decode_cursor(text: str | None) -> tuple[datetime, uuid.UUID] | None:
         raise unprocessable("cursor", "is not a cursor this API handed out") from None
 
 
+# Idempotency-Key (draft-ietf-httpapi-idempotency-key-header): 1–255 printable ASCII
+# characters, taken verbatim (a quoted sf-string keeps its quotes). HTTP parsers strip white
+# space around a header value, so a key neither starts nor ends with a space.
+IDEMPOTENCY_KEY = "Idempotency-Key"
+IDEMPOTENCY_KEY_PATTERN = r"^[!-~](?:[ -~]{0,253}[!-~])?$"
+_idempotency_key_shape = re.compile(IDEMPOTENCY_KEY_PATTERN)
+IDEMPOTENT_IDS = uuid.UUID("7d1f4c52-3c4e-4f63-9a59-0f8b2e61b7a4")  # uuid5 namespace of keyed todos
+
+
+def idempotency_key(request: Request) -> str | None:
+    """The request's Idempotency-Key, if it sent one; a malformed or repeated key is a 422."""
+    keys = [value for name, value in request.scope["headers"] if name == b"idempotency-key"]
+    if not keys:
+        return None
+    if len(keys) > 1:
+        raise unprocessable(IDEMPOTENCY_KEY, "send it once")
+    key = keys[0].decode("latin-1")
+    if not _idempotency_key_shape.fullmatch(key):
+        raise unprocessable(IDEMPOTENCY_KEY, "must be 1 to 255 printable ASCII characters")
+    return key
+
+
+def keyed_todo_id(key: str) -> uuid.UUID:
+    """The id of the todo that creates with this key make: one key, one todo, no lookup table.
+
+    When API_TOKEN is set the key is scoped by it (by its hash: ids reveal nothing), so two
+    deployments with different tokens on one database never share a todo through a key.
+    """
+    token = os.environ.get("API_TOKEN")
+    scope = hashlib.sha256(token.encode()).hexdigest() if token else ""
+    return uuid.uuid5(IDEMPOTENT_IDS, f"{scope}:{key}")
+
+
 def todo_id(request: Request) -> uuid.UUID:
     text = request.path_params["todo_id"]
     try:
@@ -378,6 +412,7 @@ class TodoCollection(HTTPEndpoint):
         return json_response(todos, headers=headers)
 
     async def post(self, request: Request) -> Response:
+        key = idempotency_key(request)
         body = await read_body(request)
         query = query_fields(request)
         if body:
@@ -385,8 +420,16 @@ class TodoCollection(HTTPEndpoint):
             from_query(query, TodoChanges)  # a title or completed in the query is held to its rules too
         else:  # clients of the FastAPI service: POST /todos?title=…
             new = from_query(query, NewTodo)
-        row = await db.create_todo(uuid.uuid4(), clean_title(new.title), new.completed)
+        title = clean_title(new.title)
+        row = await db.create_todo(uuid.uuid4() if key is None else keyed_todo_id(key), title, new.completed)
         todo = Todo(*row)
+        # With a key, the row may be one an earlier request stored (a retry): the same todo
+        # fields are the same request. A todo changed since (PATCH) no longer shows what it
+        # was created with, so it is answered as it is now rather than refused.
+        if key is not None and (todo.title, todo.completed) != (title, new.completed) \
+                and todo.updated_at == todo.created_at:
+            raise unprocessable(IDEMPOTENCY_KEY, "was used for a different todo; "
+                                                 "send a new key for a new todo")
         return json_response(todo, 201, {"Location": f"/todos/{todo.id}"})
 
 
@@ -590,6 +633,13 @@ def _build_openapi() -> dict[str, Any]:
                                   "(checked whenever given).",
                    "schema": {"type": "string", "minLength": 1, "maxLength": MAX_TITLE, "pattern": r"\S"}}
     completed_query = {"name": "completed", "in": "query", "required": False, "schema": {"type": "boolean"}}
+    idempotency_header = {
+        "name": IDEMPOTENCY_KEY, "in": "header", "required": False,
+        "description": "draft-ietf-httpapi-idempotency-key-header. Repeating a create with the same key "
+                       "and the same todo answers 201 with the todo the first one stored, and stores "
+                       "nothing new; the same key with a different todo is a 422. Use a fresh random "
+                       "key (a UUID) per todo, and the same key for its retries.",
+        "schema": {"type": "string", "minLength": 1, "maxLength": 255, "pattern": IDEMPOTENCY_KEY_PATTERN}}
     json_body = lambda schema, required: {"required": required, "content": {JSON: {"schema": schema}}}  # noqa: E731
     location = {"Location": {"schema": {"type": "string"}, "description": "/todos/{id}"}}
     link = {"Link": {"schema": {"type": "string"}, "description": 'RFC 8288 link to the next page: <…>; rel="next"'}}
@@ -609,7 +659,7 @@ def _build_openapi() -> dict[str, Any]:
                              "description": "Opaque; from the Link header of the previous page."}],
                         "responses": {"200": body(todo_list, "A page of todos", link), **errors(422)}},
                 "post": {"operationId": "createTodo", "summary": "Create a todo", "security": bearer,
-                         "parameters": [title_query, completed_query],
+                         "parameters": [title_query, completed_query, idempotency_header],
                          "requestBody": json_body(new_todo, False),
                          "responses": {"201": body(todo, "Created", location),
                                        **errors(400, 408, 413, 415, 422)}},

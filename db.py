@@ -331,6 +331,7 @@ WHERE ($2::boolean IS NULL OR completed = $2) AND (created_at, id) < ($3::timest
 ORDER BY created_at DESC, id DESC LIMIT $1
 """
 GET_TODO = f"SELECT {TODO_COLUMNS} FROM todos WHERE id = $1"
+CREATE_ATTEMPTS = 3  # insert, or find the row under that id; again if it vanished in between
 # The id is made by the caller, so repeating an insert whose outcome a dropped connection
 # hid is harmless: the second attempt finds the row instead of adding a twin.
 INSERT_TODO = f"""
@@ -397,9 +398,22 @@ async def get_todo(todo_id: uuid.UUID) -> asyncpg.Record | None:
 
 
 async def create_todo(todo_id: uuid.UUID, title: str, completed: bool) -> asyncpg.Record:
+    """Insert a todo under the caller's id; the row stored under that id, new or not.
+
+    The id is the caller's (random, or derived from an Idempotency-Key), so an insert that is
+    repeated (a retry after a lost connection, or a client's retry with the same key) finds
+    the row an earlier attempt stored instead of adding a twin; the caller compares it with
+    what it asked for. The second statement runs only when the id already exists.
+    """
     async def insert(connection: asyncpg.Connection) -> asyncpg.Record:
-        row = await connection.fetchrow(INSERT_TODO, todo_id, title, completed)
-        return row if row is not None else await connection.fetchrow(GET_TODO, todo_id)
+        for _ in range(CREATE_ATTEMPTS):
+            row = await connection.fetchrow(INSERT_TODO, todo_id, title, completed)
+            if row is None:
+                row = await connection.fetchrow(GET_TODO, todo_id)
+            if row is not None:
+                return row
+            # Deleted between our two statements: the id is free again, so insert anew.
+        raise Unavailable("the todo was deleted each time it was being created; retry")
     return await _run(insert)
 
 

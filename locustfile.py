@@ -4,11 +4,14 @@
     locust -f locustfile.py --host http://127.0.0.1:8000 --headless -u 20 -r 5 -t 1m
 
 Set API_TOKEN when the deployment requires a bearer token. Each simulated user keeps its
-own todos, so the mix never touches another user's rows.
+own todos, so the mix never touches another user's rows. Creates carry an Idempotency-Key
+and are retried once, with the same key, after a 503.
 """
 
 import os
 import random
+import time
+import uuid
 
 from locust import FastHttpUser, between, task
 
@@ -38,8 +41,13 @@ class TodoUser(FastHttpUser):
 
     @task(2)
     def create(self) -> None:
-        response = self.client.post("/todos", json={"title": f"load test {random.random():.6f}"},
-                                    headers=HEADERS, name="/todos")
+        # One Idempotency-Key per todo, reused for its retry: a 503 may hide a stored insert.
+        headers = {**HEADERS, "Idempotency-Key": str(uuid.uuid4())}
+        body = {"title": f"load test {random.random():.6f}"}
+        response = self.client.post("/todos", json=body, headers=headers, name="/todos")
+        if response.status_code == 503:
+            time.sleep(float(response.headers.get("Retry-After", "1")))
+            response = self.client.post("/todos", json=body, headers=headers, name="/todos (retry)")
         if response.status_code == 201:
             self.mine.append(response.json()["id"])
 
