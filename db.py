@@ -49,6 +49,17 @@ log = logging.getLogger("aurora_todo.db")
 # server is reported fast.
 OPERATION_DEADLINE = 8.0
 CANCEL_GRACE = 0.5  # after the deadline, how long PostgreSQL gets to acknowledge the cancel
+# A statement is started only while at least this much of its deadline is left; with less, the
+# request gets its 503 having sent nothing. Without it, a request that got a connection in
+# the last milliseconds would send its INSERT and be cancelled at once, and PostgreSQL
+# ignores a cancel that arrives before the backend has read the statement: the INSERT then
+# commits after the client was told 503, turning "not done" into "unknown". Half a second
+# is two orders of magnitude above what one of these single-row statements needs (a round
+# trip or two and about a millisecond of work, in-region and on a loaded machine alike), so
+# a started statement either finishes or is cancelled while PostgreSQL is running it (and
+# acknowledges that within CANCEL_GRACE); it costs a caller at most the last half second of
+# an 8 s wait for a connection.
+STATEMENT_MARGIN = 0.5
 READY_CHECK_TIMEOUT = 2.0
 DRAIN_POLL = 0.05
 
@@ -470,19 +481,24 @@ async def _run(operation: Callable[..., Awaitable[Any]], *args: Any) -> Any:
     A connection lost while idle is retried once; so is a statement refused as read-only
     (SQLSTATE 25006), on fresh connections; an optimistic-concurrency conflict (`is_conflict`,
     under any SQLSTATE) is retried with jittered exponential backoff. Everything else the
-    database cannot do now becomes `Unavailable`, within OPERATION_DEADLINE.
+    database cannot do now becomes `Unavailable`, within OPERATION_DEADLINE. No attempt
+    starts with less than STATEMENT_MARGIN of the deadline left.
     """
     if args:
         operation = operation(*args)
     reconnected = False
     read_only_retried = False
     conflicts = 0
+    loop = asyncio.get_running_loop()
     try:
-        async with asyncio.timeout(OPERATION_DEADLINE):
+        async with asyncio.timeout(OPERATION_DEADLINE) as deadline:
             while True:
                 pool = await lifecycle.pool()
                 try:
                     async with pool.acquire() as connection:
+                        if deadline.when() - loop.time() < STATEMENT_MARGIN:
+                            raise Unavailable("no time left to run the statement before the "
+                                              "deadline; it was not started")
                         try:
                             return await operation(connection)
                         except asyncio.CancelledError:
