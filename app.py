@@ -13,12 +13,14 @@ import asyncio
 import base64
 import contextlib
 import contextvars
+import copy
 import hashlib
 import hmac
 import itertools
 import logging
 import os
 import re
+import socket
 import sys
 import time
 import uuid
@@ -155,18 +157,57 @@ class JsonFormatter(logging.Formatter):
         return auth.redact(msgspec.json.encode(entry, enc_hook=str).decode())
 
 
-def configure_logging(*loggers: str) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter())
-    level = os.environ.get("LOG_LEVEL", "info").upper()
-    for name in ("aurora_todo", *loggers):
+class JsonMessages(logging.Filter):
+    """For a handler that sends `record.getMessage()` as it is (Vercel's runtime's): the message
+    becomes the record's JSON line. Returns a copy (Python >= 3.12, as the runtime needs), so
+    other handlers see the record unchanged; the exception is already summed up as error_type.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.formatter = JsonFormatter()
+
+    def filter(self, record: logging.LogRecord) -> logging.LogRecord:
+        line = copy.copy(record)
+        line.msg, line.args, line.exc_info, line.exc_text = self.formatter.format(record), None, None, None
+        return line
+
+
+def runtime_log_handlers() -> list[logging.Handler]:
+    """The handlers Vercel's runtime put on the root logger (they carry each record's level to
+    the platform over its IPC socket); none when the app is not served by that runtime."""
+    return [h for h in logging.getLogger().handlers if type(h).__module__ == "vercel_runtime.vc_init"]
+
+
+def configure_logging(*loggers: str, level: str | None = None) -> None:
+    """Send these loggers (and ours) out as JSON lines, at `level` (default: LOG_LEVEL).
+
+    Under Vercel's runtime they propagate to its root handler, which gets a JsonMessages
+    filter; elsewhere they write to stderr. `level=""` leaves the loggers' levels alone.
+    """
+    runtime_handlers = runtime_log_handlers()
+    for handler in runtime_handlers:
+        if not any(isinstance(f, JsonMessages) for f in handler.filters):
+            handler.addFilter(JsonMessages())
+    own_handlers: list[logging.Handler] = []
+    if not runtime_handlers:
+        stderr_handler = logging.StreamHandler(sys.stderr)
+        stderr_handler.setFormatter(JsonFormatter())
+        own_handlers.append(stderr_handler)
+    level = (os.environ.get("LOG_LEVEL", "info") if level is None else level).upper()
+    for name in loggers:
         logger = logging.getLogger(name)
-        logger.handlers[:] = [handler]
-        logger.setLevel(level if level in logging.getLevelNamesMapping() else "INFO")
-        logger.propagate = False
+        logger.handlers[:] = own_handlers
+        logger.propagate = bool(runtime_handlers)
+        if level:
+            logger.setLevel(level if level in logging.getLevelNamesMapping() else "INFO")
 
 
-configure_logging("asyncpg")
+configure_logging("aurora_todo", "asyncpg")
+# uvicorn's own lines (startup, "Invalid HTTP request received", access lines) as JSON too,
+# whether served by `uvicorn app:app` (which set up its handlers before importing this
+# module), `python app.py` or Vercel's runtime; their levels stay what uvicorn was told.
+configure_logging("uvicorn", "uvicorn.error", "uvicorn.access", level="")
 # botocore says at INFO where it found each endpoint: noise, in plain text under Vercel's runtime.
 logging.getLogger("botocore").setLevel(logging.WARNING)
 
@@ -514,6 +555,8 @@ class RequestContext:
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        if runtime_nodelay.state == "listener_done":
+            runtime_nodelay.on_first_request()
         started = time.perf_counter()
         headers = dict(scope["headers"])
         given = headers.get(b"x-request-id", b"").decode("latin-1")
@@ -566,8 +609,63 @@ def bearer_token_ok(headers: dict[bytes, bytes]) -> bool:
 async def lifespan(app: Starlette) -> AsyncIterator[None]:
     # Nothing to start: on Vercel a failing startup kills the instance and no OIDC token
     # exists yet, so the pool is created on the first request that needs it.
+    runtime_nodelay.on_listener()
     yield
     await db.close()
+
+
+# --- under Vercel's runtime: no Nagle stall ----------------------------------------------
+
+class RuntimeNoDelay:
+    """TCP_NODELAY on the connections Vercel's runtime serves. Workaround for uvicorn #3149:
+    delete this class once vercel-runtime's vendored uvicorn sets TCP_NODELAY itself.
+
+    vercel_runtime.vc_init binds 127.0.0.1:0 itself (its module-level `sock`) and hands the
+    socket to its uvicorn (`uvicorn_server`) with fd=; uvicorn wraps an fd as AF_UNIX, so
+    neither asyncio nor uvloop sets TCP_NODELAY on the connections it accepts, and each
+    keep-alive response body waits ~40 ms for Nagle's algorithm and the peer's delayed ACK.
+    Linux copies TCP_NODELAY from a listening socket to every connection whose handshake
+    completes after it was set, not to those already queued (both checked). The runtime
+    announces its port before uvicorn runs the lifespan, and the platform connects at once;
+    so lifespan startup fixes the listener, and the first request the connections that
+    uvicorn accepted before that.
+
+    States: `pending` (not under the runtime, or lifespan not run) → `listener_done` (lifespan
+    set it on the listener) → `done` (first request set it on the early connections).
+    """
+
+    def __init__(self) -> None:
+        self.state = "pending"
+
+    def on_listener(self) -> None:
+        runtime = sys.modules.get("vercel_runtime.vc_init")
+        if runtime is None:
+            return
+        listener = getattr(runtime, "sock", None)
+        if not isinstance(listener, socket.socket) or not self._nodelay(listener):
+            log.warning("Vercel runtime: its listening socket was not found; keep-alive responses "
+                        "may stall ~40 ms (uvicorn #3149)")
+            return
+        self.state = "listener_done"
+
+    def on_first_request(self) -> None:
+        self.state = "done"
+        server = getattr(sys.modules.get("vercel_runtime.vc_init"), "uvicorn_server", None)
+        for connection in list(getattr(getattr(server, "server_state", None), "connections", ())):
+            transport = getattr(connection, "transport", None)
+            if transport is not None and (sock := transport.get_extra_info("socket")) is not None:
+                self._nodelay(sock)
+
+    @staticmethod
+    def _nodelay(sock: Any) -> bool:
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            return True
+        except OSError:  # not TCP after all
+            return False
+
+
+runtime_nodelay = RuntimeNoDelay()
 
 
 class TodoApp(Starlette):
@@ -700,7 +798,7 @@ def main() -> None:
     """Serve on 127.0.0.1:$PORT; with no database configured, on an embedded PostgreSQL."""
     import uvicorn
 
-    configure_logging("asyncpg", "uvicorn", "uvicorn.error")
+    configure_logging("uvicorn", "uvicorn.error")  # levels from LOG_LEVEL: log_config=None sets none
     if not db.database_configured():
         db.use_embedded_postgres()
         log.info("using the embedded PostgreSQL under .data/postgres")

@@ -5,7 +5,8 @@ working directory (the deployment root). Every request goes to that app, except
 `GET /_probe/serving`, which answers what the server really runs: the event loop's class
 (uvloop's, or asyncio's) and the HTTP protocol implementation whose code is calling the
 app (uvicorn's `httptools_impl` or `h11_impl`), found on the call stack of the request
-itself. Served through vercel_runtime.vc_init, that is the runtime's own uvicorn deciding
+itself. `SERVING_PROBE_STARTUP_DELAY` (seconds) holds the app's lifespan startup back, so
+that a test can connect while the server listens but has not started the app yet. Served through vercel_runtime.vc_init, that is the runtime's own uvicorn deciding
 with whatever the function environment has installed.
 
 Test and benchmark tooling: nothing in the service imports it.
@@ -36,6 +37,7 @@ def _load(spec: str) -> Any:
 
 
 target = _load(os.environ["SERVING_PROBE_TARGET"])
+STARTUP_DELAY = float(os.environ.get("SERVING_PROBE_STARTUP_DELAY", "0"))
 
 
 def serving() -> dict[str, str]:
@@ -60,4 +62,11 @@ async def app(scope: dict, receive: Any, send: Any) -> None:
                                 (b"content-length", str(len(body)).encode())]})
         await send({"type": "http.response.body", "body": body})
         return
+    if scope["type"] == "lifespan" and STARTUP_DELAY:
+        async def receive_late() -> dict:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await asyncio.sleep(STARTUP_DELAY)
+            return message
+        return await target(scope, receive_late, send)
     await target(scope, receive, send)

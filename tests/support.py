@@ -80,14 +80,17 @@ def wait_until_serving(client: httpx.Client, within: float, why: str, path: str 
 
 
 class LiveServer:
-    """`python app.py` in a subprocess; `url`, `logs()`, `stop()`."""
+    """`python app.py` (or `uvicorn app:app`) in a subprocess; `url`, `logs()`, `stop()`."""
 
-    def __init__(self, env: dict[str, str], *, ready_timeout: float = 30.0):
+    def __init__(self, env: dict[str, str], *, ready_timeout: float = 30.0, uvicorn_cli: bool = False):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self._log_file = tempfile.NamedTemporaryFile("w+", prefix="aurora-todo-", suffix=".log", delete=False)
         full_env = {**env, "PORT": str(self.port), "PYTHONUNBUFFERED": "1"}
-        self.process = subprocess.Popen([sys.executable, str(ROOT / "app.py")], cwd=ROOT, env=full_env,
+        # `uvicorn app:app` instead of `python app.py`: uvicorn's own logging setup runs first
+        argv = ([sys.executable, "-m", "uvicorn", "app:app", "--port", str(self.port)] if uvicorn_cli
+                else [sys.executable, str(ROOT / "app.py")])
+        self.process = subprocess.Popen(argv, cwd=ROOT, env=full_env,
                                         stdout=self._log_file, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + ready_timeout
         while True:

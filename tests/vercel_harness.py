@@ -459,13 +459,16 @@ class VercelRuntime:
         json: Any = None,
         deadline: datetime | None = None,
         timeout: float | None = None,
+        connection: http.client.HTTPConnection | None = None,
     ) -> Response:
         """Send one request the way Vercel's proxy forwards it to the function.
 
         `oidc_token` travels as `x-vercel-internal-oidc-token`, as on the
         platform; the runtime turns it into `x-vercel-oidc-token`.  `json`
         is a shortcut for a JSON body with its content type.  Each call is
-        its own invocation (fresh invocation id, next request id).
+        its own invocation (fresh invocation id, next request id).  Each uses
+        a new connection, unless `connection` (from `connect()`) is given: the
+        proxy keeps connections alive across invocations, and so can a test.
         """
         if self.port is None:
             raise RuntimeError("runtime not started")
@@ -509,7 +512,7 @@ class VercelRuntime:
         if oidc_token is not None:
             put(INTERNAL_OIDC_TOKEN, oidc_token)
 
-        conn = http.client.HTTPConnection(
+        conn = connection or http.client.HTTPConnection(
             "127.0.0.1", self.port, timeout=timeout if timeout is not None else self.max_duration + 5
         )
         started = time.monotonic()
@@ -531,7 +534,17 @@ class VercelRuntime:
                 elapsed=time.monotonic() - started,
             )
         finally:
-            conn.close()
+            if connection is None:
+                conn.close()
+
+    def connect(self, timeout: float | None = None) -> http.client.HTTPConnection:
+        """A keep-alive connection to the function's port, for `request(connection=…)`."""
+        if self.port is None:
+            raise RuntimeError("runtime not started")
+        conn = http.client.HTTPConnection("127.0.0.1", self.port,
+                                          timeout=timeout if timeout is not None else self.max_duration + 5)
+        conn.connect()
+        return conn
 
 
 def runtime_version() -> str | None:
