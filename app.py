@@ -110,6 +110,7 @@ class TokenStatus(Struct):
 class ReplacementStatus(Struct):
     failures: int
     last_error: str | None
+    retry_in_seconds: float = 0.0  # the backoff: no attempt (no STS call) before then
 
 
 class Readiness(Struct, omit_defaults=True):
@@ -117,6 +118,7 @@ class Readiness(Struct, omit_defaults=True):
     status: str
     database: str
     auth: str | None = None
+    state: str | None = None  # the pool's lifecycle: empty, connecting, serving, backing off
     detail: str | None = None
     pool: PoolStatus | None = None
     token: TokenStatus | None = None

@@ -9,11 +9,14 @@ What lives here:
   loop. No rds/dsql client is built: signing needs only botocore's request signer.
 - Credentials: with `AWS_ROLE_ARN`, the Vercel OIDC token is exchanged with STS
   `AssumeRoleWithWebIdentity` by botocore's own fetcher, which reuses the credentials until
-  shortly before they expire (`AWS_ENDPOINT_URL_STS` is honoured by botocore). The OIDC token
-  comes from `vercel.oidc.get_vercel_oidc_token_sync()`: the request's `x-vercel-oidc-token`
-  header, else the SDK's process-wide cache of the latest token seen, else
-  `VERCEL_OIDC_TOKEN`. (The SDK's full getter refuses a token in its last 15 minutes.)
-  Without a role, boto3's default credential chain.
+  shortly before they expire (`AWS_ENDPOINT_URL_STS` is honoured by botocore). One STS
+  call per attempt: botocore's own retries are off (db.py's backoff is the retry), and each
+  token is signed with one snapshot of the credentials, so it costs at most one refresh.
+  The OIDC token presented is the newest one a request carried (every request's
+  `x-vercel-oidc-token` header is noted, a contextvar read), so a replacement that runs
+  between requests presents a current one; before any request, the SDK's
+  `get_vercel_oidc_token_sync()` (its cache, then `VERCEL_OIDC_TOKEN`). (The SDK's full
+  getter refuses a token in its last 15 minutes.) Without a role, boto3's default chain.
 - `redact`: every secret this process handles (database password, IAM tokens, STS keys,
   OIDC tokens) is registered here and scrubbed from any text bound for a log or a response.
 
@@ -25,7 +28,6 @@ from __future__ import annotations
 import asyncio
 import re
 import threading
-import time
 import types
 from collections import deque
 from typing import TYPE_CHECKING, Any, Callable, NamedTuple
@@ -34,7 +36,10 @@ if TYPE_CHECKING:
     from db import Settings
 
 ROLE_SESSION_NAME = "aurora-todo"
-OIDC_OBSERVE_INTERVAL = 10.0  # seconds between feeding a request's OIDC token to the SDK cache
+OIDC_HEADER = "x-vercel-oidc-token"
+# One HTTP request per STS call, bounded: a down or black-holed STS fails the attempt fast
+# and db.py's backoff decides when to try again (botocore would retry twice more, at once).
+STS_CLIENT_OPTIONS = {"retries": {"total_max_attempts": 1}, "connect_timeout": 2, "read_timeout": 5}
 
 
 class Token(NamedTuple):
@@ -54,11 +59,11 @@ class TokenSigner:
 
     def __init__(self, settings: Settings):
         self.settings = settings
-        self._client: Any = None
-        self._core: Any = None
-        self._client_lock = threading.Lock()
+        self._core: Any = None  # botocore's session, built once, in a worker thread
+        self._session_lock = threading.Lock()
         self._oidc_getter: Callable[[], str] | None = None
-        self._next_observe = 0.0
+        self._request_headers: Callable[[], Any] | None = None
+        self._newest_oidc: str | None = None
 
     async def token(self) -> Token:
         """A freshly signed token, valid for DB_TOKEN_TTL seconds (900 for Aurora)."""
@@ -66,18 +71,22 @@ class TokenSigner:
 
     def _sign(self) -> Token:
         from botocore import signers
+        from botocore.credentials import Credentials
 
         settings = self.settings
-        client = self._client or self._build_client()
-        # Freeze the credentials first: botocore refreshes them here if they are due, so
-        # the expiry read next belongs to the keys that sign below.
-        credentials = self._core.get_credentials()
-        expire_at = float("inf")
-        if credentials is not None:
-            frozen = credentials.get_frozen_credentials()
-            register_secret(frozen.secret_key)
-            register_secret(frozen.token)
-            expire_at = _expiry_of(credentials)
+        core = self._core or self._build_session()
+        # One snapshot: reading refreshable credentials may refresh them (an STS call), and
+        # signing reads them again; signing with the snapshot costs at most one refresh.
+        credentials = core.get_credentials()
+        if credentials is None:
+            from botocore.exceptions import NoCredentialsError
+            raise NoCredentialsError()
+        frozen = credentials.get_frozen_credentials()
+        register_secret(frozen.secret_key)
+        register_secret(frozen.token)
+        expire_at = _expiry_of(credentials)  # of the keys just frozen: read after the refresh
+        client = _SigningClient(core, "rds" if settings.auth == "iam" else "dsql", settings.region,
+                                Credentials(frozen.access_key, frozen.secret_key, frozen.token))
         if settings.auth == "iam":
             token = signers.generate_db_auth_token(
                 client, DBHostname=settings.host, Port=settings.port,
@@ -91,51 +100,48 @@ class TokenSigner:
         register_secret(token)
         return Token(token, expire_at)
 
-    def _build_client(self) -> Any:
-        with self._client_lock:
-            if self._client is not None:
-                return self._client
+    def _build_session(self) -> Any:
+        with self._session_lock:
+            if self._core is not None:
+                return self._core
             import botocore.session
 
             core = botocore.session.get_session()
             if self.settings.region:
                 core.set_config_variable("region", self.settings.region)
             if self.settings.role_arn:
-                self._oidc_getter = _vercel_oidc_getter()
+                self._oidc_getter, self._request_headers = _vercel_oidc_sources()
                 resolver = core.get_component("credential_provider")
                 resolver.insert_before("env", _VercelWebIdentityProvider(
                     core, self.settings.role_arn, self._oidc_token))
             self._core = core
-            self._client = _SigningClient(core, "rds" if self.settings.auth == "iam" else "dsql",
-                                          self.settings.region)
-            return self._client
+            return core
 
     def _oidc_token(self) -> str:
-        assert self._oidc_getter is not None
-        token = self._oidc_getter()
-        register_secret(token)
+        """The OIDC token for STS: the newest a request carried, else the SDK's."""
+        token = self._newest_oidc
+        if token is None:
+            assert self._oidc_getter is not None
+            token = self._oidc_getter()
+            register_secret(token)
         return token
 
     def observe_request(self) -> None:
-        """Let the Vercel SDK see this request's OIDC token, now and then.
+        """Note this request's OIDC token: the next STS call presents the newest one.
 
-        Replacements triggered by the timer run outside any request; they find a current
-        OIDC token only in the SDK's process-wide cache, which learns tokens from calls made
-        while a request's headers are in context. Cheap: a JWT decode every few seconds.
+        Replacements run by the timer belong to no request, and the token a request
+        carries changes about every 45 minutes. Cheap: a contextvar and a dict lookup.
         """
-        if self._oidc_getter is None:
+        if self._request_headers is None:
             return
-        now = time.monotonic()
-        if now < self._next_observe:
-            return
-        self._next_observe = now + OIDC_OBSERVE_INTERVAL
-        try:
-            register_secret(self._oidc_getter())
-        except Exception:
-            pass  # no token in this request: the next STS call reports it
+        headers = self._request_headers()
+        token = headers.get(OIDC_HEADER) if headers else None
+        if token and token != self._newest_oidc:
+            register_secret(token)
+            self._newest_oidc = token
 
     def close(self) -> None:
-        self._client = None
+        self._core = None
 
 
 def _expiry_of(credentials: Any) -> float:
@@ -148,10 +154,13 @@ def _expiry_of(credentials: Any) -> float:
     return expiry.timestamp() if expiry is not None else float("inf")
 
 
-def _vercel_oidc_getter() -> Callable[[], str]:
+def _vercel_oidc_sources() -> tuple[Callable[[], str], Callable[[], Any]]:
+    """The SDK's OIDC token getter, and the current request's headers (which Vercel's
+    runtime puts in a contextvar, lower-cased)."""
+    from vercel.headers import get_headers
     from vercel.oidc import get_vercel_oidc_token_sync
 
-    return get_vercel_oidc_token_sync
+    return get_vercel_oidc_token_sync, get_headers
 
 
 class _SigningClient:
@@ -162,14 +171,13 @@ class _SigningClient:
     service's whole API model (~30 ms of a cold start) only to sign one URL.
     """
 
-    def __init__(self, core: Any, service: str, region: str | None):
+    def __init__(self, core: Any, service: str, region: str | None, credentials: Any):
         from botocore.model import ServiceId
         from botocore.signers import RequestSigner
 
         self.meta = types.SimpleNamespace(region_name=region)
         self._request_signer = RequestSigner(
-            ServiceId(service), region, service, "v4", core.get_credentials(),
-            core.get_component("event_emitter"))
+            ServiceId(service), region, service, "v4", credentials, core.get_component("event_emitter"))
 
 
 class _VercelWebIdentityProvider:
@@ -183,10 +191,16 @@ class _VercelWebIdentityProvider:
     CANONICAL_NAME = "VercelOidcWebIdentity"
 
     def __init__(self, core: Any, role_arn: str, token_loader: Callable[[], str]):
+        from botocore.config import Config
         from botocore.credentials import AssumeRoleWithWebIdentityCredentialFetcher
 
+        options = Config(**STS_CLIENT_OPTIONS)
+
+        def sts_client(service: str, config: Any = None, **kwargs: Any) -> Any:
+            return core.create_client(service, config=options.merge(config) if config else options, **kwargs)
+
         self._fetcher = AssumeRoleWithWebIdentityCredentialFetcher(
-            client_creator=core.create_client, web_identity_token_loader=token_loader,
+            client_creator=sts_client, web_identity_token_loader=token_loader,
             role_arn=role_arn, extra_args={"RoleSessionName": ROLE_SESSION_NAME})
 
     def load(self) -> Any:

@@ -70,7 +70,10 @@ REFRESH_AT = 0.70
 DUE_AT = 0.80
 EXPIRED_AT = 0.95
 REPLACEMENT_WAIT = 6.0  # how long a request waits for a due replacement
-RETRY_BACKOFF_FIRST, RETRY_BACKOFF_MAX = 0.25, 5.0
+# After a failed attempt, the next waits 0.5, 1, 2, 4, 5, 5… s (each jittered down by up to
+# half): a 16-second outage costs about eight STS calls, and recovery is seen within 5 s.
+RETRY_BACKOFF_FIRST, RETRY_BACKOFF_MAX = 0.5, 5.0
+RETRY_WAIT = 0.5  # how long a request waits for a retry after a failure before its 503
 DRAIN_TIMEOUT = 60.0  # in-flight queries on a replaced pool get this long to finish
 
 CONFLICT_ATTEMPTS = 8  # optimistic-concurrency retries, each after a jittered backoff
@@ -566,37 +569,58 @@ async def _reset_session(connection: asyncpg.Connection) -> None:
     """
 
 
+# The states of PoolLifecycle (see its docstring).
+EMPTY, CONNECTING, SERVING, BACKING_OFF = "empty", "connecting", "serving", "backing off"
+
+
 class PoolLifecycle:
     """The module-level pool, created lazily and replaced before its IAM token expires.
 
-    States: no pool (`current is None`) → serving; when the token is due a replacement
-    (one at a time, `_replacing`) connects a new pool with a fresh token, swaps it in, and
-    drains the old one. A failed replacement keeps the current pool while its token is
-    valid and retries with backoff (`failures`, `last_error`); past that, requests get 503.
+    Always in one of four states (`state`); each arrow is taken in one method only:
+
+        EMPTY        ─ first request ──────────────────────────▶ CONNECTING   _begin_attempt
+        SERVING      ─ refresh timer, or a request finds the
+                       token due ──────────────────────────────▶ CONNECTING   _begin_attempt
+        BACKING_OFF  ─ backoff over (timer, or a request) ─────▶ CONNECTING   _begin_attempt
+        CONNECTING   ─ new pool connected; the old one drains ─▶ SERVING      _attempt_succeeded
+        CONNECTING   ─ attempt failed ─────────────────────────▶ BACKING_OFF  _attempt_failed
+        any          ─ close() ────────────────────────────────▶ EMPTY        close
+
+    An attempt signs a token (which may call STS), connects a new pool and checks the
+    schema; there is never more than one (`_attempt`). What a request gets (`pool()`): the
+    current pool while its token is not due; with a due token, it waits for the attempt
+    (at most REPLACEMENT_WAIT). After a failure the next attempt waits for an exponential,
+    jittered backoff (`_retry_at`) however many requests arrive — at most one STS call per
+    step — and meanwhile requests use the current pool while its token is valid, and get
+    503 at once when it is not.
     """
 
     def __init__(self) -> None:
+        self.state = EMPTY
         self.settings: Settings | None = None
         self.config_error: ConfigError | None = None
         self.current: asyncpg.Pool | None = None
         self.issued_at = 0.0  # wall-clock time the current pool's token was signed
         self.replacements = 0
-        self.failures = 0
+        self.failures = 0  # attempts failed in a row
         self.last_error: str | None = None
         self._signer: auth.TokenSigner | None = None
-        self._replacing: asyncio.Task | None = None
-        self._refresh_timer: asyncio.TimerHandle | None = None
+        self._attempt: asyncio.Task | None = None
+        self._timer: asyncio.TimerHandle | None = None
         self._draining: set[asyncio.Task] = set()
         self._schema_ready = False
         self._lifetime = 0.0  # of the current pool: its token's, or its credentials' if shorter
         self._due_at = 0.0
         self._expires_at = 0.0
+        self._retry_at = 0.0
+
+    # --- what requests call
 
     async def pool(self) -> asyncpg.Pool:
         """The pool for this request; replaced first if its token is due."""
+        if self._signer is not None:
+            self._signer.observe_request()
         if self.current is not None and time.time() < self._due_at:
-            if self._signer is not None:
-                self._signer.observe_request()
             pool = self.current
         else:
             pool = await self._pool_when_due()
@@ -606,14 +630,23 @@ class PoolLifecycle:
 
     async def _pool_when_due(self) -> asyncpg.Pool:
         settings = self._load_settings()
-        if self._signer is not None:
-            self._signer.observe_request()
-        if self.failures and self._still_valid():
-            return self.current  # degraded: the backoff timer retries the replacement
+        now = time.time()
+        # A frozen instance fires no timers, so a request also starts what is due.
+        if self.state in (EMPTY, SERVING) or (self.state == BACKING_OFF and now >= self._retry_at):
+            self._begin_attempt()
+        valid = self.current is not None and now < self._expires_at
+        if self.state == BACKING_OFF or (self.failures and valid):
+            # Degraded: serve from the current pool while it lasts; retries stay on schedule.
+            if valid:
+                return self.current
+            raise Unavailable(f"no database connection for {settings.auth} authentication "
+                              f"(retrying in {max(0.0, self._retry_at - now):.1f} s): {self.last_error}")
         try:
-            await asyncio.wait_for(asyncio.shield(self._start_replacement()), REPLACEMENT_WAIT)
+            # After a failure the retry is likely to fail too: a request waits only briefly.
+            wait = RETRY_WAIT if self.failures else REPLACEMENT_WAIT
+            await asyncio.wait_for(asyncio.shield(self._attempt), wait)
         except Exception as error:
-            if self._still_valid():
+            if self.current is not None and time.time() < self._expires_at:
                 return self.current
             if isinstance(error, ConfigError):
                 raise
@@ -621,9 +654,6 @@ class PoolLifecycle:
                               f"{self.last_error or _describe(error)}") from None
         assert self.current is not None
         return self.current
-
-    def _still_valid(self) -> bool:
-        return self.current is not None and time.time() < self._expires_at
 
     def _load_settings(self) -> Settings:
         if self.settings is None:
@@ -639,28 +669,81 @@ class PoolLifecycle:
                 auth.register_secret(self.settings.password)
         return self.settings
 
-    def _start_replacement(self) -> asyncio.Task:
-        """The replacement attempt under way, or a new one: never two at a time."""
-        if self._replacing is None or self._replacing.done():
-            self._replacing = asyncio.create_task(self._replace_once())
-            self._replacing.add_done_callback(self._after_attempt)
-        return self._replacing
+    # --- transitions
 
-    def _after_attempt(self, attempt: asyncio.Task) -> None:
-        if attempt.cancelled() or attempt.exception() is None:
+    def _begin_attempt(self) -> None:
+        """→ CONNECTING: start the one replacement attempt."""
+        if self.state == CONNECTING:
             return
-        error = attempt.exception()
+        self._cancel_timer()
+        self.state = CONNECTING
+        self._attempt = asyncio.create_task(self._replace())
+        self._attempt.add_done_callback(_retrieve_exception)
+
+    async def _replace(self) -> None:
+        try:
+            new_pool, issued_at, lifetime = await self._connect_new_pool()
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:
+            self._attempt_failed(error)
+            raise
+        self._attempt_succeeded(new_pool, issued_at, lifetime)
+
+    def _attempt_succeeded(self, new_pool: asyncpg.Pool, issued_at: float, lifetime: float) -> None:
+        """CONNECTING → SERVING: swap the new pool in; the old one drains."""
+        settings = self.settings
+        assert settings is not None
+        old_pool, self.current = self.current, new_pool
+        self.issued_at = issued_at
+        self._lifetime = lifetime
+        self._due_at = issued_at + DUE_AT * lifetime
+        self._expires_at = issued_at + EXPIRED_AT * lifetime
+        self.failures, self.last_error, self._retry_at = 0, None, 0.0
+        self.state = SERVING
+        self._start_timer(REFRESH_AT * lifetime - (time.time() - issued_at))
+        if old_pool is None:
+            log.info("pool created", extra={"auth": settings.auth, "pool_max": settings.pool_max})
+        else:
+            self.replacements += 1
+            log.info("pool replaced", extra={"auth": settings.auth, "replacements": self.replacements})
+            self._drain(old_pool)
+
+    def _attempt_failed(self, error: BaseException) -> None:
+        """CONNECTING → BACKING_OFF: the next attempt waits for an exponential, jittered delay."""
         self.failures += 1
         self.last_error = _describe(error)
+        delay = _backoff(self.failures)
+        self._retry_at = time.time() + delay
+        self.state = BACKING_OFF
         log.warning("pool replacement failed", extra={
-            "error_type": type(error).__name__, "error": self.last_error, "failures": self.failures})
+            "error_type": type(error).__name__, "error": self.last_error, "failures": self.failures,
+            "retry_in_seconds": round(delay, 2)})
         if self.current is not None:
-            # A pool still serves: retry in the background. Without one there is nothing to
-            # keep alive, and the next request tries again.
-            self._schedule_refresh(RETRY_BACKOFF_FIRST
-                                   + _jittered(RETRY_BACKOFF_FIRST, RETRY_BACKOFF_MAX, self.failures))
+            # A pool still serves (or will again): retry in the background. Without one,
+            # nothing needs keeping alive; the first request after the backoff retries.
+            self._start_timer(delay)
 
-    async def _replace_once(self) -> None:
+    async def close(self) -> None:
+        """Any → EMPTY: stop replacing, let in-flight queries finish, close every pool."""
+        self._cancel_timer()
+        if self._attempt is not None and not self._attempt.done():
+            self._attempt.cancel()
+            await asyncio.gather(self._attempt, return_exceptions=True)
+        pool, self.current = self.current, None
+        if pool is not None:
+            await _close_gracefully(pool)
+            log.info("pool closed")
+        await asyncio.gather(*self._draining, return_exceptions=True)
+        if self._signer is not None:
+            self._signer.close()
+        self.__init__()
+
+    # --- the work behind the transitions
+
+    async def _connect_new_pool(self) -> tuple[asyncpg.Pool, float, float]:
+        """A new pool with a fresh token, connected and with the schema checked; with the
+        time its token was signed and the seconds it may serve."""
         settings = self._load_settings()
         issued_at = time.time()
         lifetime = settings.pool_lifetime()
@@ -668,10 +751,8 @@ class PoolLifecycle:
             token = await self._signer.token()
             # A pool ends with its token or with the credentials that signed it, if sooner.
             lifetime = max(0.0, min(lifetime, token.credentials_expire_at - issued_at))
-            expires_at = issued_at + EXPIRED_AT * lifetime
-            password = _password_until(token.secret, expires_at)
+            password = _password_until(token.secret, issued_at + EXPIRED_AT * lifetime)
         else:
-            expires_at = issued_at + EXPIRED_AT * lifetime
             password = settings.password
         try:
             new_pool = await asyncpg.create_pool(
@@ -690,28 +771,20 @@ class PoolLifecycle:
         except BaseException:
             new_pool.terminate()
             raise
-        old_pool, self.current = self.current, new_pool
-        self.issued_at = issued_at
-        self._lifetime = lifetime
-        self._due_at = issued_at + DUE_AT * lifetime
-        self._expires_at = expires_at
-        self.failures, self.last_error = 0, None
-        self._schedule_refresh(REFRESH_AT * lifetime - (time.time() - issued_at))
-        if old_pool is None:
-            log.info("pool created", extra={"auth": settings.auth, "pool_max": settings.pool_max})
-        else:
-            self.replacements += 1
-            log.info("pool replaced", extra={"auth": settings.auth, "replacements": self.replacements})
-            self._drain(old_pool)
+        return new_pool, issued_at, lifetime
 
-    def _schedule_refresh(self, delay: float) -> None:
-        if self._refresh_timer is not None:
-            self._refresh_timer.cancel()
+    def _start_timer(self, delay: float) -> None:
+        self._cancel_timer()
         if delay != float("inf"):
-            # A fresh context: the replacement belongs to no request (its logs carry no
-            # request id, and it must not touch an invocation that ended long ago).
-            self._refresh_timer = asyncio.get_running_loop().call_later(
-                max(delay, 0.0), self._start_replacement, context=contextvars.Context())
+            # A fresh context: the attempt belongs to no request (its logs carry no request
+            # id, and it must not touch an invocation that ended long ago).
+            self._timer = asyncio.get_running_loop().call_later(
+                max(delay, 0.0), self._begin_attempt, context=contextvars.Context())
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
     def _drain(self, old_pool: asyncpg.Pool) -> None:
         """Close a replaced pool once its in-flight queries finish, off the request path."""
@@ -741,7 +814,7 @@ class PoolLifecycle:
     def status(self) -> dict[str, Any]:
         """What /readyz reports about the pool and its token; never a secret."""
         settings = self.settings
-        report: dict[str, Any] = {"auth": settings.auth if settings else None}
+        report: dict[str, Any] = {"auth": settings.auth if settings else None, "state": self.state}
         pool = self.current
         if pool is not None:
             report["pool"] = {"size": pool.get_size(), "idle": pool.get_idle_size(),
@@ -752,24 +825,22 @@ class PoolLifecycle:
                                "seconds_left": round(max(0.0, self._lifetime - age), 1),
                                "replacements": self.replacements}
         if self.failures:
-            report["replacement"] = {"failures": self.failures, "last_error": self.last_error}
+            report["replacement"] = {"failures": self.failures, "last_error": self.last_error,
+                                     "retry_in_seconds": round(max(0.0, self._retry_at - time.time()), 1)}
         return report
 
-    async def close(self) -> None:
-        """Stop replacing, let in-flight queries finish, close every pool; back to the start."""
-        if self._refresh_timer is not None:
-            self._refresh_timer.cancel()
-        if self._replacing is not None and not self._replacing.done():
-            self._replacing.cancel()
-            await asyncio.gather(self._replacing, return_exceptions=True)
-        pool, self.current = self.current, None
-        if pool is not None:
-            await _close_gracefully(pool)
-            log.info("pool closed")
-        await asyncio.gather(*self._draining, return_exceptions=True)
-        if self._signer is not None:
-            self._signer.close()
-        self.__init__()
+
+def _backoff(failures: int) -> float:
+    """Seconds before the next attempt after `failures` in a row: doubling, capped, jittered
+    (half fixed, half random: instances that failed together do not retry together)."""
+    step = min(RETRY_BACKOFF_MAX, RETRY_BACKOFF_FIRST * 2 ** (failures - 1))
+    return step * random.uniform(0.5, 1.0)
+
+
+def _retrieve_exception(task: asyncio.Task) -> None:
+    """An attempt's failure is handled inside it; this only keeps asyncio from warning."""
+    if not task.cancelled():
+        task.exception()
 
 
 def _certificate_error(settings: Settings, error: ssl.SSLCertVerificationError) -> ConfigError:

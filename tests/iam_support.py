@@ -26,11 +26,19 @@ def oidc_token(lifetime: float = 3600, subject: str = "owner:acme:project:todo:e
     return f"{part({'alg': 'RS256', 'typ': 'JWT', 'kid': 'k1'})}.{part(claims)}.{uuid.uuid4().hex}{uuid.uuid4().hex}"
 
 
+OUTAGE_ERROR = ('<ErrorResponse xmlns="https://sts.amazonaws.com/doc/2011-06-15/"><Error><Type>Receiver</Type>'
+                '<Code>ServiceUnavailable</Code><Message>stand-in outage</Message></Error>'
+                '<RequestId>00000000-0000-0000-0000-000000000000</RequestId></ErrorResponse>')
+
+
 class Sts:
     """moto's STS on loopback, with a record of every AssumeRoleWithWebIdentity call.
 
     `credential_lifetime` shortens the credentials moto issues; `delay` makes STS slow;
-    `stop()` / `start()` take it down and bring it back on the same port.
+    `stop()` / `start()` take it down and bring it back on the same port; while `outage` is
+    set it answers every call 503 ServiceUnavailable. `attempts` counts every HTTP request
+    for AssumeRoleWithWebIdentity, answered or refused; `web_identity_tokens` holds the
+    token of each call that issued credentials.
     """
 
     def __init__(self) -> None:
@@ -39,6 +47,8 @@ class Sts:
         self.web_identity_tokens: list[str] = []
         self.credential_lifetime: int | None = None
         self.delay = 0.0
+        self.outage = False
+        self.attempts = 0
         self._server: ThreadedMotoServer | None = None
 
     def start(self) -> None:
@@ -75,6 +85,9 @@ def sts():
     original_backend = STSBackend.assume_role_with_web_identity
 
     def recording(self: TokenResponse):
+        recorder.attempts += 1
+        if recorder.outage:
+            return 503, {}, OUTAGE_ERROR
         recorder.web_identity_tokens.append(self._get_param("WebIdentityToken"))
         time.sleep(recorder.delay)
         return original_response(self)
@@ -97,4 +110,5 @@ def sts():
 def fresh_sts(sts: Sts) -> Sts:
     sts.web_identity_tokens.clear()
     sts.credential_lifetime, sts.delay = None, 0.0
+    sts.outage, sts.attempts = False, 0
     return sts

@@ -206,6 +206,73 @@ def test_sts_outage_keeps_the_current_pool_then_recovers(fresh_sts: Sts, iam_dat
             assert_no_secrets([live.logs_text()], fresh_sts, env)
 
 
+def test_sts_outage_past_the_token_life_is_single_flight_with_backoff(fresh_sts: Sts, iam_database: str):
+    """STS refuses every call from before the pool is due until 16 s past its token's life,
+    under ~30 requests/s: attempts are single-flight and back off, whatever the traffic."""
+    ttl = 4
+    fresh_sts.credential_lifetime = 20  # shorter than botocore's refresh window: every token needs STS
+    with aurora(iam_database, ttl) as gateway:
+        env = iam_environment(gateway, fresh_sts, iam_database, ttl)
+        with LiveServer(env) as live, httpx.Client(base_url=live.url, timeout=15) as client:
+            assert client.get("/todos").status_code == 200
+            token_age = client.get("/readyz").json()["token"]["age_seconds"]
+            fresh_sts.outage = True
+            expires = time.monotonic() + 0.95 * ttl - token_age  # db.EXPIRED_AT
+            outage_ends = expires + 16
+            answers: list[tuple[float, float, int, str | None]] = []
+            lock = threading.Lock()
+            stop = threading.Event()
+
+            def traffic() -> None:  # ~10 requests/s per thread
+                with httpx.Client(base_url=live.url, timeout=15) as own:
+                    while not stop.is_set():
+                        started = time.monotonic()
+                        response = own.get("/todos")
+                        with lock:
+                            answers.append((started, time.monotonic(), response.status_code,
+                                            response.headers.get("retry-after")))
+                        stop.wait(max(0.0, 0.1 - (time.monotonic() - started)))
+
+            with concurrent.futures.ThreadPoolExecutor(3) as pool:
+                workers = [pool.submit(traffic) for _ in range(3)]
+                try:
+                    time.sleep(max(0.0, outage_ends - time.monotonic()))
+                    attempts = fresh_sts.attempts
+                    fresh_sts.outage = False
+                    back = time.monotonic()
+                    recovered = None
+                    while recovered is None and time.monotonic() < back + 10:
+                        time.sleep(0.1)
+                        with lock:
+                            recovered = next((end for start, end, status, _ in answers
+                                              if start >= back and status == 200), None)
+                    time.sleep(1)
+                finally:
+                    stop.set()
+                    for worker in workers:
+                        worker.result()
+
+            assert {status for _, _, status, _ in answers} <= {200, 503}
+            # While the token is valid the current pool serves; past it, 503s, at once.
+            assert all(status == 200 for _, end, status, _ in answers if end < expires - 0.3)
+            late = [(start, end, status, retry) for start, end, status, retry in answers
+                    if expires + 0.5 <= start and end <= back]
+            assert len(late) >= 200, f"only {len(late)} requests past the token's life"
+            assert {status for _, _, status, _ in late} == {503}
+            assert all(retry and int(retry) > 0 for _, _, _, retry in late)
+            slowest = max(end - start for start, end, _, _ in late)
+            assert slowest < 1.0, f"a 503 took {slowest:.2f} s"
+            # Single-flight with backoff: one STS request per step, not one per request.
+            assert 3 <= attempts <= 12, f"{attempts} STS requests during the outage"
+            assert recovered is not None and recovered - back < 7, "no recovery within seconds"
+            assert client.get("/readyz").json()["status"] == "ok"
+            # One STS call per new token, outage or not.
+            tokens = sum(1 for e in live.logs() if e["message"] in ("pool created", "pool replaced"))
+            assert fresh_sts.calls <= tokens, f"{fresh_sts.calls} STS calls for {tokens} tokens"
+            assert gateway.refused == []
+            assert_no_secrets([live.logs_text()], fresh_sts, env)
+
+
 def test_event_loop_keeps_serving_while_sts_is_slow(fresh_sts: Sts, iam_database: str):
     fresh_sts.delay = 3.0
     with aurora(iam_database, 60) as gateway:
