@@ -10,7 +10,6 @@ on the first request that needs it (db.py), and credentials come from auth.py.
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import contextvars
 import copy
@@ -54,8 +53,11 @@ PROBLEM_JSON = "application/problem+json"
 # A title is trimmed (str.strip) and then 1–500 characters without NUL, which PostgreSQL text
 # cannot hold. msgspec checks only the type: its length limits would count the white space
 # that trimming removes. clean_title() holds the rule; TITLE_PATTERN says the same thing for
-# the OpenAPI document (Python's and ECMAScript's \s differ only on rare control characters).
-TITLE_PATTERN = rf"^\s*[^\s\x00](?:[^\x00]{{0,{MAX_TITLE - 2}}}[^\s\x00])?\s*$"
+# the OpenAPI document. It spells out str.strip's white space (str.isspace) instead of \s,
+# whose meaning differs between Python and ECMAScript, the dialect of JSON Schema patterns.
+WHITE_SPACE = r"\t-\r\x1c- \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
+TITLE_PATTERN = (rf"^[{WHITE_SPACE}]*[^{WHITE_SPACE}\x00]"
+                 rf"(?:[^\x00]{{0,{MAX_TITLE - 2}}}[^{WHITE_SPACE}\x00])?[{WHITE_SPACE}]*$")
 Title = Annotated[str, Meta(description=f"Trimmed of surrounding white space, then 1–{MAX_TITLE} "
                                         "characters; no NUL.",
                             extra_json_schema={"pattern": TITLE_PATTERN})]
@@ -371,24 +373,25 @@ def parse_limit(text: str | None) -> int:
 
 
 EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+# A cursor is the (created_at, id) of the last todo of a page: its microseconds since 1970
+# as 14 hex digits, then the id's 32. Every string of this shape is a position a listing can
+# start after (14 hex digits reach the year 4254), so the pattern is exactly what is accepted.
+CURSOR_PATTERN = "^[0-9a-f]{46}$"
+_cursor_shape = re.compile(CURSOR_PATTERN)
 
 
 def encode_cursor(todo: Todo) -> str:
     micros = (todo.created_at - EPOCH) // timedelta(microseconds=1)
-    return base64.urlsafe_b64encode(f"{micros}.{todo.id.hex}".encode()).rstrip(b"=").decode()
+    return f"{micros:014x}{todo.id.hex}"  # created_at is the database's now(): after 1970
 
 
 def decode_cursor(text: str | None) -> tuple[datetime, uuid.UUID] | None:
     """The (created_at, id) of the last todo of the previous page."""
     if text is None:
         return None
-    try:
-        if len(text) > 100:
-            raise ValueError
-        micros, todo_id = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)).decode().split(".")
-        return EPOCH + timedelta(microseconds=int(micros)), uuid.UUID(hex=todo_id)
-    except (ValueError, OverflowError, UnicodeDecodeError):
-        raise unprocessable("cursor", "is not a cursor this API handed out") from None
+    if not _cursor_shape.fullmatch(text):
+        raise unprocessable("cursor", "is not a cursor this API handed out")
+    return EPOCH + timedelta(microseconds=int(text[:14], 16)), uuid.UUID(hex=text[14:])
 
 
 # Idempotency-Key (draft-ietf-httpapi-idempotency-key-header): 1–255 printable ASCII
@@ -727,11 +730,10 @@ def _build_openapi() -> dict[str, Any]:
     def errors(*statuses: int) -> dict:
         return {str(s): error(s) for s in sorted({*statuses, 401, 405, 500, 503})}
 
+    # As strict as the API, so that every request the document allows is accepted: a PATCH
+    # body names at least one field, and a title is held to its rule in the body and the query.
+    components["TodoChanges"]["minProperties"] = 1
     id_param = {"name": "todo_id", "in": "path", "required": True, "schema": {"type": "string", "format": "uuid"}}
-    title_query = {"name": "title", "in": "query", "required": False,
-                   "description": "For clients of the FastAPI service: used when there is no body "
-                                  "(checked whenever given).",
-                   "schema": {"type": "string", "minLength": 1, "maxLength": MAX_TITLE, "pattern": r"\S"}}
     completed_query = {"name": "completed", "in": "query", "required": False, "schema": {"type": "boolean"}}
     idempotency_header = {
         "name": IDEMPOTENCY_KEY, "in": "header", "required": False,
@@ -740,7 +742,15 @@ def _build_openapi() -> dict[str, Any]:
                        "nothing new; the same key with a different todo is a 422. Use a fresh random "
                        "key (a UUID) per todo, and the same key for its retries.",
         "schema": {"type": "string", "minLength": 1, "maxLength": 255, "pattern": IDEMPOTENCY_KEY_PATTERN}}
-    json_body = lambda schema, required: {"required": required, "content": {JSON: {"schema": schema}}}  # noqa: E731
+    # The body is documented as required. Clients of the FastAPI service send none and put
+    # the fields in the query string instead; that form is described here, not listed as
+    # parameters: "a title in the body or in the query" cannot be said in OpenAPI (parameters
+    # are independent of each other), and listing both would allow a request with neither.
+    def json_body(schema: dict, query_form: str) -> dict:
+        return {"required": True, "content": {JSON: {"schema": schema}},
+                "description": f"Clients of the FastAPI service may send no body and {query_form} "
+                               "in the query string instead, held to the same rules; given beside a "
+                               "body, those query fields are checked too."}
     location = {"Location": {"schema": {"type": "string"}, "description": "/todos/{id}"}}
     link = {"Link": {"schema": {"type": "string"}, "description": 'RFC 8288 link to the next page: <…>; rel="next"'}}
     bearer = [{"bearer": []}]
@@ -755,12 +765,13 @@ def _build_openapi() -> dict[str, Any]:
                             {"name": "limit", "in": "query", "required": False,
                              "schema": {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT, "default": DEFAULT_LIMIT}},
                             completed_query,
-                            {"name": "cursor", "in": "query", "required": False, "schema": {"type": "string"},
+                            {"name": "cursor", "in": "query", "required": False,
+                             "schema": {"type": "string", "pattern": CURSOR_PATTERN},
                              "description": "Opaque; from the Link header of the previous page."}],
                         "responses": {"200": body(todo_list, "A page of todos", link), **errors(422)}},
                 "post": {"operationId": "createTodo", "summary": "Create a todo", "security": bearer,
-                         "parameters": [title_query, completed_query, idempotency_header],
-                         "requestBody": json_body(new_todo, False),
+                         "parameters": [idempotency_header],
+                         "requestBody": json_body(new_todo, "`title` (and `completed`)"),
                          "responses": {"201": body(todo, "Created", location),
                                        **errors(400, 408, 413, 415, 422)}},
             },
@@ -769,8 +780,8 @@ def _build_openapi() -> dict[str, Any]:
                         "parameters": [id_param],
                         "responses": {"200": body(todo, "The todo"), **errors(404)}},
                 "patch": {"operationId": "updateTodo", "summary": "Change a todo's title or completion",
-                          "security": bearer, "parameters": [id_param, title_query, completed_query],
-                          "requestBody": json_body(changes, False),
+                          "security": bearer, "parameters": [id_param],
+                          "requestBody": json_body(changes, "`title` and/or `completed`"),
                           "responses": {"200": body(todo, "The updated todo"),
                                         **errors(400, 404, 408, 413, 415, 422)}},
                 "delete": {"operationId": "deleteTodo", "summary": "Delete a todo", "security": bearer,

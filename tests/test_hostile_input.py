@@ -143,9 +143,14 @@ def test_titles_are_trimmed_before_their_length_is_checked(http, hostile_databas
 def test_the_documented_title_pattern_is_exactly_the_rule():
     """OpenAPI's title pattern accepts exactly what clean_title() accepts."""
     import re
+    import sys
 
     import app
 
+    # Its white space is str.strip's, code point for code point (not \s, whose meaning
+    # differs between Python and the ECMAScript that JSON Schema patterns are written in).
+    white = re.compile(f"[{app.WHITE_SPACE}]")
+    assert all(bool(white.match(chr(c))) == chr(c).isspace() for c in range(sys.maxunicode + 1))
     pattern = re.compile(app.TITLE_PATTERN)
     samples = ["a", " a ", "ab", "a b", "\u3000a\u3000", "x" * 500, " " + "x" * 500 + "\n", "x" * 501,
                "", " ", "\t\n", "a\x00", "\x00", " \x00 ", "é" * 499 + " é", "\x1f" + "y" * 500, "\x85z\x85"]
