@@ -115,6 +115,12 @@ class ReplacementStatus(Struct):
     retry_in_seconds: float = 0.0  # the backoff: no attempt (no STS call) before then
 
 
+class IdleReleaseStatus(Struct):
+    """On Vercel: idle connections close after this long, and invocations wait for them."""
+    idle_timeout_seconds: int
+    invocations_kept_alive: int
+
+
 class Readiness(Struct, omit_defaults=True):
     """Body of /readyz: never a secret."""
     status: str
@@ -125,6 +131,7 @@ class Readiness(Struct, omit_defaults=True):
     pool: PoolStatus | None = None
     token: TokenStatus | None = None
     replacement: ReplacementStatus | None = None
+    idle_release: IdleReleaseStatus | None = None
 
 
 encoder = msgspec.json.Encoder()

@@ -7,12 +7,16 @@ What lives here:
   (no network at import or in lifespan: on Vercel a failing startup kills the instance and
   no OIDC token exists outside a request). With IAM tokens it is replaced, single-flight,
   before its token ages past 80 % of `DB_TOKEN_TTL`: by a timer, and by a check on every
-  acquire because a frozen serverless instance fires no timers.
+  acquire because a frozen serverless instance fires no timers. After a pause longer
+  than THAW_GAP its idle connections are checked before use (a thawed instance's sockets
+  may be silently dead), and on Vercel `VercelKeepAlive` keeps each invocation alive until
+  the idle connections it leaves have closed, so that a frozen instance holds none.
 - The schema (DSQL-compatible: no sequences, triggers, foreign keys or savepoints), applied
   once per process on first use and by `python db.py migrate`.
 - One function per query (`list_todos`, `create_todo`, …), each run through `_run`, which
-  retries what is safe to retry: a connection dropped while idle (once) and optimistic
-  concurrency conflicts (`is_conflict`).
+  retries what is safe to retry: a connection dropped while idle (once), a statement
+  refused by a read-only writer after a failover (once, on fresh connections) and
+  optimistic concurrency conflicts (`is_conflict`).
 - "Aurora DSQL": every way DSQL differs from PostgreSQL that this service meets, in one place.
 
 What does not: HTTP (app.py) and where credentials and IAM tokens come from (auth.py).
@@ -75,6 +79,24 @@ REPLACEMENT_WAIT = 6.0  # how long a request waits for a due replacement
 RETRY_BACKOFF_FIRST, RETRY_BACKOFF_MAX = 0.5, 5.0
 RETRY_WAIT = 0.5  # how long a request waits for a retry after a failure before its 503
 DRAIN_TIMEOUT = 60.0  # in-flight queries on a replaced pool get this long to finish
+
+# A pause longer than THAW_GAP since the pool was last used may have been a freeze, after
+# which a NAT or firewall may have forgotten the connections without a FIN or RST: before a
+# request uses an idle connection then, one answers a ping within THAW_CHECK_TIMEOUT or the
+# whole pool is replaced. 5 s is below any NAT or firewall idle timeout in practice (AWS NAT
+# gateways and Lambda's: 350 s; common firewalls: minutes), so no forgotten socket goes
+# unchecked, and above the gaps of a busy instance, which never pays for the check; the
+# check itself costs one round trip (~1 ms in a region). On Vercel, idle connections close
+# DB_IDLE_TIMEOUT (5 s) after use, so after such a pause there is usually nothing to check.
+THAW_GAP = 5.0
+THAW_CHECK_TIMEOUT = 0.5
+# On Vercel: how often the idle-release watch looks at the pool; how long past
+# DB_IDLE_TIMEOUT an invocation waits for the connection it released to close (asyncpg
+# closes it DB_IDLE_TIMEOUT after the release; Node's attachDatabasePool allows 100 ms);
+# how long before an invocation's deadline waiting for background work stops.
+IDLE_POLL = 0.1
+IDLE_MARGIN = 0.5
+DEADLINE_MARGIN = 1.0
 
 CONFLICT_ATTEMPTS = 8  # optimistic-concurrency retries, each after a jittered backoff
 CONFLICT_BACKOFF_FIRST, CONFLICT_BACKOFF_MAX = 0.005, 0.2
@@ -546,6 +568,8 @@ async def _run(operation: Callable[..., Awaitable[Any]], *args: Any) -> Any:
         raise Unavailable("the database did not answer in time") from None
     except UNAVAILABLE as error:
         raise Unavailable(_describe(error)) from error
+    finally:
+        lifecycle.released()
 
 
 def _jittered(first: float, ceiling: float, attempt: int) -> float:
@@ -579,6 +603,7 @@ class PoolLifecycle:
     Always in one of four states (`state`); each arrow is taken in one method only:
 
         EMPTY        ─ first request ──────────────────────────▶ CONNECTING   _begin_attempt
+        SERVING      ─ idle connections dead after a pause ────▶ EMPTY        _discard
         SERVING      ─ refresh timer, or a request finds the
                        token due ──────────────────────────────▶ CONNECTING   _begin_attempt
         BACKING_OFF  ─ backoff over (timer, or a request) ─────▶ CONNECTING   _begin_attempt
@@ -592,7 +617,9 @@ class PoolLifecycle:
     (at most REPLACEMENT_WAIT). After a failure the next attempt waits for an exponential,
     jittered backoff (`_retry_at`) however many requests arrive — at most one STS call per
     step — and meanwhile requests use the current pool while its token is valid, and get
-    503 at once when it is not.
+    503 at once when it is not. After a pause (THAW_GAP) a request first checks that an
+    idle connection answers; a pool whose connections died silently is discarded and a
+    new one connected before the request goes on.
     """
 
     def __init__(self) -> None:
@@ -607,7 +634,9 @@ class PoolLifecycle:
         self._signer: auth.TokenSigner | None = None
         self._attempt: asyncio.Task | None = None
         self._timer: asyncio.TimerHandle | None = None
-        self._draining: set[asyncio.Task] = set()
+        self._draining: dict[asyncio.Task, asyncpg.Pool] = {}  # replaced pools, closing
+        self._vercel: VercelKeepAlive | None = None
+        self._last_used = 0.0  # wall-clock time of the last database call (THAW_GAP)
         self._schema_ready = False
         self._lifetime = 0.0  # of the current pool: its token's, or its credentials' if shorter
         self._due_at = 0.0
@@ -617,16 +646,37 @@ class PoolLifecycle:
     # --- what requests call
 
     async def pool(self) -> asyncpg.Pool:
-        """The pool for this request; replaced first if its token is due."""
+        """The pool for this request; replaced first if its token is due, checked first
+        after a pause (see THAW_GAP)."""
         if self._signer is not None:
             self._signer.observe_request()
-        if self.current is not None and time.time() < self._due_at:
+        now = time.time()
+        if self.current is not None and now < self._due_at:
             pool = self.current
+            if now - self._last_used > THAW_GAP:
+                pool = await self._check_after_pause(pool)
         else:
             pool = await self._pool_when_due()
-        if self._draining:
-            self._keep_alive_while_draining()
+        if self._draining and self._vercel is not None:
+            for task, old_pool in list(self._draining.items()):
+                self._vercel.until_drained(task, old_pool)
         return pool
+
+    def released(self) -> None:
+        """After a database call: note the time; on Vercel, keep this invocation alive until
+        the idle connections it leaves behind have closed."""
+        self._last_used = time.time()
+        if self._vercel is not None and self.current is not None:
+            self._vercel.until_idle_closed(self.current, self.settings.idle_timeout)
+
+    async def _check_after_pause(self, pool: asyncpg.Pool) -> asyncpg.Pool:
+        self._last_used = time.time()  # one check per pause, not one per waiting request
+        if not pool.get_idle_size() or await _answers(pool, THAW_CHECK_TIMEOUT):
+            return pool
+        log.warning("idle connections did not answer after a pause: replacing the pool",
+                    extra={"idle": pool.get_idle_size()})
+        self._discard(pool)
+        return await self._pool_when_due()
 
     async def _pool_when_due(self) -> asyncpg.Pool:
         settings = self._load_settings()
@@ -663,6 +713,8 @@ class PoolLifecycle:
                 self.config_error = error
                 raise
             self.config_error = None
+            if os.environ.get("VERCEL"):
+                self._vercel = VercelKeepAlive()
             if self.settings.uses_tokens:
                 self._signer = auth.TokenSigner(self.settings)
             elif self.settings.password:
@@ -701,6 +753,7 @@ class PoolLifecycle:
         self._expires_at = issued_at + EXPIRED_AT * lifetime
         self.failures, self.last_error, self._retry_at = 0, None, 0.0
         self.state = SERVING
+        self._last_used = time.time()
         self._start_timer(REFRESH_AT * lifetime - (time.time() - issued_at))
         if old_pool is None:
             log.info("pool created", extra={"auth": settings.auth, "pool_max": settings.pool_max})
@@ -723,6 +776,20 @@ class PoolLifecycle:
             # A pool still serves (or will again): retry in the background. Without one,
             # nothing needs keeping alive; the first request after the backoff retries.
             self._start_timer(delay)
+
+    def _discard(self, pool: asyncpg.Pool) -> None:
+        """SERVING → EMPTY: drop a pool whose connections are dead (nothing to drain).
+
+        Requests still on it fail at once and retry on the next pool. While an attempt
+        runs or backs off, the state stays: that attempt brings the next pool.
+        """
+        pool.terminate()
+        if self.current is pool:
+            self.current = None
+            self._due_at = self._expires_at = 0.0
+            if self.state == SERVING:
+                self._cancel_timer()
+                self.state = EMPTY
 
     async def close(self) -> None:
         """Any → EMPTY: stop replacing, let in-flight queries finish, close every pool."""
@@ -790,26 +857,13 @@ class PoolLifecycle:
         """Close a replaced pool once its in-flight queries finish, off the request path."""
         task = asyncio.create_task(_close_gracefully(old_pool))
         task.add_done_callback(lambda _: log.info("replaced pool closed"))
-        self._draining.add(task)
-        task.add_done_callback(self._draining.discard)
-        self._keep_alive_while_draining()
-
-    def _keep_alive_while_draining(self) -> None:
-        """On Vercel, keep this invocation alive until every replaced pool has closed.
-
-        The instance may be frozen as soon as a response is sent. `wait_until` belongs to
-        the request in whose context it is called: a replacement started by the timer has
-        none, so each request that sees a drain under way registers it (the runtime ignores
-        an awaitable registered twice).
-        """
-        if not os.environ.get("VERCEL"):
-            return
-        from vercel.functions import wait_until
-        for task in list(self._draining):
-            try:
-                wait_until(task)
-            except RuntimeError:
-                pass  # no live invocation in this context
+        self._draining[task] = old_pool
+        task.add_done_callback(lambda done: self._draining.pop(done, None))
+        # On Vercel the invocation that started the replacement (if any) waits for the
+        # drain; a replacement started by the timer has none, so every request that sees
+        # a drain under way waits for it too (pool()).
+        if self._vercel is not None:
+            self._vercel.until_drained(task, old_pool)
 
     def status(self) -> dict[str, Any]:
         """What /readyz reports about the pool and its token; never a secret."""
@@ -824,10 +878,105 @@ class PoolLifecycle:
             report["token"] = {"age_seconds": round(age, 1), "ttl_seconds": settings.token_ttl,
                                "seconds_left": round(max(0.0, self._lifetime - age), 1),
                                "replacements": self.replacements}
+        if self._vercel is not None and settings is not None:
+            report["idle_release"] = {"idle_timeout_seconds": settings.idle_timeout,
+                                      "invocations_kept_alive": self._vercel.kept_alive}
         if self.failures:
             report["replacement"] = {"failures": self.failures, "last_error": self.last_error,
                                      "retry_in_seconds": round(max(0.0, self._retry_at - time.time()), 1)}
         return report
+
+
+class VercelKeepAlive:
+    """Vercel's `attachDatabasePool`, for Python: a suspended instance holds no connection.
+
+    Vercel may freeze an instance as soon as an invocation's response is sent, and a frozen
+    instance runs no timers: the idle connections asyncpg closes after DB_IDLE_TIMEOUT (all
+    of them: DB_POOL_MIN is 0 on Vercel), and replaced pools still draining, would stay open
+    on the database for as long as it sleeps. So each invocation that leaves such work
+    behind is kept alive (`wait_until`) until it is done — never past the invocation's
+    deadline (`get_deadline()`, less DEADLINE_MARGIN): there, a drain terminates what is
+    left, and idle connections are left to the thaw check. Node's `attachDatabasePool` does
+    the same with a `waitUntil(idle timeout + 100 ms)` per released connection; here one
+    watch per pool ends as soon as its idle connections have closed.
+    """
+
+    def __init__(self) -> None:
+        from vercel.functions import get_deadline, wait_until
+
+        self._wait_until, self._get_deadline = wait_until, get_deadline
+        self._idle_watch: asyncio.Task | None = None
+        self._watched: asyncpg.Pool | None = None
+        self.kept_alive = 0  # invocations waiting for background work now, for /readyz
+
+    def until_idle_closed(self, pool: asyncpg.Pool, idle_timeout: float) -> None:
+        """After this invocation released a connection: keep it alive until `pool` holds no
+        idle connection its timer will close, at most until the one it released has closed
+        (a connection released later is the later invocation's to wait for)."""
+        if not _closes_when_idle(pool):
+            return
+        if self._idle_watch is None or self._idle_watch.done() or self._watched is not pool:
+            self._watched = pool
+            self._idle_watch = asyncio.create_task(_until_idle_closed(pool), context=contextvars.Context())
+        self._keep_alive(self._idle_watch, idle_timeout + IDLE_MARGIN, on_deadline=None)
+
+    def until_drained(self, drain: asyncio.Task, pool: asyncpg.Pool) -> None:
+        """Keep this invocation alive until a replaced pool has closed; at its deadline,
+        terminate what is left of it (a frozen instance would hold it open)."""
+        self._keep_alive(drain, None, on_deadline=pool.terminate)
+
+    def _keep_alive(self, work: asyncio.Task, at_most: float | None,
+                    on_deadline: Callable[[], None] | None) -> None:
+        deadline = self._get_deadline()  # the invocation's, from this request's context
+        left = None if deadline is None else deadline.timestamp() - time.time() - DEADLINE_MARGIN
+        try:
+            self._wait_until(self._until_done(work, at_most, left, on_deadline))
+        except RuntimeError:
+            pass  # no live invocation in this context (the runtime closes the coroutine)
+
+    async def _until_done(self, work: asyncio.Task, at_most: float | None, left: float | None,
+                          on_deadline: Callable[[], None] | None) -> None:
+        limits = [limit for limit in (at_most, left) if limit is not None]
+        self.kept_alive += 1
+        try:
+            done, _ = await asyncio.wait({work}, timeout=max(0.0, min(limits)) if limits else None)
+        finally:
+            self.kept_alive -= 1
+        if not done and left is not None and (at_most is None or left < at_most):
+            log.warning("invocation deadline: background database work cut short",
+                        extra={"terminated": on_deadline is not None})
+            if on_deadline is not None:
+                on_deadline()
+
+
+def _closes_when_idle(pool: asyncpg.Pool) -> bool:
+    """Does `pool` hold an idle connection that its inactivity timer will close?
+    (asyncpg keeps DB_POOL_MIN connections however long they idle.)"""
+    return not pool.is_closing() and pool.get_idle_size() > 0 and pool.get_size() > pool.get_min_size()
+
+
+async def _until_idle_closed(pool: asyncpg.Pool) -> None:
+    while _closes_when_idle(pool):
+        await asyncio.sleep(IDLE_POLL)
+    log.info("idle connections closed", extra={"pool_size": pool.get_size()})
+
+
+async def _answers(pool: asyncpg.Pool, timeout: float) -> bool:
+    """Does a connection of `pool` answer a ping within `timeout`? A silent one is dropped."""
+    try:
+        connection = await pool.acquire(timeout=timeout)
+    except (TimeoutError, *UNAVAILABLE):
+        return False
+    try:
+        async with asyncio.timeout(timeout):
+            await connection.fetchval(PING)
+        return True
+    except (TimeoutError, *UNAVAILABLE):
+        connection.terminate()  # do not wait for a cancel that a dead socket never confirms
+        return False
+    finally:
+        with contextlib.suppress(Exception):
+            await pool.release(connection, timeout=CANCEL_GRACE)
 
 
 def _backoff(failures: int) -> float:

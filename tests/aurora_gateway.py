@@ -415,6 +415,7 @@ class _Session:
     client: asyncio.StreamWriter
     upstream: asyncio.StreamWriter | None = None
     relaying: bool = False
+    black_holed: bool = False  # bytes are read and thrown away, in both directions
     params: dict[str, str] = field(default_factory=dict)  # the client's startup parameters
     opened_at: float = field(default_factory=time.monotonic)
 
@@ -543,6 +544,12 @@ class AuroraGateway:
         or a server restart; return how many sessions were dropped."""
         return self._call(self._drop())
 
+    def black_hole(self) -> int:
+        """Stop forwarding on every open session without closing it, in both directions:
+        no FIN, no RST, no answer, like a NAT or firewall that forgot the connection.
+        New connections are served normally. Returns how many sessions went silent."""
+        return self._call(self._black_hole())
+
     def pause(self, *, drop: bool = True) -> None:
         """Stop listening, so new connections are refused (ECONNREFUSED) as when
         the database is down; by default also drop the open ones."""
@@ -593,6 +600,12 @@ class AuroraGateway:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _black_hole(self) -> int:
+        sessions = [s for s in self._sessions if s.relaying]
+        for session in sessions:
+            session.black_holed = True
+        return len(sessions)
 
     async def _drop(self) -> int:
         sessions = list(self._sessions)
@@ -723,12 +736,12 @@ class AuroraGateway:
     async def _client_pump(self, session: _Session, reader: asyncio.StreamReader,
                            upstream: asyncio.StreamWriter) -> None:
         """Client → server, once authenticated: relay bytes."""
-        await self._pump(reader, upstream)
+        await self._pump(session, reader, upstream)
 
     async def _server_pump(self, session: _Session, upstream: asyncio.StreamReader,
                            writer: asyncio.StreamWriter) -> None:
         """Server → client, once authenticated: relay bytes."""
-        await self._pump(upstream, writer)
+        await self._pump(session, upstream, writer)
 
     async def _open_upstream(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         if self.upstream_host.startswith("/"):
@@ -791,9 +804,11 @@ class AuroraGateway:
             await asyncio.gather(*pumps, return_exceptions=True)
 
     @staticmethod
-    async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _pump(session: _Session, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         with contextlib.suppress(ConnectionError, OSError, ssl.SSLError):
             while data := await reader.read(65536):
+                if session.black_holed:
+                    continue
                 writer.write(data)
                 await writer.drain()
 

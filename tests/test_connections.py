@@ -18,11 +18,11 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 
-from support import LiveServer, clean_environment, create_database, drop_database, run_sql
+from support import LiveServer, clean_environment, create_database, drop_database, run_sql, wait_until_serving
 
 PROBLEM = "application/problem+json"
 
@@ -142,3 +142,59 @@ def test_failover_to_a_read_only_writer_under_write_load(embedded_postgres: str)
     finally:
         run_sql(embedded_postgres, f'ALTER DATABASE "{database}" RESET default_transaction_read_only')
         drop_database(embedded_postgres, url)
+
+
+def with_user(url: str, user: str) -> str:
+    parts = urlsplit(url)
+    host = parts.netloc.split("@", 1)[-1]
+    return urlunsplit(parts._replace(netloc=f"{user}@{host}"))
+
+
+def backends(admin_url: str, database: str) -> int:
+    return run_sql(admin_url, f"SELECT count(*) FROM pg_stat_activity WHERE datname = '{database}'")[0][0]
+
+
+def test_fleet_against_a_connection_cap_is_503_never_500(embedded_postgres: str):
+    """4 instances whose pools could open 32 connections, a database that admits 12 (as a
+    small Aurora instance's max_connections would): the excess is 503 + Retry-After, and the
+    connections fall back once the load stops."""
+    url = create_database(embedded_postgres)
+    database = urlsplit(url).path.lstrip("/")
+    role = "fleet_" + uuid.uuid4().hex[:8]
+    # The cap binds roles that are not superusers, like the service's role on Aurora.
+    run_sql(embedded_postgres, f'CREATE ROLE "{role}" LOGIN', f'ALTER DATABASE "{database}" OWNER TO "{role}"',
+            f'ALTER DATABASE "{database}" CONNECTION LIMIT 12')
+    idle = 2
+    env = clean_environment(DATABASE_URL=with_user(url, role), DB_POOL_MIN="0", DB_POOL_MAX="8",
+                            DB_IDLE_TIMEOUT=str(idle))
+    servers: list[LiveServer] = []
+    try:
+        for _ in range(4):
+            servers.append(LiveServer(env))
+        with httpx.Client(timeout=15) as client:
+            wait_until_serving(client, 15, "the first instance never served", servers[0].url + "/todos")
+        writes = Writes([server.url for server in servers], workers=24, pause=0)
+        try:
+            time.sleep(8)
+        finally:
+            writes.stop()
+        answers = writes.answers
+        assert_201_or_503(answers)
+        refused = [a for a in answers if a.status == 503]
+        assert refused, "the load never reached the connection cap: this proves nothing"
+        assert len(answers) - len(refused) >= 100, f"only {len(answers) - len(refused)} writes succeeded"
+        acknowledged = {a.todo_id for a in answers if a.status == 201}
+        assert acknowledged <= stored_ids(url)
+        for server in servers:
+            messages = [entry["message"] for entry in server.logs()]
+            assert "unhandled error" not in messages
+        # Idle connections close after DB_IDLE_TIMEOUT: the database gets its connections back.
+        give_up = time.monotonic() + idle + 5
+        while backends(embedded_postgres, database) > 0:
+            assert time.monotonic() < give_up, f"{backends(embedded_postgres, database)} connections still open"
+            time.sleep(0.2)
+    finally:
+        for server in servers:
+            server.stop()
+        drop_database(embedded_postgres, url)
+        run_sql(embedded_postgres, f'DROP ROLE IF EXISTS "{role}"')

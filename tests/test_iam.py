@@ -161,6 +161,32 @@ def test_thawed_instance_serves_its_first_request(fresh_sts: Sts, iam_database: 
             assert gateway.refused == []
 
 
+def test_first_request_after_a_thaw_with_silently_dead_sockets_answers_fast(fresh_sts: Sts, iam_database: str):
+    """While the instance is frozen, a NAT forgets its connections: no FIN, no RST, nothing.
+    The first request after the thaw must not wait for a dead socket (it used to take the
+    8 s deadline and answer 503)."""
+    import db
+
+    with aurora(iam_database, 900) as gateway:
+        env = iam_environment(gateway, fresh_sts, iam_database, 900, DB_POOL_MIN="2")
+        with LiveServer(env) as live, httpx.Client(base_url=live.url, timeout=15) as client:
+            assert client.post("/todos", json={"title": "before the black hole"}).status_code == 201
+            assert client.get("/readyz").json()["pool"]["idle"] >= 1
+            live.signal(signal.SIGSTOP)
+            try:
+                assert gateway.black_hole() >= 1
+                time.sleep(db.THAW_GAP + 1)
+            finally:
+                live.signal(signal.SIGCONT)
+            first = client.get("/todos")
+            assert first.status_code == 200 and "before the black hole" in first.text, first.text
+            assert first.elapsed.total_seconds() < 2.5, f"first request after the thaw took {first.elapsed}"
+            assert client.post("/todos", json={"title": "after the thaw"}).status_code == 201
+            messages = [entry["message"] for entry in live.logs()]
+            assert "idle connections did not answer after a pause: replacing the pool" in messages
+            assert gateway.refused == []
+
+
 # --- 3. STS down ----------------------------------------------------------------------------
 
 def test_sts_outage_keeps_the_current_pool_then_recovers(fresh_sts: Sts, iam_database: str):

@@ -36,6 +36,7 @@ import sys
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Iterator
@@ -525,3 +526,60 @@ def test_no_secret_in_runtime_output(fresh_sts: Sts, iam_database: str):
         hits += [f"{shape!r} in {label}" for shape in SECRET_SHAPES if shape in text]
     # Only names in the message: never print a secret, even a test one.
     assert hits == []
+
+
+# --- 7. idle release: a suspended instance holds no connection ---------------------------------
+
+def backends(admin_url: str, database: str) -> int:
+    """Connections to `database` that PostgreSQL has open now."""
+    return run_sql(admin_url, f"SELECT count(*) FROM pg_stat_activity WHERE datname = '{database}'")[0][0]
+
+
+def test_idle_connections_close_before_the_invocation_ends(embedded_postgres: str):
+    """Vercel's `attachDatabasePool`, for Python: after a burst, the invocations that leave
+    idle connections behind end only once those have closed, so an instance frozen right
+    after its last `end` holds nothing open on the database."""
+    url = create_database(embedded_postgres)
+    database = urlsplit(url).path.lstrip("/")
+    idle = 2  # DB_IDLE_TIMEOUT; on Vercel DB_POOL_MIN defaults to 0
+    try:
+        with serve("idle-release", {"DATABASE_URL": url, "DB_IDLE_TIMEOUT": str(idle),
+                                    "LOG_LEVEL": "info"}) as runtime:
+            assert runtime.request("GET", "/todos").status == 200  # the pool and the schema
+            runtime.wait_idle(idle + 5)
+
+            burst_at = len(runtime.messages)
+            with ThreadPoolExecutor(20) as pool:
+                answers = list(pool.map(lambda i: runtime.request("POST", "/todos", json={"title": f"burst {i}"}),
+                                        range(20)))
+            answered = time.monotonic()
+            assert [a.status for a in answers] == [201] * 20
+            assert backends(embedded_postgres, database) >= 2, "the burst should have opened connections"
+            for answer in answers:
+                runtime.wait_for_end(answer.invocation_id, timeout=idle + 5)
+            ended = time.monotonic()
+            # The platform may freeze the instance as soon as the last `end` is sent.
+            runtime.proc.send_signal(signal.SIGSTOP)
+            try:
+                counts = []
+                for _ in range(15):  # 1.5 s, frozen: nothing can close a connection now
+                    counts.append(backends(embedded_postgres, database))
+                    time.sleep(0.1)
+            finally:
+                runtime.proc.send_signal(signal.SIGCONT)
+            # A backend notices its client's close within milliseconds; allow it 0.5 s.
+            assert counts[5:] == [0] * 10, f"a suspended instance kept connections open: {counts}"
+            assert ended - answered < idle + 3, "idle connections outlived DB_IDLE_TIMEOUT + margin"
+
+            events = timeline(runtime)
+            closed = logged(events, "idle connections closed", burst_at)
+            assert closed, describe(events[-40:])
+            ends = [e.index for e in events if e.kind == "end" and e.index > burst_at]
+            assert max(ends) > closed[0].index, "the last invocation ended before its idle connections closed"
+
+            ready = runtime.request("GET", "/readyz")
+            assert ready.status == 200
+            assert ready.json()["idle_release"]["idle_timeout_seconds"] == idle
+            assert ready.json()["pool"]["min"] == 0
+    finally:
+        drop_database(embedded_postgres, url)
