@@ -101,6 +101,8 @@ DEADLINE_MARGIN = 1.0
 CONFLICT_ATTEMPTS = 8  # optimistic-concurrency retries, each after a jittered backoff
 CONFLICT_BACKOFF_FIRST, CONFLICT_BACKOFF_MAX = 0.005, 0.2
 SCHEMA_CONFLICT_BACKOFF_FIRST, SCHEMA_CONFLICT_BACKOFF_MAX = 0.05, 1.0  # DDL racing DDL
+CONNECT_REFUSED_ATTEMPTS = 6  # new connections refused for now (53300/53400), retried
+CONNECT_REFUSED_BACKOFF_FIRST, CONNECT_REFUSED_BACKOFF_MAX = 0.1, 1.5
 
 RETRY_AFTER_SECONDS = 2
 
@@ -144,6 +146,8 @@ SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")  # needs no quoting in sear
 #   the table at once) in its message; AWS's own connectors match the code in the message,
 #   and have seen it under XX000 too. Such a transaction is retried with jittered backoff,
 #   schema creation included.
+# - Connection rate: DSQL accepts 100 new connections per second per cluster and refuses
+#   more with SQLSTATE 53400; nothing ran, so `_run` waits (jittered) and tries again.
 # - Session reset (_reset_session): no advisory locks, no UNLISTEN.
 # - Never used anywhere: savepoints, sequences/SERIAL, triggers, foreign keys, temporary
 #   tables, TRUNCATE, extensions.
@@ -513,7 +517,7 @@ async def _run(operation: Callable[..., Awaitable[Any]], *args: Any) -> Any:
         operation = operation(*args)
     reconnected = False
     read_only_retried = False
-    conflicts = 0
+    conflicts = refused_connections = 0
     loop = asyncio.get_running_loop()
     try:
         async with asyncio.timeout(OPERATION_DEADLINE) as deadline:
@@ -554,6 +558,15 @@ async def _run(operation: Callable[..., Awaitable[Any]], *args: Any) -> Any:
                     if pool is lifecycle.current or reconnected:
                         raise
                     reconnected = True
+                except (asyncpg.ConfigurationLimitExceededError, asyncpg.TooManyConnectionsError):
+                    # A new connection was refused for now (DSQL: over 100 new connections per
+                    # second); nothing ran. Wait a little and try again, within the deadline.
+                    refused_connections += 1
+                    if refused_connections >= CONNECT_REFUSED_ATTEMPTS:
+                        raise
+                    log.info("retrying after a refused connection", extra={"attempt": refused_connections})
+                    await asyncio.sleep(_jittered(CONNECT_REFUSED_BACKOFF_FIRST, CONNECT_REFUSED_BACKOFF_MAX,
+                                                  refused_connections))
                 except asyncpg.PostgresError as error:
                     if not is_conflict(error):
                         raise
@@ -1102,6 +1115,7 @@ def main(argv: list[str]) -> int:
         print("usage: python db.py migrate [ROLE]   (ROLE: the role to print grants for)",
               file=sys.stderr)
         return 2
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")  # retries, on stderr
     if not database_configured():
         use_embedded_postgres()
     try:

@@ -53,8 +53,8 @@ def iam_environment(gateway: AuroraGateway, sts: Sts, database_url: str, ttl: in
 
 
 def apply_postgres_schema(url: str) -> None:
-    """The schema in PostgreSQL's dialect: the DSQL stand-in cannot parse CREATE INDEX ASYNC,
-    so DSQL-mode tests start on a migrated database (and the service's check skips DDL)."""
+    """The schema in PostgreSQL's dialect, for DSQL-mode tests here: the IAM gateway relays SQL
+    unchanged (it cannot run CREATE INDEX ASYNC); DSQL's SQL surface is tests/dsql_gateway.py's."""
     import db
 
     run_sql(url, db.CREATE_TABLE, db.CREATE_INDEX)

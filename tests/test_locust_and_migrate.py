@@ -7,10 +7,18 @@ import subprocess
 import sys
 
 
+import httpx
+import pytest
+
+from dsql_support import (ROLE, SCHEMA, _once_unless_served, backend, database_url, dsql_stand_in,  # noqa: F401
+                          ensure_role, grant_printed, migrate_as_admin, server)
+from iam_support import Sts
 from support import ROOT, LiveServer, clean_environment, create_database, drop_database, run_sql
+from dsql_support import dsql_environment
 
 
 def test_locust_mix_runs_headless_without_a_failure(server: LiveServer, tmp_path):
+    # Once per backend: PostgreSQL, and DSQL (the stand-in, conflicts injected) as admin and as a role.
     result = subprocess.run(
         [sys.executable, "-m", "locust", "-f", str(ROOT / "locustfile.py"), "--headless",
          "-u", "8", "-r", "8", "-t", "6s", "--host", server.url, "--csv", str(tmp_path / "run"),
@@ -65,3 +73,42 @@ def test_migrate_reports_bad_configuration():
                             env=clean_environment(PGHOST="db.example.com", DB_AUTH="nonsense"),
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 1 and "DB_AUTH" in result.stderr
+
+
+@pytest.mark.parametrize("role", [None, ROLE], ids=["admin-public", "role-own-schema"])
+def test_migrate_on_dsql_as_admin_then_serve(fresh_sts: Sts, embedded_postgres: str, role: str | None):
+    """The README's DSQL order: as admin, migrate (schema, table, CREATE INDEX ASYNC, one DDL
+    per transaction, a DDL that races another retried), grant what it printed, then serve."""
+    url = create_database(embedded_postgres)
+    schema = SCHEMA if role else None
+    try:
+        ensure_role(embedded_postgres)
+        # Half of all DDL meets a (simulated) concurrent DDL: OC001, which migrate retries.
+        with dsql_stand_in(url, schema_conflict_rate=0.5, conflict_rate=0.0) as gateway:
+            first = migrate_as_admin(gateway, fresh_sts, url, schema, role)
+            second = migrate_as_admin(gateway, fresh_sts, url, schema, role)
+            assert first.returncode == 0 and "schema created" in first.stdout, first.stdout + first.stderr
+            assert second.returncode == 0 and "already up to date" in second.stdout, second.stderr
+            assert gateway.index_jobs == 1
+            assert any(i.code == "OC001" for i in gateway.injections)
+            assert "retrying schema creation after a conflict" in first.stderr + first.stdout
+            where = schema or "public"
+            assert run_sql(url, f"""SELECT 1 FROM pg_indexes WHERE schemaname = '{where}'
+                                    AND indexname = 'todos_newest_first'""")
+            if role is None:
+                assert "only admin may use schema public" in first.stdout
+                env = dsql_environment(gateway, fresh_sts, url, user="admin")
+            else:
+                assert grant_printed(url, first.stdout) == [
+                    f'GRANT USAGE ON SCHEMA "{SCHEMA}" TO "{ROLE}"',
+                    f'GRANT SELECT, INSERT, UPDATE, DELETE ON "{SCHEMA}".todos TO "{ROLE}"']
+                env = dsql_environment(gateway, fresh_sts, url, user=ROLE, schema=SCHEMA)
+            with LiveServer(env) as live:
+                made = httpx.post(live.url + "/todos", json={"title": "after migrate"})
+                assert made.status_code == 201, made.text
+                assert httpx.get(live.url + made.headers["location"]).status_code == 200
+                assert not any(e["message"] == "schema applied" for e in live.logs())
+            actions = {a.action for a in gateway.accepted}
+            assert actions == ({"DbConnectAdmin"} if role is None else {"DbConnectAdmin", "DbConnect"})
+    finally:
+        drop_database(embedded_postgres, url)

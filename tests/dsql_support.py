@@ -1,0 +1,141 @@
+"""The suite in DSQL mode: the service, as `admin` or as a role in its own schema, behind the
+DSQL stand-in (tests/dsql_gateway.py) with optimistic-concurrency failures injected.
+
+- `dsql_service(database_url, sts, role=…)`: the stand-in in front of `database_url`; for a
+  role, `python db.py migrate` run as `admin` through the stand-in first (schema, table,
+  `CREATE INDEX ASYNC`), then the grants it printed; then the service as a real process.
+  On the way out it asserts that the stand-in refused nothing.
+- Fixtures `backend`, `database_url` and `server` for modules that run once per backend
+  (import them into the module): "postgres" (the plain service), "dsql-admin", "dsql-role".
+  DSQL backends run on the embedded PostgreSQL only.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from contextlib import contextmanager
+from typing import Iterator
+from urllib.parse import urlsplit
+
+import pytest
+
+from aurora_gateway import moto_credentials_lookup, parse_upstream_url
+from dsql_gateway import DsqlGateway
+from iam_support import REGION, ROLE_ARN, Sts, oidc_token
+from support import ROOT, LiveServer, clean_environment, create_database, drop_database, run_sql
+
+ROLE, SCHEMA = "todo_app", "todo"  # different names: the stand-in gives "$user" no favours
+BACKENDS = ["postgres", "dsql-admin", "dsql-role"]
+CONFLICT_RATE = 0.1  # of writes that fail with OC000, as under real contention
+
+
+def dsql_environment(gateway: DsqlGateway, sts: Sts, database_url: str, *, user: str,
+                     schema: str | None = None, ttl: int = 900, **overrides: str) -> dict[str, str]:
+    """The service's environment for DSQL behind the stand-in; `overrides` win."""
+    settings = dict(
+        PGHOST="127.0.0.1", PGPORT=str(gateway.port), PGUSER=user,
+        PGDATABASE=urlsplit(database_url).path.lstrip("/"), DB_AUTH="dsql", AWS_REGION=REGION,
+        AWS_ROLE_ARN=ROLE_ARN, AWS_ENDPOINT_URL_STS=sts.url, AWS_EC2_METADATA_DISABLED="true",
+        VERCEL_OIDC_TOKEN=oidc_token(), PGSSLROOTCERT=gateway.ca_file, DB_TOKEN_TTL=str(ttl),
+        DB_POOL_MIN="1", DB_POOL_MAX="6", LOG_LEVEL="info")
+    if schema:
+        settings["DB_SCHEMA"] = schema
+    return clean_environment(**{**settings, **overrides})
+
+
+def migrate_as_admin(gateway: DsqlGateway, sts: Sts, database_url: str, schema: str | None,
+                     role: str | None = None) -> subprocess.CompletedProcess:
+    """`python db.py migrate [role]` as DSQL's admin, through the stand-in."""
+    env = dsql_environment(gateway, sts, database_url, user="admin", schema=schema)
+    return subprocess.run([sys.executable, str(ROOT / "db.py"), "migrate", *([role] if role else [])],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+
+
+def ensure_role(admin_url: str, role: str = ROLE) -> None:
+    """A login role upstream (cluster-wide), as `CREATE ROLE … WITH LOGIN` makes on DSQL."""
+    run_sql(admin_url, f"DO $$ BEGIN CREATE ROLE {role} LOGIN; "
+                       "EXCEPTION WHEN duplicate_object THEN NULL; END $$")
+
+
+def grant_printed(database_url: str, output: str) -> list[str]:
+    """Run, as the owner, the GRANT statements that migrate printed; return them."""
+    grants = [line.rstrip(";") for line in output.splitlines() if line.startswith("GRANT ")]
+    run_sql(database_url, *grants)
+    return grants
+
+
+@contextmanager
+def dsql_stand_in(database_url: str, **options) -> Iterator[DsqlGateway]:
+    options = {"conflict_rate": CONFLICT_RATE, "seed": 11, **options}
+    gateway = DsqlGateway(*parse_upstream_url(database_url), region=REGION,
+                          credentials_lookup=moto_credentials_lookup(), **options).start()
+    try:
+        yield gateway
+    finally:
+        gateway.stop()
+    assert gateway.refusals == [], f"the DSQL stand-in refused: {gateway.refusals[:5]}"
+
+
+@contextmanager
+def dsql_service(database_url: str, sts: Sts, *, role: bool, ttl: int = 900,
+                 gateway_options: dict | None = None, **overrides: str) -> Iterator[tuple[LiveServer, DsqlGateway]]:
+    """The service in DSQL mode behind the stand-in; see the module docstring."""
+    with dsql_stand_in(database_url, **(gateway_options or {})) as gateway:
+        if role:
+            migrated = migrate_as_admin(gateway, sts, database_url, SCHEMA, ROLE)
+            assert migrated.returncode == 0, migrated.stdout + migrated.stderr
+            assert len(grant_printed(database_url, migrated.stdout)) == 2
+            env = dsql_environment(gateway, sts, database_url, user=ROLE, schema=SCHEMA, ttl=ttl, **overrides)
+        else:
+            env = dsql_environment(gateway, sts, database_url, user="admin", ttl=ttl, **overrides)
+        with LiveServer(env) as live:
+            live.env = env
+            yield live, gateway
+        assert gateway.statements_seen > 0
+        # Every injected conflict was met by exactly one retry, and conflicts were injected.
+        injected = [i for i in gateway.injections if i.code == "OC000"]
+        retried = [e for e in live.logs() if e["message"] == "retrying after a serialization conflict"]
+        assert len(retried) == len(injected), (len(retried), len(injected))
+        if gateway.conflict_rate:
+            assert injected and {i.sqlstate for i in injected} == {"40001", "XX000"}, injected
+
+
+# --- fixtures for modules that run once per backend ----------------------------------
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def backend(request: pytest.FixtureRequest, postgres_url: str) -> str:
+    if request.param != "postgres" and postgres_url == os.environ.get("TEST_DATABASE_URL"):
+        pytest.skip("DSQL mode runs on the embedded PostgreSQL")
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def database_url(postgres_url: str, backend: str):
+    """A fresh database; for a role, its schema is the default search_path of test helpers."""
+    url = create_database(postgres_url)
+    if backend == "dsql-role":
+        ensure_role(postgres_url)
+        run_sql(url, f'ALTER DATABASE "{urlsplit(url).path.lstrip("/")}" SET search_path = {SCHEMA}')
+    yield url
+    drop_database(postgres_url, url)
+
+
+@pytest.fixture(scope="module")
+def server(database_url: str, backend: str, request: pytest.FixtureRequest):
+    if backend == "postgres":
+        with LiveServer(clean_environment(DATABASE_URL=database_url, LOG_LEVEL="info")) as live:
+            yield live
+        return
+    sts = request.getfixturevalue("sts")
+    with dsql_service(database_url, sts, role=backend == "dsql-role") as (live, gateway):
+        live.gateway = gateway
+        yield live
+
+
+@pytest.fixture(autouse=True)
+def _once_unless_served(request: pytest.FixtureRequest, backend: str) -> None:
+    """Tests that do not use the module's server need not run once per backend."""
+    if backend != "postgres" and "server" not in request.fixturenames:
+        pytest.skip("does not use the module's server: runs once, on PostgreSQL")
