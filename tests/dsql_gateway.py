@@ -7,9 +7,10 @@ Bind of a named statement to a portal; Execute of that portal), and does what DS
 
 - refuses with SQLSTATE 0A000 what DSQL lacks (`classify`): SAVEPOINT, advisory locks,
   LISTEN/UNLISTEN/NOTIFY, sequences and SERIAL/identity columns, triggers, foreign keys,
-  temporary tables, TRUNCATE, extensions, DO blocks, LOCK, plain `CREATE INDEX` (and
-  ASC/DESC in `CREATE INDEX ASYNC`), the `regnamespace` cast; a second DDL in a
-  transaction, and DDL mixed with DML;
+  temporary tables, TRUNCATE, VACUUM, ALTER SYSTEM, extensions, DO blocks and functions in
+  languages other than SQL, LOCK, materialized views, types, tablespaces, databases,
+  partitioned/inherited tables, plain `CREATE INDEX` (and ASC/DESC in `CREATE INDEX
+  ASYNC`), the `regnamespace` cast; a second DDL in a transaction, and DDL mixed with DML;
 - runs `CREATE INDEX ASYNC` as PostgreSQL's `CREATE INDEX`, answering with a `job_id` row
   as DSQL does;
 - refuses schema `public` to every role but `admin` (42501): the schema a statement lands
@@ -106,6 +107,16 @@ REFUSED_WORDS = {
     "TRUNCATE": "TRUNCATE is not supported",
     "DO": "DO blocks (PL/pgSQL) are not supported",
     "LOCK": "LOCK is not supported",
+    "VACUUM": "VACUUM is not supported",
+}
+# CREATE <object> DSQL does not have (AWS: "Unsupported PostgreSQL features in Aurora DSQL").
+REFUSED_OBJECTS = {
+    "SEQUENCE": "sequences are not supported",
+    "EXTENSION": "extensions are not supported",
+    "MATERIALIZED": "materialized views are not supported",
+    "TABLESPACE": "tablespaces are not supported",
+    "TYPE": "CREATE TYPE is not supported",
+    "DATABASE": "CREATE DATABASE is not supported",
 }
 REFUSED_FUNCTION = re.compile(
     r"^(pg_(try_)?advisory_\w+|pg_advisory_unlock_all|nextval|currval|setval|lastval|pg_notify)$", re.I)
@@ -210,12 +221,20 @@ def classify(sql: str, *, user: str, search_path: str | None) -> Statement:
         head = [w for w in words[1:4] if w not in ("OR", "REPLACE", "GLOBAL", "LOCAL")]
         if head[:1] and head[0] in ("TEMP", "TEMPORARY"):
             return refuse("temporary tables are not supported")
+        if first == "ALTER" and head[:1] == ["SYSTEM"]:
+            return refuse("ALTER SYSTEM is not supported")
+        if first == "CREATE" and head[:1] and head[0] in REFUSED_OBJECTS:
+            return refuse(REFUSED_OBJECTS[head[0]])
         if "SEQUENCE" in head[:1]:
             return refuse("sequences are not supported")
         if "TRIGGER" in words[1:4]:
             return refuse("triggers are not supported")
-        if head[:1] == ["EXTENSION"]:
-            return refuse("extensions are not supported")
+        if head[:1] == ["FUNCTION"] and "LANGUAGE" in words:
+            language = words[words.index("LANGUAGE") + 1:words.index("LANGUAGE") + 2]
+            if language != ["SQL"] and [t for k, t in tokens if k == "string"][-1:] != ["'sql'"]:
+                return refuse("functions in languages other than SQL are not supported")
+        if head[:1] == ["TABLE"] and ({"INHERITS", "PARTITION", "EXCLUDE"} & set(words) or "AS" in words[3:6]):
+            return refuse("CREATE TABLE with INHERITS, PARTITION BY, EXCLUDE or AS is not supported")
         if set(words) & SERIAL_TYPES:
             return refuse("SERIAL (sequences) is not supported")
         if "IDENTITY" in words and "GENERATED" in words:

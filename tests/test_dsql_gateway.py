@@ -119,6 +119,13 @@ REFUSED = [
     ("SELECT count(*) FROM pg_class WHERE relnamespace = current_schema()::regnamespace", "regnamespace"),
     ("DO $$ BEGIN PERFORM 1; END $$", "DO blocks"),
     ("LOCK TABLE todos", "LOCK"),
+    ("VACUUM todos", "VACUUM"),
+    ("ALTER SYSTEM SET work_mem = '64MB'", "ALTER SYSTEM"),
+    ("CREATE MATERIALIZED VIEW done AS SELECT * FROM todos WHERE completed", "materialized"),
+    ("CREATE TYPE mood AS ENUM ('ok', 'meh')", "CREATE TYPE"),
+    ("CREATE FUNCTION touch() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN RETURN NEW; END $$", "languages"),
+    ("CREATE TABLE archive (LIKE todos) PARTITION BY RANGE (created_at)", "PARTITION"),
+    ("CREATE TABLE archive AS SELECT * FROM todos", "AS"),
 ]
 
 
@@ -137,7 +144,7 @@ async def test_what_dsql_lacks_is_refused_with_0A000_in_both_protocols(stand_in,
     assert [r.sqlstate for r in gateway.refusals] == ["0A000", "0A000"]
     assert (await upstream(database, "SELECT count(*) FROM todos"))[0][0] == before
     assert not await upstream(database, "SELECT 1 FROM pg_class WHERE relname IN ('todo_numbers', 'numbered', 'notes', "
-                                 "'scratch', 'todos_by_title', 'todos_newest')")
+                                 "'scratch', 'todos_by_title', 'todos_newest', 'done', 'archive')")
 
 
 async def test_every_statement_of_the_service_passes(stand_in):
