@@ -784,8 +784,12 @@ def _build_openapi() -> dict[str, Any]:
                 "post": {"operationId": "createTodo", "summary": "Create a todo", "security": bearer,
                          "parameters": [idempotency_header],
                          "requestBody": json_body(new_todo, "`title` (and `completed`)"),
-                         "responses": {"201": body(todo, "Created", location),
-                                       **errors(400, 408, 413, 415, 422)}},
+                         "responses": {"201": body(todo, "Created (or, for a repeated Idempotency-Key, "
+                                                         "the todo its first request created)", location),
+                                       **errors(400, 408, 413, 415, 422),
+                                       "422": {**error(422), "description":
+                                               "A field is wrong (the detail names it), or Idempotency-Key "
+                                               "is malformed or was used for a different todo"}}},
             },
             "/todos/{todo_id}": {
                 "get": {"operationId": "getTodo", "summary": "Get one todo", "security": bearer,

@@ -205,12 +205,46 @@ def test_a_keyed_create_through_the_api_token_uses_the_scoped_id(keyed_database)
 
 # --- a 503 whose insert did commit ------------------------------------------------------------
 
+class StatementCounter:
+    """Counts Execute messages in one client's stream of the PostgreSQL protocol (v3)."""
+
+    SSL_OR_GSS_REQUESTS = (80877103, 80877104)
+
+    def __init__(self, on_execute) -> None:
+        self.buffer = b""
+        self.started = False  # past the untyped startup message(s)
+        self.on_execute = on_execute
+
+    def feed(self, data: bytes) -> None:
+        self.buffer += data
+        while True:
+            if not self.started:
+                if len(self.buffer) < 8:
+                    return
+                length = int.from_bytes(self.buffer[:4], "big")
+                code = int.from_bytes(self.buffer[4:8], "big")
+                if len(self.buffer) < length:
+                    return
+                self.buffer = self.buffer[length:]
+                self.started = code not in self.SSL_OR_GSS_REQUESTS
+                continue
+            if len(self.buffer) < 5:
+                return
+            length = int.from_bytes(self.buffer[1:5], "big")
+            if len(self.buffer) < 1 + length:
+                return
+            if self.buffer[:1] == b"E":
+                self.on_execute()
+            self.buffer = self.buffer[1 + length:]
+
+
 class ReplyHoldingProxy:
     """TCP on 127.0.0.1 → the embedded PostgreSQL's Unix socket; `hold()` stops its replies.
 
     While holding, what the service sends still reaches PostgreSQL (so an insert runs and
     commits), but nothing PostgreSQL answers reaches the service: to the service the database
-    has gone silent mid-query, as on a network that drops one direction.
+    has gone silent mid-query, as on a network that drops one direction. `statements` counts
+    the statements the service ran (the protocol's Execute messages).
     """
 
     def __init__(self, postgres_url: str):
@@ -223,6 +257,8 @@ class ReplyHoldingProxy:
         self.released.set()
         self.closing = False
         self.sockets: list[socket.socket] = []
+        self.statements = 0
+        self._lock = threading.Lock()
         threading.Thread(target=self._accept, daemon=True).start()
 
     def url(self, database_url: str) -> str:
@@ -247,9 +283,16 @@ class ReplyHoldingProxy:
             threading.Thread(target=self._pump, args=(client, server, False), daemon=True).start()
             threading.Thread(target=self._pump, args=(server, client, True), daemon=True).start()
 
+    def _count_statement(self) -> None:
+        with self._lock:
+            self.statements += 1
+
     def _pump(self, source: socket.socket, sink: socket.socket, is_reply: bool) -> None:
+        counter = None if is_reply else StatementCounter(self._count_statement)
         try:
             while chunk := source.recv(65536):
+                if counter is not None:
+                    counter.feed(chunk)
                 if is_reply:
                     while not self.released.wait(0.1):
                         if self.closing:
@@ -272,34 +315,112 @@ class ReplyHoldingProxy:
             sock.close()
 
 
-def test_a_retry_after_a_503_whose_insert_committed_stores_nothing_new(embedded_postgres: str):
+@pytest.fixture(scope="module")
+def proxied(embedded_postgres: str):
+    """(database url, proxy, server, client): the service reaching its database through the proxy.
+
+    One connection, so that the statements are already prepared on it when the replies stop:
+    an insert goes out at once instead of waiting for a Parse reply that never comes.
+    """
     url = create_database(embedded_postgres)
     proxy = ReplyHoldingProxy(embedded_postgres)
-    # One connection, so that the insert is already prepared on it when the replies stop:
-    # the statement goes out at once instead of waiting for a Parse reply that never comes.
     env = clean_environment(DATABASE_URL=proxy.url(url), DB_POOL_MIN="1", DB_POOL_MAX="1")
     try:
         with LiveServer(env) as server, httpx.Client(base_url=server.url, timeout=30) as client:
-            warm = client.post("/todos", json={"title": "warm up"}, headers={"Idempotency-Key": key()})
-            assert warm.status_code == 201
-            headers, body = {"Idempotency-Key": key()}, {"title": "sent once, answered 503"}
-            proxy.hold()
-            try:
-                started = time.monotonic()
-                lost = client.post("/todos", json=body, headers=headers)
-                waited = time.monotonic() - started
-            finally:
-                proxy.release()
-            assert lost.status_code == 503 and lost.headers["retry-after"], lost.text
-            assert waited < 11, f"the 503 took {waited:.1f} s"
-            # The client was told 503, yet the insert committed: a plain retry would duplicate.
-            assert rows_titled(url, body["title"]) == 1, "the insert did not commit: the test proves nothing"
-            retries = [client.post("/todos", json=body, headers=headers) for _ in range(3)]
-            assert [r.status_code for r in retries] == [201] * 3, [r.text for r in retries]
-            assert len({r.json()["id"] for r in retries}) == 1
-            assert rows_titled(url, body["title"]) == 1
-            assert count(url) == 2
-            assert not [e for e in server.logs() if e["level"] in ("error", "critical")]
+            yield url, proxy, server, client
     finally:
         proxy.close()
         drop_database(embedded_postgres, url)
+
+
+def test_a_create_without_a_key_costs_one_statement_a_repeated_key_two(proxied):
+    """No extra round trip for requests without a key (counted on the wire, not timed)."""
+    url, proxy, server, client = proxied
+    warm_key = key()
+    for _ in range(2):  # prepares every statement a create may run on the one connection
+        assert client.post("/todos", json={"title": "warm up"}, headers={"Idempotency-Key": warm_key}).status_code == 201
+
+    def statements_for(**request) -> int:
+        before = proxy.statements
+        response = client.post("/todos", **request)
+        assert response.status_code == 201, response.text
+        return proxy.statements - before
+
+    assert statements_for(json={"title": "no key"}) == 1
+    headers = {"Idempotency-Key": key()}
+    assert statements_for(json={"title": "keyed"}, headers=headers) == 1  # a new key: the insert alone
+    assert statements_for(json={"title": "keyed"}, headers=headers) == 2  # a repeat: the insert, then a read
+    assert count(url) == 3
+
+
+def test_a_retry_after_a_503_whose_insert_committed_stores_nothing_new(proxied):
+    url, proxy, server, client = proxied
+    warm = {"Idempotency-Key": key()}
+    for _ in range(2):  # the insert and the read, prepared on the one connection
+        assert client.post("/todos", json={"title": "warm up"}, headers=warm).status_code == 201
+    headers, body = {"Idempotency-Key": key()}, {"title": "sent once, answered 503"}
+    proxy.hold()
+    try:
+        started = time.monotonic()
+        lost = client.post("/todos", json=body, headers=headers)
+        waited = time.monotonic() - started
+    finally:
+        proxy.release()
+    assert lost.status_code == 503 and lost.headers["retry-after"], lost.text
+    assert waited < 11, f"the 503 took {waited:.1f} s"
+    # The client was told 503, yet the insert committed: a plain retry would duplicate.
+    assert rows_titled(url, body["title"]) == 1, "the insert did not commit: the test proves nothing"
+    retries = [client.post("/todos", json=body, headers=headers) for _ in range(3)]
+    assert [r.status_code for r in retries] == [201] * 3, [r.text for r in retries]
+    assert len({r.json()["id"] for r in retries}) == 1
+    assert rows_titled(url, body["title"]) == 1
+    assert not [e for e in server.logs() if e["level"] in ("error", "critical")]
+
+
+def test_a_todo_deleted_between_the_insert_and_the_read_is_inserted_anew(keyed_database, monkeypatch):
+    """The insert finds the id taken, then the row is deleted before it is read: create_todo
+    inserts again (the id is free) instead of answering with nothing."""
+    import asyncio
+
+    import asyncpg
+
+    import db
+
+    todo_id = uuid.uuid4()
+    run_sql(keyed_database, f"INSERT INTO todos VALUES ('{todo_id}', 'doomed', false, now(), now())")
+    real_fetchrow = asyncpg.connection.Connection.fetchrow
+    deleted = []
+
+    async def fetchrow(self, query, *args, **kwargs):
+        if query == db.GET_TODO and not deleted:  # between the two statements: someone deletes it
+            other = await asyncpg.connect(keyed_database)
+            deleted.append(await other.execute("DELETE FROM todos WHERE id = $1", todo_id))
+            await other.close()
+        return await real_fetchrow(self, query, *args, **kwargs)
+
+    monkeypatch.setattr(asyncpg.connection.Connection, "fetchrow", fetchrow)
+    monkeypatch.setenv("DATABASE_URL", keyed_database)
+
+    async def create() -> tuple:
+        try:
+            return tuple(await db.create_todo(todo_id, "reborn", True))
+        finally:
+            await db.close()
+
+    row = asyncio.run(create())
+    assert deleted == ["DELETE 1"]
+    assert row[:3] == (todo_id, "reborn", True)
+    assert [tuple(r) for r in run_sql(keyed_database, f"SELECT title FROM todos WHERE id = '{todo_id}'")] == [("reborn",)]
+
+
+def test_the_openapi_document_describes_the_header_and_its_422(http):
+    import app
+
+    spec = http.get("/openapi.json").json()
+    create = spec["paths"]["/todos"]["post"]
+    header = next(p for p in create["parameters"] if p["name"] == "Idempotency-Key")
+    assert header["in"] == "header" and header["required"] is False
+    assert header["schema"] == {"type": "string", "minLength": 1, "maxLength": 255,
+                                "pattern": app.IDEMPOTENCY_KEY_PATTERN}
+    assert "Idempotency-Key" in create["responses"]["422"]["description"]
+    assert all(p["name"] != "Idempotency-Key" for p in spec["paths"]["/todos/{todo_id}"]["patch"]["parameters"])
