@@ -206,7 +206,9 @@ def test_a_keyed_create_through_the_api_token_uses_the_scoped_id(keyed_database)
 # --- a 503 whose insert did commit ------------------------------------------------------------
 
 class StatementCounter:
-    """Counts Execute messages in one client's stream of the PostgreSQL protocol (v3)."""
+    """Counts statements in one client's stream of the PostgreSQL protocol (v3): Execute
+    messages (the extended protocol, asyncpg's prepared statements) and Query messages (the
+    simple protocol, e.g. `connection.execute("SELECT 1")`)."""
 
     SSL_OR_GSS_REQUESTS = (80877103, 80877104)
 
@@ -233,7 +235,7 @@ class StatementCounter:
             length = int.from_bytes(self.buffer[1:5], "big")
             if len(self.buffer) < 1 + length:
                 return
-            if self.buffer[:1] == b"E":
+            if self.buffer[:1] in (b"E", b"Q"):
                 self.on_execute()
             self.buffer = self.buffer[1 + length:]
 
@@ -244,7 +246,7 @@ class ReplyHoldingProxy:
     While holding, what the service sends still reaches PostgreSQL (so an insert runs and
     commits), but nothing PostgreSQL answers reaches the service: to the service the database
     has gone silent mid-query, as on a network that drops one direction. `statements` counts
-    the statements the service ran (the protocol's Execute messages).
+    the statements the service ran (the protocol's Execute and Query messages).
     """
 
     def __init__(self, postgres_url: str):
