@@ -1,5 +1,9 @@
 """Safe retries (issue 12): `Idempotency-Key` on POST /todos, against a real PostgreSQL.
 
+The tests that use the module's `server` run once per backend: the plain service, and the
+service in DSQL mode (as admin and as a role) behind the DSQL stand-in, which enforces DSQL's
+SQL surface and injects optimistic-concurrency conflicts into writes.
+
 The same key and the same todo fields answer 201 with the same todo and store nothing new,
 whether the request is repeated, sent 20 times at once, or retried after a 503 whose insert
 did commit (the database's reply held back by a proxy until the service gave up). The same
@@ -20,27 +24,15 @@ from urllib.parse import parse_qs, urlsplit
 import httpx
 import pytest
 
+from dsql_support import _once_unless_served, backend, database_url, server  # noqa: F401
 from support import LiveServer, clean_environment, create_database, drop_database, run_sql
 
 PROBLEM = "application/problem+json"
 
 
 @pytest.fixture(scope="module")
-def keyed_database(embedded_postgres: str):
-    url = create_database(embedded_postgres)
-    yield url
-    drop_database(embedded_postgres, url)
-
-
-@pytest.fixture(scope="module")
-def live(keyed_database: str):
-    with LiveServer(clean_environment(DATABASE_URL=keyed_database)) as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
-def http(live: LiveServer):
-    with httpx.Client(base_url=live.url, timeout=20) as client:
+def http(server: LiveServer):
+    with httpx.Client(base_url=server.url, timeout=20) as client:
         assert client.get("/todos").status_code == 200
         yield client
 
@@ -65,7 +57,7 @@ def key() -> str:
 
 # --- the same key, the same todo ----------------------------------------------------------
 
-def test_repeated_creates_with_one_key_store_one_todo(http, keyed_database):
+def test_repeated_creates_with_one_key_store_one_todo(http, database_url):
     headers = {"Idempotency-Key": key()}
     first = http.post("/todos", json={"title": "pay rent"}, headers=headers)
     assert first.status_code == 201, first.text
@@ -74,14 +66,14 @@ def test_repeated_creates_with_one_key_store_one_todo(http, keyed_database):
         again = http.post("/todos", json={"title": "pay rent"}, headers=headers)
         assert again.status_code == 201
         assert again.json() == todo and again.headers["location"] == f"/todos/{todo['id']}"
-    assert rows_titled(keyed_database, "pay rent") == 1
+    assert rows_titled(database_url, "pay rent") == 1
     # Without a key, the same body is a new todo each time.
     for _ in range(2):
         assert http.post("/todos", json={"title": "pay rent"}).status_code == 201
-    assert rows_titled(keyed_database, "pay rent") == 3
+    assert rows_titled(database_url, "pay rent") == 3
 
 
-def test_the_same_fields_in_another_spelling_are_the_same_request(http, keyed_database):
+def test_the_same_fields_in_another_spelling_are_the_same_request(http, database_url):
     """Sameness is judged on the todo the request asks for: trimmed title, completed."""
     headers = {"Idempotency-Key": key()}
     todo = http.post("/todos", json={"title": "water plants"}, headers=headers).json()
@@ -90,10 +82,10 @@ def test_the_same_fields_in_another_spelling_are_the_same_request(http, keyed_da
     for spelling in same:
         response = http.post("/todos", headers=headers, **spelling)
         assert response.status_code == 201 and response.json() == todo, (spelling, response.text)
-    assert rows_titled(keyed_database, "water plants") == 1
+    assert rows_titled(database_url, "water plants") == 1
 
 
-def test_twenty_concurrent_creates_with_one_key_store_one_todo(http, keyed_database):
+def test_twenty_concurrent_creates_with_one_key_store_one_todo(http, database_url):
     headers = {"Idempotency-Key": key()}
     barrier = threading.Barrier(20)
 
@@ -105,34 +97,34 @@ def test_twenty_concurrent_creates_with_one_key_store_one_todo(http, keyed_datab
         responses = list(pool.map(create, range(20)))
     assert [r.status_code for r in responses] == [201] * 20, [r.text for r in responses if r.status_code != 201]
     assert len({r.text for r in responses}) == 1  # the very same todo, timestamps included
-    assert rows_titled(keyed_database, "concurrent once") == 1
+    assert rows_titled(database_url, "concurrent once") == 1
 
 
 # --- the same key, another todo; malformed keys ---------------------------------------------
 
-def test_one_key_with_different_fields_is_422_and_changes_nothing(http, keyed_database):
+def test_one_key_with_different_fields_is_422_and_changes_nothing(http, database_url):
     headers = {"Idempotency-Key": key()}
     todo = http.post("/todos", json={"title": "feed cat"}, headers=headers).json()
     for other in ({"title": "feed dog"}, {"title": "feed cat", "completed": True}):
         assert_key_problem(http.post("/todos", json=other, headers=headers))
     assert_key_problem(http.post("/todos", params={"title": "feed dog"}, headers=headers))
     assert http.get(f"/todos/{todo['id']}").json() == todo
-    assert rows_titled(keyed_database, "feed cat") == 1 and rows_titled(keyed_database, "feed dog") == 0
+    assert rows_titled(database_url, "feed cat") == 1 and rows_titled(database_url, "feed dog") == 0
 
 
 @pytest.mark.parametrize("bad", [
     b"", b"x" * 256, b"tab\tinside", b"del\x7f", "caf\u00e9".encode("latin-1"), "caf\u00e9".encode(),
     b"nul\x00byte",
 ], ids=["empty", "256 characters", "tab", "DEL", "latin-1", "utf-8", "NUL"])
-def test_a_malformed_key_is_422_and_stores_nothing(live: LiveServer, keyed_database, bad: bytes):
+def test_a_malformed_key_is_422_and_stores_nothing(server: LiveServer, http, database_url, bad: bytes):
     """Raw headers: an HTTP client library would refuse to send most of these."""
     from test_hardening import connect, read_response, request_head
 
-    before = count(keyed_database)
+    before = count(database_url)
     body = b'{"title": "malformed key"}'
     head = request_head("POST", "/todos", {"Content-Type": "application/json", "Content-Length": str(len(body))})
     head = head[:-2] + b"Idempotency-Key: " + bad + b"\r\n\r\n"
-    with connect(live) as sock:
+    with connect(server) as sock:
         sock.sendall(head + body)
         response = read_response(sock, 15)
     if response.status == 400 and response.headers.get("content-type", "").startswith("text/plain"):
@@ -141,38 +133,38 @@ def test_a_malformed_key_is_422_and_stores_nothing(live: LiveServer, keyed_datab
         assert response.status == 422, response
         assert response.headers["content-type"] == PROBLEM
         assert b"Idempotency-Key" in response.body
-    assert count(keyed_database) == before
+    assert count(database_url) == before
 
 
-def test_keys_at_the_limits_are_accepted_and_a_repeated_header_is_refused(http, keyed_database):
+def test_keys_at_the_limits_are_accepted_and_a_repeated_header_is_refused(http, database_url):
     for good in ("k", "~" * 255, "with inner spaces", '"a-quoted-sf-string"', key()):
         response = http.post("/todos", json={"title": f"limit {len(good)}"}, headers={"Idempotency-Key": good})
         assert response.status_code == 201, (good, response.text)
-    before = count(keyed_database)
+    before = count(database_url)
     twice = http.post("/todos", json={"title": "twice"},
                       headers=[("Idempotency-Key", "one"), ("Idempotency-Key", "two")])
     assert_key_problem(twice)
-    assert count(keyed_database) == before
+    assert count(database_url) == before
 
 
 # --- what deriving the id from the key implies ------------------------------------------------
 
-def test_after_a_patch_a_retry_answers_the_todo_as_it_is_now(http, keyed_database):
+def test_after_a_patch_a_retry_answers_the_todo_as_it_is_now(http, database_url):
     headers = {"Idempotency-Key": key()}
     todo = http.post("/todos", json={"title": "draft"}, headers=headers).json()
     patched = http.patch(f"/todos/{todo['id']}", json={"completed": True}).json()
     retry = http.post("/todos", json={"title": "draft"}, headers=headers)
     assert retry.status_code == 201 and retry.json() == patched
-    assert rows_titled(keyed_database, "draft") == 1
+    assert rows_titled(database_url, "draft") == 1
 
 
-def test_after_a_delete_the_same_key_creates_the_todo_again(http, keyed_database):
+def test_after_a_delete_the_same_key_creates_the_todo_again(http, database_url):
     headers = {"Idempotency-Key": key()}
     todo = http.post("/todos", json={"title": "phoenix"}, headers=headers).json()
     assert http.delete(f"/todos/{todo['id']}").status_code == 204
     again = http.post("/todos", json={"title": "phoenix"}, headers=headers)
     assert again.status_code == 201 and again.json()["id"] == todo["id"]
-    assert rows_titled(keyed_database, "phoenix") == 1
+    assert rows_titled(database_url, "phoenix") == 1
 
 
 def test_keys_are_scoped_by_the_api_token(monkeypatch):
@@ -189,8 +181,8 @@ def test_keys_are_scoped_by_the_api_token(monkeypatch):
     assert "token-b" not in str(id_b) and id_b.version == 5
 
 
-def test_a_keyed_create_through_the_api_token_uses_the_scoped_id(keyed_database):
-    env = clean_environment(DATABASE_URL=keyed_database, API_TOKEN="scoped-token")
+def test_a_keyed_create_through_the_api_token_uses_the_scoped_id(database_url):
+    env = clean_environment(DATABASE_URL=database_url, API_TOKEN="scoped-token")
     with LiveServer(env) as server, httpx.Client(base_url=server.url, timeout=20) as client:
         auth = {"Authorization": "Bearer scoped-token", "Idempotency-Key": "shared-key"}
         created = client.post("/todos", json={"title": "scoped"}, headers=auth)
@@ -379,7 +371,7 @@ def test_a_retry_after_a_503_whose_insert_committed_stores_nothing_new(proxied):
     assert not [e for e in server.logs() if e["level"] in ("error", "critical")]
 
 
-def test_a_todo_deleted_between_the_insert_and_the_read_is_inserted_anew(keyed_database, monkeypatch):
+def test_a_todo_deleted_between_the_insert_and_the_read_is_inserted_anew(database_url, monkeypatch):
     """The insert finds the id taken, then the row is deleted before it is read: create_todo
     inserts again (the id is free) instead of answering with nothing."""
     import asyncio
@@ -389,19 +381,19 @@ def test_a_todo_deleted_between_the_insert_and_the_read_is_inserted_anew(keyed_d
     import db
 
     todo_id = uuid.uuid4()
-    run_sql(keyed_database, f"INSERT INTO todos VALUES ('{todo_id}', 'doomed', false, now(), now())")
+    run_sql(database_url, db.CREATE_TABLE, f"INSERT INTO todos VALUES ('{todo_id}', 'doomed', false, now(), now())")
     real_fetchrow = asyncpg.connection.Connection.fetchrow
     deleted = []
 
     async def fetchrow(self, query, *args, **kwargs):
         if query == db.GET_TODO and not deleted:  # between the two statements: someone deletes it
-            other = await asyncpg.connect(keyed_database)
+            other = await asyncpg.connect(database_url)
             deleted.append(await other.execute("DELETE FROM todos WHERE id = $1", todo_id))
             await other.close()
         return await real_fetchrow(self, query, *args, **kwargs)
 
     monkeypatch.setattr(asyncpg.connection.Connection, "fetchrow", fetchrow)
-    monkeypatch.setenv("DATABASE_URL", keyed_database)
+    monkeypatch.setenv("DATABASE_URL", database_url)
 
     async def create() -> tuple:
         try:
@@ -412,7 +404,7 @@ def test_a_todo_deleted_between_the_insert_and_the_read_is_inserted_anew(keyed_d
     row = asyncio.run(create())
     assert deleted == ["DELETE 1"]
     assert row[:3] == (todo_id, "reborn", True)
-    assert [tuple(r) for r in run_sql(keyed_database, f"SELECT title FROM todos WHERE id = '{todo_id}'")] == [("reborn",)]
+    assert [tuple(r) for r in run_sql(database_url, f"SELECT title FROM todos WHERE id = '{todo_id}'")] == [("reborn",)]
 
 
 def test_the_openapi_document_describes_the_header_and_its_422(http):
