@@ -90,12 +90,9 @@ DRAIN_TIMEOUT = 60.0  # in-flight queries on a replaced pool get this long to fi
 # DB_IDLE_TIMEOUT (5 s) after use, so after such a pause there is usually nothing to check.
 THAW_GAP = 5.0
 THAW_CHECK_TIMEOUT = 0.5
-# On Vercel: how often the idle-release watch looks at the pool; how long past
-# DB_IDLE_TIMEOUT an invocation waits for the connection it released to close (asyncpg
-# closes it DB_IDLE_TIMEOUT after the release; Node's attachDatabasePool allows 100 ms);
-# how long before an invocation's deadline waiting for background work stops.
+# On Vercel: how often the idle-release watch looks at the pool, and how long before an
+# invocation's deadline waiting for background work stops.
 IDLE_POLL = 0.1
-IDLE_MARGIN = 0.5
 DEADLINE_MARGIN = 1.0
 
 CONFLICT_ATTEMPTS = 8  # optimistic-concurrency retries, each after a jittered backoff
@@ -680,7 +677,7 @@ class PoolLifecycle:
         the idle connections it leaves behind have closed."""
         self._last_used = time.time()
         if self._vercel is not None and self.current is not None:
-            self._vercel.until_idle_closed(self.current, self.settings.idle_timeout)
+            self._vercel.until_idle_closed(self.current)
 
     async def _check_after_pause(self, pool: asyncpg.Pool) -> asyncpg.Pool:
         self._last_used = time.time()  # one check per pause, not one per waiting request
@@ -903,75 +900,94 @@ class PoolLifecycle:
 class VercelKeepAlive:
     """Vercel's `attachDatabasePool`, for Python: a suspended instance holds no connection.
 
-    Vercel may freeze an instance as soon as an invocation's response is sent, and a frozen
+    Vercel may freeze an instance as soon as no invocation is in flight, and a frozen
     instance runs no timers: the idle connections asyncpg closes after DB_IDLE_TIMEOUT (all
-    of them: DB_POOL_MIN is 0 on Vercel), and replaced pools still draining, would stay open
-    on the database for as long as it sleeps. So each invocation that leaves such work
-    behind is kept alive (`wait_until`) until it is done — never past the invocation's
-    deadline (`get_deadline()`, less DEADLINE_MARGIN): there, a drain terminates what is
-    left, and idle connections are left to the thaw check. Node's `attachDatabasePool` does
-    the same with a `waitUntil(idle timeout + 100 ms)` per released connection; here one
-    watch per pool ends as soon as its idle connections have closed.
+    of them: DB_POOL_MIN is 0 on Vercel), and replaced pools still draining, would stay
+    open on the database for as long as it sleeps. So:
+
+    - Idle connections: the invocation that released a connection last holds the "baton",
+      a future registered with `wait_until`, which resolves when the pool holds no idle
+      connection left to close (one watch task per instance looks every IDLE_POLL) — or
+      when a later invocation releases a connection and takes the baton over, so under
+      steady traffic an invocation ends as soon as the next one has taken over, and the
+      last one ends once the connections have closed. Node's `attachDatabasePool` keeps
+      every invocation alive for the idle timeout + 100 ms instead.
+    - Drains: every invocation that sees a replaced pool closing waits for it (`until_drained`).
+
+    Never past the holder's deadline (`get_deadline()`, less DEADLINE_MARGIN): there, a
+    drain terminates what is left, and idle connections are left to the thaw check.
     """
 
     def __init__(self) -> None:
         from vercel.functions import get_deadline, wait_until
 
         self._wait_until, self._get_deadline = wait_until, get_deadline
-        self._idle_watch: asyncio.Task | None = None
-        self._watched: asyncpg.Pool | None = None
-        self.kept_alive = 0  # invocations waiting for background work now, for /readyz
+        self._baton: asyncio.Future | None = None
+        self._baton_deadline = float("inf")  # wall-clock time its holder must end by
+        self._watched: asyncpg.Pool | None = None  # the pool whose idle connections it waits for
+        self._watch: asyncio.Task | None = None
+        self.draining_waiters = 0
 
-    def until_idle_closed(self, pool: asyncpg.Pool, idle_timeout: float) -> None:
-        """After this invocation released a connection: keep it alive until `pool` holds no
-        idle connection its timer will close, at most until the one it released has closed
-        (a connection released later is the later invocation's to wait for)."""
+    @property
+    def kept_alive(self) -> int:
+        """Invocations waiting for background database work now, for /readyz."""
+        holding = self._baton is not None and not self._baton.done()
+        return self.draining_waiters + holding
+
+    def until_idle_closed(self, pool: asyncpg.Pool) -> None:
+        """After this invocation released a connection: take the baton if `pool` holds idle
+        connections that its timer will close."""
         if not _closes_when_idle(pool):
             return
-        if self._idle_watch is None or self._idle_watch.done() or self._watched is not pool:
-            self._watched = pool
-            self._idle_watch = asyncio.create_task(_until_idle_closed(pool), context=contextvars.Context())
-        self._keep_alive(self._idle_watch, idle_timeout + IDLE_MARGIN, on_deadline=None)
+        baton = asyncio.get_running_loop().create_future()
+        try:
+            self._wait_until(baton)
+        except RuntimeError:
+            return  # no live invocation in this context
+        previous, self._baton = self._baton, baton
+        if previous is not None and not previous.done():
+            previous.set_result(None)  # its holder may end: this invocation waits instead
+        deadline = self._get_deadline()
+        self._baton_deadline = deadline.timestamp() - DEADLINE_MARGIN if deadline else float("inf")
+        self._watched = pool
+        if self._watch is None or self._watch.done():
+            self._watch = asyncio.create_task(self._watch_idle(), context=contextvars.Context())
+
+    async def _watch_idle(self) -> None:
+        while _closes_when_idle(self._watched) and time.time() < self._baton_deadline:
+            await asyncio.sleep(IDLE_POLL)
+        if _closes_when_idle(self._watched):
+            log.warning("invocation deadline: idle connections left open")
+        else:
+            log.info("idle connections closed")
+        if self._baton is not None and not self._baton.done():
+            self._baton.set_result(None)
 
     def until_drained(self, drain: asyncio.Task, pool: asyncpg.Pool) -> None:
         """Keep this invocation alive until a replaced pool has closed; at its deadline,
         terminate what is left of it (a frozen instance would hold it open)."""
-        self._keep_alive(drain, None, on_deadline=pool.terminate)
-
-    def _keep_alive(self, work: asyncio.Task, at_most: float | None,
-                    on_deadline: Callable[[], None] | None) -> None:
         deadline = self._get_deadline()  # the invocation's, from this request's context
         left = None if deadline is None else deadline.timestamp() - time.time() - DEADLINE_MARGIN
         try:
-            self._wait_until(self._until_done(work, at_most, left, on_deadline))
+            self._wait_until(self._until_drained(drain, pool, left))
         except RuntimeError:
             pass  # no live invocation in this context (the runtime closes the coroutine)
 
-    async def _until_done(self, work: asyncio.Task, at_most: float | None, left: float | None,
-                          on_deadline: Callable[[], None] | None) -> None:
-        limits = [limit for limit in (at_most, left) if limit is not None]
-        self.kept_alive += 1
+    async def _until_drained(self, drain: asyncio.Task, pool: asyncpg.Pool, left: float | None) -> None:
+        self.draining_waiters += 1
         try:
-            done, _ = await asyncio.wait({work}, timeout=max(0.0, min(limits)) if limits else None)
+            done, _ = await asyncio.wait({drain}, timeout=None if left is None else max(0.0, left))
         finally:
-            self.kept_alive -= 1
-        if not done and left is not None and (at_most is None or left < at_most):
-            log.warning("invocation deadline: background database work cut short",
-                        extra={"terminated": on_deadline is not None})
-            if on_deadline is not None:
-                on_deadline()
+            self.draining_waiters -= 1
+        if not done:
+            log.warning("invocation deadline: replaced pool terminated before it drained")
+            pool.terminate()
 
 
 def _closes_when_idle(pool: asyncpg.Pool) -> bool:
     """Does `pool` hold an idle connection that its inactivity timer will close?
     (asyncpg keeps DB_POOL_MIN connections however long they idle.)"""
     return not pool.is_closing() and pool.get_idle_size() > 0 and pool.get_size() > pool.get_min_size()
-
-
-async def _until_idle_closed(pool: asyncpg.Pool) -> None:
-    while _closes_when_idle(pool):
-        await asyncio.sleep(IDLE_POLL)
-    log.info("idle connections closed", extra={"pool_size": pool.get_size()})
 
 
 async def _answers(pool: asyncpg.Pool, timeout: float) -> bool:
