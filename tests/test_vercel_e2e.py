@@ -583,3 +583,48 @@ def test_idle_connections_close_before_the_invocation_ends(embedded_postgres: st
             assert ready.json()["pool"]["min"] == 0
     finally:
         drop_database(embedded_postgres, url)
+
+
+# --- 8. a drain never outlives the invocation's deadline ---------------------------------------
+
+def test_drain_is_terminated_at_the_invocation_deadline(fresh_sts: Sts, iam_database: str):
+    """A replaced pool whose last query is stuck behind a row lock cannot drain; the
+    invocation that waits for it must still end before its deadline (Vercel would cut it
+    there and freeze the instance with the old pool open): the rest is terminated, and the
+    stuck query is retried on the new pool, losing nothing."""
+    from datetime import UTC, datetime, timedelta
+
+    import db
+
+    ttl = 3  # the timer replaces the pool 2.1 s after it was created
+    token = new_oidc_token(3600)
+    with aurora(iam_database, ttl) as gateway, \
+            serve("iam-drain-deadline", iam_env(gateway, fresh_sts, iam_database, ttl)) as runtime:
+        made = runtime.request("POST", "/todos", json={"title": "locked"}, oidc_token=token)
+        assert made.status == 201, made.text
+        with RowLock(iam_database, made.json()["id"]) as lock:
+            since = len(runtime.messages)
+            patch, patched = in_thread(runtime.request, "PATCH", made.header("location"),
+                                       json={"title": "after the drain"}, oidc_token=token)
+            started = time.monotonic()
+            while waiting_on_locks(iam_database) == 0:
+                assert time.monotonic() - started < 2, "the PATCH never reached the row lock"
+                time.sleep(0.02)
+            wait_for_log(runtime, "pool replaced", since, ttl + 2)  # the PATCH's pool now drains
+
+            budget = 2.5
+            asked = time.monotonic()
+            got = runtime.request("GET", "/todos", oidc_token=token,
+                                  deadline=datetime.now(UTC) + timedelta(seconds=budget))
+            assert got.status == 200, got.text
+            runtime.wait_for_end(got.invocation_id, timeout=budget + 2)
+            ended = time.monotonic() - asked
+            assert waiting_on_locks(iam_database) >= 1, "the lock was meant to outlast the GET"
+            assert ended < budget, f"the GET ended {ended:.2f} s after it was sent, past its deadline"
+            assert ended > budget - db.DEADLINE_MARGIN - 0.5, "the GET did not wait for the drain at all"
+            lock.release()
+            patch.join(15)
+        assert patched and patched[0].status == 200, patched and patched[0].text
+        assert patched[0].json()["title"] == "after the drain"
+        assert logged(timeline(runtime), "invocation deadline: replaced pool terminated before it drained", since)
+        assert gateway.refused == []
