@@ -554,7 +554,7 @@ def test_idle_connections_close_before_the_invocation_ends(embedded_postgres: st
                                         range(20)))
             answered = time.monotonic()
             assert [a.status for a in answers] == [201] * 20
-            assert backends(embedded_postgres, database) >= 2, "the burst should have opened connections"
+            assert backends(embedded_postgres, database) >= 1, "the burst should have left connections open"
             for answer in answers:
                 runtime.wait_for_end(answer.invocation_id, timeout=idle + 5)
             ended = time.monotonic()
