@@ -154,6 +154,13 @@ def backends(admin_url: str, database: str) -> int:
     return run_sql(admin_url, f"SELECT count(*) FROM pg_stat_activity WHERE datname = '{database}'")[0][0]
 
 
+SLOW_INSERTS = """
+CREATE FUNCTION slow_insert() RETURNS trigger LANGUAGE plpgsql AS
+$$ BEGIN PERFORM pg_sleep(0.05); RETURN NEW; END $$
+"""
+SLOW_INSERTS_TRIGGER = "CREATE TRIGGER slow_insert BEFORE INSERT ON todos FOR EACH ROW EXECUTE FUNCTION slow_insert()"
+
+
 def test_fleet_against_a_connection_cap_is_503_never_500(embedded_postgres: str):
     """4 instances whose pools could open 32 connections, a database that admits 12 (as a
     small Aurora instance's max_connections would): the excess is 503 + Retry-After, and the
@@ -164,6 +171,11 @@ def test_fleet_against_a_connection_cap_is_503_never_500(embedded_postgres: str)
     # The cap binds roles that are not superusers, like the service's role on Aurora.
     run_sql(embedded_postgres, f'CREATE ROLE "{role}" LOGIN', f'ALTER DATABASE "{database}" OWNER TO "{role}"',
             f'ALTER DATABASE "{database}" CONNECTION LIMIT 12')
+    # Each insert holds its connection 50 ms, as on a busy database: the instances' pools
+    # grow under load instead of one connection each keeping up.
+    import db
+
+    run_sql(with_user(url, role), db.CREATE_TABLE, db.CREATE_INDEX, SLOW_INSERTS, SLOW_INSERTS_TRIGGER)
     idle = 2
     env = clean_environment(DATABASE_URL=with_user(url, role), DB_POOL_MIN="0", DB_POOL_MAX="8",
                             DB_IDLE_TIMEOUT=str(idle))
