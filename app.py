@@ -387,7 +387,7 @@ def parse_limit(text: str | None) -> int:
 EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 # A cursor is the (created_at, id) of the last todo of a page: its microseconds since 1970
 # as 14 hex digits, then the id's 32. Every string of this shape is a position a listing can
-# start after (14 hex digits reach the year 4254), so the pattern is exactly what is accepted.
+# start after (14 hex digits reach the year 4253), so the pattern is exactly what is accepted.
 CURSOR_PATTERN = "^[0-9a-f]{46}$"
 _cursor_shape = re.compile(CURSOR_PATTERN)
 
