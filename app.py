@@ -214,7 +214,9 @@ def configure_logging(*loggers: str, level: str | None = None) -> None:
             logger.setLevel(level if level in logging.getLevelNamesMapping() else "INFO")
 
 
-configure_logging("aurora_todo", "asyncpg")
+# asyncio too: it reports a failed background task of asyncpg's (closing a connection that
+# the server already dropped, after expire_connections) as a multi-line text otherwise.
+configure_logging("aurora_todo", "asyncpg", "asyncio")
 # uvicorn's own lines (startup, "Invalid HTTP request received", access lines) as JSON too,
 # whether served by `uvicorn app:app` (which set up its handlers before importing this
 # module), `python app.py` or Vercel's runtime; their levels stay what uvicorn was told.
