@@ -3,10 +3,10 @@
 What lives here:
 - `TokenSigner`: signs an IAM auth token for the configured endpoint — botocore's `rds`
   `generate_db_auth_token` for Aurora PostgreSQL, the DSQL admin token for user `admin`
-  and the role token for any other user. botocore is imported and the signer built once,
+  and the role token for any other user. botocore is imported and its session built once,
   in a worker thread: the import costs ~150 ms on a cold start, and botocore may refresh
-  credentials (an STS call) synchronously inside signing. Nothing here blocks the event
-  loop. No rds/dsql client is built: signing needs only botocore's request signer.
+  credentials (an STS call) synchronously when they are read. Nothing here blocks the event
+  loop. No rds/dsql client is built: signing needs only a request signer (cheap, one per token).
 - Credentials: with `AWS_ROLE_ARN`, the Vercel OIDC token is exchanged with STS
   `AssumeRoleWithWebIdentity` by botocore's own fetcher, which reuses the credentials until
   shortly before they expire (`AWS_ENDPOINT_URL_STS` is honoured by botocore). One STS
@@ -14,9 +14,10 @@ What lives here:
   token is signed with one snapshot of the credentials, so it costs at most one refresh.
   The OIDC token presented is the newest one a request carried (every request's
   `x-vercel-oidc-token` header is noted, a contextvar read), so a replacement that runs
-  between requests presents a current one; before any request, the SDK's
-  `get_vercel_oidc_token_sync()` (its cache, then `VERCEL_OIDC_TOKEN`). (The SDK's full
-  getter refuses a token in its last 15 minutes.) Without a role, boto3's default chain.
+  between requests presents a current one; until a request has carried one, the SDK's
+  `get_vercel_oidc_token_sync()` (the request's header, the SDK's cache, then
+  `VERCEL_OIDC_TOKEN`). (The SDK's full getter refuses a token in its last 15 minutes.)
+  Without a role, boto3's default chain.
 - `redact`: every secret this process handles (database password, IAM tokens, STS keys,
   OIDC tokens) is registered here and scrubbed from any text bound for a log or a response.
 
