@@ -8,6 +8,7 @@ included, must be one JSON object. (Under Vercel's runtime: tests/test_vercel_se
 
 from __future__ import annotations
 
+import json
 import socket
 import time
 
@@ -38,3 +39,19 @@ def test_every_line_is_json_uvicorns_own_included(database_url: str, uvicorn_cli
     assert (invalid["level"], invalid["logger"]) == ("warning", "uvicorn.error")
     request = next(e for e in entries if e["message"] == "request" and e.get("request_id") == "plain-1")
     assert (request["method"], request["path"], request["status"]) == ("GET", "/todos", 200)
+
+
+def test_request_line_is_redacted_like_every_other_line(database_url: str) -> None:
+    """The request line takes a short path (app.RequestLog), but auth.redact still scrubs it:
+    a token-shaped path or request id never reaches the log."""
+    token = "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJzb21lb25lIn0.c2lnbmF0dXJlc2lnbmF0dXJl"
+    with LiveServer(clean_environment(DATABASE_URL=database_url, LOG_LEVEL="info")) as live:
+        assert httpx.get(f"{live.url}/todos/{token}", headers={"X-Request-ID": token}).status_code == 404
+        deadline = time.monotonic() + 10
+        while '"status":404' not in live.logs_text():
+            assert time.monotonic() < deadline, live.logs_text()
+            time.sleep(0.05)
+        text = live.logs_text()
+    assert token not in text and "eyJhbGci" not in text
+    line = next(json.loads(x) for x in text.splitlines() if '"status":404' in x)
+    assert line["path"] == "/todos/[redacted]" and line["request_id"] == "[redacted]"
