@@ -2,10 +2,12 @@
 """Profile the project under one wrk workload with py-spy; print where the time goes.
 
     .venv/bin/python bench/profile.py list            # or get, create, mixed
+    .venv/bin/python bench/profile.py list --mode vercel   # through vc_init, function environment
     .venv/bin/python bench/profile.py list --seconds 20 --todos 500 --target ceiling
     .venv/bin/python bench/profile.py get --project-dir /tmp/changed-copy   # any bench/run.py option
 
-Starts the target exactly as bench/run.py does (same uvicorn flags, pool, seeded data),
+Starts the target exactly as bench/run.py does (same uvicorn flags or the same runtime and
+function environment with --mode vercel, pool, seeded data),
 drives it with wrk while `py-spy record` samples the server process (active samples only,
 so the event loop idling in epoll does not count), and prints the functions with the
 largest inclusive and self share of samples. The collapsed stacks are written next to the
@@ -58,6 +60,7 @@ def main() -> int:
     parser.add_argument("--rate", type=int, default=250, help="py-spy samples per second")
     parser.add_argument("--top", type=int, default=40)
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--mode", default="uvicorn", choices=run.MODES)
     args, rest = parser.parse_known_args()
     bench_args = run.parse_args(["--quick", *rest])
     run.APPS["project"] = ("app:app", bench_args.project_dir.resolve())
@@ -70,28 +73,32 @@ def main() -> int:
     uuids, ints = db.ids()
     ids = out / "ids.txt"
     ids.write_text("\n".join(ints if args.target == "reference" else uuids) + "\n")
-    env = run.clean_env({"DATABASE_URL": db.dsn, "DB_POOL_MIN": str(bench_args.pool_min),
-                         "DB_POOL_MAX": str(bench_args.pool_max), "LOG_LEVEL": bench_args.log_level})
-    server = run.Server(args.target, env, bench_args, out)
+    env = {"DATABASE_URL": db.dsn, "DB_POOL_MIN": str(bench_args.pool_min),
+           "DB_POOL_MAX": str(bench_args.pool_max), "LOG_LEVEL": bench_args.log_level}
+    pythons = run.function_pythons([args.target]) if args.mode == "vercel" else {}
+    server = run.Server(args.target, env if args.mode == "vercel" else run.clean_env(env), bench_args, out,
+                        mode=args.mode, python=pythons.get(args.target))
     server.start()
     style = "query" if args.target == "reference" else "json"
+    proxy = "vercel" if args.mode == "vercel" else ""
     try:
         server.wait_ready()
-        run.run_wrk(server.port, args.workload, style, str(ids), 2, bench_args)  # warm-up
+        run.run_wrk(server.port, args.workload, style, str(ids), 2, bench_args, proxy=proxy)  # warm-up
         collapsed = out / f"{args.target}-{args.workload}.txt"
         spy = subprocess.Popen([str(Path(sys.executable).parent / "py-spy"), "record", "--pid",
                                 str(server.proc.pid), "--rate", str(args.rate), "--format", "raw",
                                 "--output", str(collapsed), "--nonblocking"],
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         time.sleep(1.0)
-        result = run.run_wrk(server.port, args.workload, style, str(ids), args.seconds, bench_args)
+        result = run.run_wrk(server.port, args.workload, style, str(ids), args.seconds, bench_args, proxy=proxy)
         spy.send_signal(2)
         spy.wait(timeout=30)
     finally:
         server.stop()
         db.seed(args.todos)
         db.close()
-    report = (f"{args.target} {args.workload}, {args.todos} todos: {result['rps']:.0f} req/s under py-spy\n"
+    report = (f"{args.target} ({args.mode}) {args.workload}, {args.todos} todos: {result['rps']:.0f} req/s "
+              "under py-spy\n"
               + summarize(collapsed, args.top))
     (out / f"{args.target}-{args.workload}-summary.txt").write_text(report)
     print(report)

