@@ -707,6 +707,7 @@ def cold_start(db: Database, args: argparse.Namespace, workdir: Path, pythons: d
 
     def measure(mode: str, auth_mode: str, env_of, oidc_token: str | None = None) -> None:
         times: dict[str, list[float]] = {t: [] for t in targets}
+        phases: dict[str, list[dict[str, float]]] = {t: [] for t in targets}
         discarded = 0 if args.quick else 1  # run 0 warms the page cache and is discarded
         for run in range(args.cold_runs + discarded):
             order = targets if run % 2 else list(reversed(targets))
@@ -715,7 +716,15 @@ def cold_start(db: Database, args: argparse.Namespace, workdir: Path, pythons: d
                                 oidc_token=oidc_token if mode == "vercel" else None)
                 try:
                     server.start()
+                    serving_at = time.perf_counter()  # vercel: the runtime answered its ping (lifespan done)
                     elapsed = server.wait_ready(timeout=60, poll=0.002)
+                    if server.runtime is not None:
+                        started = next(m for m in server.runtime.messages if m["type"] == "server-started")
+                        phases[target].append({
+                            "runtime_ms": started["payload"]["initDuration"] - started["payload"]["userInitDuration"],
+                            "import_ms": started["payload"]["userInitDuration"],
+                            "lifespan_ms": (serving_at - server.started) * 1000 - started["payload"]["initDuration"],
+                            "first_request_ms": (server.started + elapsed - serving_at) * 1000})
                 finally:
                     server.stop()
                 if run >= discarded:
@@ -724,6 +733,9 @@ def cold_start(db: Database, args: argparse.Namespace, workdir: Path, pythons: d
         out[key] = {}
         for target in targets:
             out[key][target] = {"median_s": median(times[target]), "runs": times[target]}
+            if phases[target]:
+                kept = phases[target][-len(times[target]):]
+                out[key][target]["phases_ms"] = {name: median([p[name] for p in kept]) for name in kept[0]}
             log(f"cold start {mode:7} {auth_mode:8} {target:9} median "
                 f"{out[key][target]['median_s'] * 1000:7.1f} ms runs {[round(t * 1000) for t in times[target]]}")
 
@@ -740,12 +752,14 @@ def cold_start(db: Database, args: argparse.Namespace, workdir: Path, pythons: d
             out["gateway_refused"] = len(iam.gateway.refused)
     for target in targets:
         out["import"][target] = import_time(target, args)
+    # what the project imports on its first request in IAM mode (auth.py: STS and the token signer)
+    out["import"]["project, first IAM request"] = import_time("project", args, "botocore.session")
     return out
 
 
-def import_time(target: str, args: argparse.Namespace) -> dict:
+def import_time(target: str, args: argparse.Namespace, module: str | None = None) -> dict:
     """`python -X importtime -c 'import <module>'`: the module's cumulative time, median of runs."""
-    module = APPS[target][0].split(":")[0]
+    module = module or APPS[target][0].split(":")[0]
     cwd = APPS[target][1]
     totals, wall, children = [], [], {}
     for _ in range(1 if args.quick else max(3, args.cold_runs)):
@@ -754,14 +768,17 @@ def import_time(target: str, args: argparse.Namespace) -> dict:
                               env=clean_env({}), capture_output=True, text=True, timeout=120)
         wall.append(time.perf_counter() - started)
         pending: list[tuple[str, int]] = []
+        total = 0  # `import a.b` imports a, then a.b: both count
         for line in done.stderr.splitlines():
             match = re.match(r"import time:\s+(\d+) \|\s+(\d+) \|( *)(\S+)", line)
             if not match:
                 continue
             depth = len(match.group(3)) // 2
             name, cumulative = match.group(4), int(match.group(2))
-            if depth == 0 and name == module:
-                totals.append(cumulative)
+            if depth == 0 and (name == module or module.startswith(name + ".")):
+                total += cumulative
+                if name == module:
+                    totals.append(total)
                 for child, micros in pending:
                     children.setdefault(child, []).append(micros)
             if depth == 0:
@@ -1071,6 +1088,21 @@ def write_report(results: dict, args: argparse.Namespace, out_dir: Path) -> Path
                 p, r = (got.get(t, {}).get("median_s") for t in ("project", "reference"))
                 lines.append(f"| {MODE_TITLES[mode]} | {auth_mode} | {fmt(p and p * 1000)} | {fmt(r and r * 1000)} | "
                              f"{fmt(p / r if p and r else None, '{:.2f}×')} |")
+        breakdown = [(auth_mode, target, cold.get(f"vercel/{auth_mode}", {}).get(target, {}).get("phases_ms"))
+                     for auth_mode in ("password", "iam") for target in ("project", "reference")]
+        if any(p for *_, p in breakdown):
+            lines += ["", "Where a cold start through the runtime goes (medians, ms): `runtime` = interpreter start "
+                      "and the runtime's own imports (its initDuration less userInitDuration, from `server-started`); "
+                      "`import` = importing the app module (userInitDuration); `lifespan` = uvicorn's startup and "
+                      "the app's lifespan until the runtime answers its readiness ping; `first request` = from "
+                      "then to the first 200 of `GET /todos` (the project connects, and in IAM mode exchanges "
+                      "the OIDC token with STS and signs a token, here).", "",
+                      "| auth | target | runtime | import | lifespan | first request |",
+                      "| --- | --- | ---: | ---: | ---: | ---: |"]
+            for auth_mode, target, p in breakdown:
+                if p:
+                    lines.append(f"| {auth_mode} | {target} | {p['runtime_ms']:.0f} | {p['import_ms']:.0f} | "
+                                 f"{p['lifespan_ms']:.0f} | {p['first_request_ms']:.0f} |")
         lines += ["", "Import time (`python -X importtime -c 'import <module>'`, dev venv, cumulative for the "
                   "module; process = whole interpreter run, wall clock):", "",
                   "| module | import ms | process ms | heaviest imports (ms) |", "| --- | ---: | ---: | --- |"]
