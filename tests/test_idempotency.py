@@ -310,12 +310,16 @@ class ReplyHoldingProxy:
 
 
 @pytest.fixture(scope="module")
-def proxied(embedded_postgres: str):
+def proxied(embedded_postgres: str, postgres_url: str):
     """(database url, proxy, server, client): the service reaching its database through the proxy.
 
     One connection, so that the statements are already prepared on it when the replies stop:
     an insert goes out at once instead of waiting for a Parse reply that never comes.
+    The proxy fronts the embedded PostgreSQL's Unix socket, so its tests run once, there
+    (run again for the machine's server, they would share this database and count twice).
     """
+    if postgres_url != embedded_postgres:
+        pytest.skip("the proxy fronts the embedded PostgreSQL: runs once, there")
     url = create_database(embedded_postgres)
     proxy = ReplyHoldingProxy(embedded_postgres)
     env = clean_environment(DATABASE_URL=proxy.url(url), DB_POOL_MIN="1", DB_POOL_MAX="1")
