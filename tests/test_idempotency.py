@@ -9,6 +9,11 @@ whether the request is repeated, sent 20 times at once, or retried after a 503 w
 did commit (the database's reply held back by a proxy until the service gave up). The same
 key with different fields is a 422 naming the header; a malformed key is a 422. Every test
 counts rows in the database, not just statuses.
+
+PATCH and DELETE need no key: when the connection is reset after the statement committed
+(the proxy drops PostgreSQL's reply), the service retries once on a fresh connection and
+answers 200 with the change, or 404 (the todo is gone), never 500 — two statements on the
+wire, not a storm.
 """
 
 from __future__ import annotations
@@ -16,9 +21,11 @@ from __future__ import annotations
 import concurrent.futures
 import os
 import socket
+import struct
 import threading
 import time
 import uuid
+from typing import NamedTuple
 from urllib.parse import parse_qs, urlsplit
 
 import httpx
@@ -198,9 +205,10 @@ def test_a_keyed_create_through_the_api_token_uses_the_scoped_id(database_url):
 # --- a 503 whose insert did commit ------------------------------------------------------------
 
 class StatementCounter:
-    """Counts statements in one client's stream of the PostgreSQL protocol (v3): Execute
-    messages (the extended protocol, asyncpg's prepared statements) and Query messages (the
-    simple protocol, e.g. `connection.execute("SELECT 1")`)."""
+    """Reads one client's stream of the PostgreSQL protocol (v3) and calls `on_execute(sql)`
+    for each statement it runs: an Execute message (the extended protocol, asyncpg's prepared
+    statements; its SQL is the one the portal was bound to) or a Query message (the simple
+    protocol, e.g. `connection.execute("SELECT 1")`)."""
 
     SSL_OR_GSS_REQUESTS = (80877103, 80877104)
 
@@ -208,6 +216,8 @@ class StatementCounter:
         self.buffer = b""
         self.started = False  # past the untyped startup message(s)
         self.on_execute = on_execute
+        self.prepared: dict[bytes, str] = {}  # statement name -> SQL (from Parse)
+        self.portals: dict[bytes, str] = {}  # portal name -> SQL (from Bind)
 
     def feed(self, data: bytes) -> None:
         self.buffer += data
@@ -227,18 +237,55 @@ class StatementCounter:
             length = int.from_bytes(self.buffer[1:5], "big")
             if len(self.buffer) < 1 + length:
                 return
-            if self.buffer[:1] in (b"E", b"Q"):
-                self.on_execute()
+            kind, fields = self.buffer[:1], self.buffer[5:1 + length].split(b"\0")
+            if kind == b"P":  # Parse: statement name, SQL, ...
+                self.prepared[fields[0]] = fields[1].decode()
+            elif kind == b"B":  # Bind: portal name, statement name, ...
+                self.portals[fields[0]] = self.prepared.get(fields[1], "")
+            elif kind == b"E":  # Execute: portal name, row limit
+                self.on_execute(self.portals.get(fields[0], ""))
+            elif kind == b"Q":  # Query: SQL
+                self.on_execute(fields[0].decode())
             self.buffer = self.buffer[1 + length:]
 
 
-class ReplyHoldingProxy:
-    """TCP on 127.0.0.1 → the embedded PostgreSQL's Unix socket; `hold()` stops its replies.
+class Withheld(NamedTuple):
+    """A reply the proxy threw away: the command's tag ("DELETE 1"; empty when the portal
+    stopped at its row limit, as with asyncpg's fetchrow), its data rows, and the transaction
+    status at ReadyForQuery ("I": idle, the statement's implicit transaction committed)."""
 
-    While holding, what the service sends still reaches PostgreSQL (so an insert runs and
+    tag: str
+    rows: int
+    status: str
+
+
+class _Link:
+    """One service connection through the proxy: its two sockets, and whether it is doomed
+    (`ReplyHoldingProxy.drop_after_reply`)."""
+
+    def __init__(self, client: socket.socket, server: socket.socket):
+        self.client, self.server = client, server
+        self.doomed = False
+        self.reply = b""  # the doomed statement's reply, read so far
+        self.reply_rows, self.reply_tag = 0, ""
+        self.requests_pumped = threading.Event()  # the service-to-PostgreSQL pump has stopped
+
+
+class ReplyHoldingProxy:
+    """TCP on 127.0.0.1 → the embedded PostgreSQL's Unix socket; it can hold or drop replies.
+
+    `hold()`: what the service sends still reaches PostgreSQL (so an insert runs and
     commits), but nothing PostgreSQL answers reaches the service: to the service the database
-    has gone silent mid-query, as on a network that drops one direction. `statements` counts
-    the statements the service ran (the protocol's Execute and Query messages).
+    has gone silent mid-query, as on a network that drops one direction.
+
+    `drop_after_reply(command)`: the next statement that starts with `command` reaches
+    PostgreSQL and runs to its end (committed: PostgreSQL has sent ReadyForQuery); then its
+    reply is thrown away and the service's connection reset (RST): to the service the
+    connection was lost mid-query, after the commit. `withheld` lists the command tags of
+    the replies thrown away ("DELETE 1").
+
+    `executed` lists the SQL of every statement the service ran (the protocol's Execute and
+    Query messages), `statements` counts them.
     """
 
     def __init__(self, postgres_url: str):
@@ -251,9 +298,15 @@ class ReplyHoldingProxy:
         self.released.set()
         self.closing = False
         self.sockets: list[socket.socket] = []
-        self.statements = 0
+        self.executed: list[str] = []
+        self.withheld: list[str] = []
+        self._drop_command: str | None = None
         self._lock = threading.Lock()
         threading.Thread(target=self._accept, daemon=True).start()
+
+    @property
+    def statements(self) -> int:
+        return len(self.executed)
 
     def url(self, database_url: str) -> str:
         database = urlsplit(database_url).path.lstrip("/")
@@ -265,6 +318,9 @@ class ReplyHoldingProxy:
     def release(self) -> None:
         self.released.set()
 
+    def drop_after_reply(self, command: str) -> None:
+        self._drop_command = command.upper()
+
     def _accept(self) -> None:
         while not self.closing:
             try:
@@ -274,32 +330,85 @@ class ReplyHoldingProxy:
             server = socket.socket(socket.AF_UNIX)
             server.connect(self.socket_path)
             self.sockets += [client, server]
-            threading.Thread(target=self._pump, args=(client, server, False), daemon=True).start()
-            threading.Thread(target=self._pump, args=(server, client, True), daemon=True).start()
+            link = _Link(client, server)
+            threading.Thread(target=self._pump_requests, args=(link,), daemon=True).start()
+            threading.Thread(target=self._pump_replies, args=(link,), daemon=True).start()
 
-    def _count_statement(self) -> None:
+    def _executing(self, link: _Link, sql: str) -> None:
+        """Called before the statement is passed on, so before PostgreSQL can answer it."""
         with self._lock:
-            self.statements += 1
+            self.executed.append(sql)
+            if self._drop_command and sql.lstrip().upper().startswith(self._drop_command):
+                self._drop_command = None
+                link.doomed = True
 
-    def _pump(self, source: socket.socket, sink: socket.socket, is_reply: bool) -> None:
-        counter = None if is_reply else StatementCounter(self._count_statement)
+    def _pump_requests(self, link: _Link) -> None:
+        counter = StatementCounter(lambda sql: self._executing(link, sql))
         try:
-            while chunk := source.recv(65536):
-                if counter is not None:
-                    counter.feed(chunk)
-                if is_reply:
-                    while not self.released.wait(0.1):
-                        if self.closing:
-                            return
-                sink.sendall(chunk)
+            while chunk := link.client.recv(65536):
+                counter.feed(chunk)
+                link.server.sendall(chunk)
         except OSError:
             pass
         finally:
-            for sock in (source, sink):
-                try:
-                    sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
+            link.requests_pumped.set()
+            if not link.doomed:  # a doomed link is reset by the other pump, not closed here
+                self._shut(link)
+
+    def _pump_replies(self, link: _Link) -> None:
+        try:
+            while chunk := link.server.recv(65536):
+                if link.doomed:  # the reply to the doomed statement: read to its end, drop
+                    if self._withhold(link, chunk):
+                        return
+                    continue
+                while not self.released.wait(0.1):
+                    if self.closing:
+                        return
+                link.client.sendall(chunk)
+        except OSError:
+            pass
+        finally:
+            self._shut(link)
+
+    def _withhold(self, link: _Link, chunk: bytes) -> bool:
+        """Read the doomed statement's reply; at its ReadyForQuery (the implicit transaction
+        has ended by then) note what it said and reset the service's connection. True once done.
+
+        The service sent the statement only after the previous reply had reached it, so its
+        reply starts at the first chunk read after the statement went out."""
+        link.reply += chunk
+        while len(link.reply) >= 5:
+            kind, length = link.reply[:1], int.from_bytes(link.reply[1:5], "big")
+            if len(link.reply) < 1 + length:
+                return False
+            body, link.reply = link.reply[5:1 + length], link.reply[1 + length:]
+            if kind == b"D":  # DataRow
+                link.reply_rows += 1
+            elif kind == b"C":  # CommandComplete: its tag, e.g. "DELETE 1"
+                link.reply_tag = body.rstrip(b"\0").decode()
+            elif kind == b"Z":  # ReadyForQuery: "I" when no transaction is left open
+                with self._lock:
+                    self.withheld.append(Withheld(link.reply_tag, link.reply_rows, body.decode()))
+                self._reset(link)
+                return True
+        return False
+
+    def _reset(self, link: _Link) -> None:
+        """Reset the service's connection (RST, not FIN) and close PostgreSQL's."""
+        link.client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        link.client.shutdown(socket.SHUT_RD)  # wakes the other pump's recv; sends nothing
+        link.requests_pumped.wait(5)
+        link.client.close()  # with a zero linger: RST
+        link.server.close()
+
+    @staticmethod
+    def _shut(link: _Link) -> None:
+        for sock in (link.client, link.server):
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
     def close(self) -> None:
         self.closing = True
@@ -372,6 +481,59 @@ def test_a_retry_after_a_503_whose_insert_committed_stores_nothing_new(proxied):
     assert [r.status_code for r in retries] == [201] * 3, [r.text for r in retries]
     assert len({r.json()["id"] for r in retries}) == 1
     assert rows_titled(url, body["title"]) == 1
+    assert not [e for e in server.logs() if e["level"] in ("error", "critical")]
+
+
+# --- a PATCH or DELETE whose connection was lost after it committed -----------------------------
+
+def lost_after_commit(proxy: ReplyHoldingProxy, command: str,
+                      send) -> tuple[httpx.Response, Withheld, list[str]]:
+    """Send a request whose `command` statement runs and commits, and whose connection is
+    then reset before the reply reaches the service. The response, the reply the service
+    never saw, and the `command` statements that reached PostgreSQL meanwhile."""
+    before, withheld = proxy.statements, len(proxy.withheld)
+    proxy.drop_after_reply(command)
+    response = send()
+    assert len(proxy.withheld) == withheld + 1, "no reply was dropped: the test proves nothing"
+    lost = proxy.withheld[-1]
+    assert lost.status == "I", lost  # committed before the connection went
+    return response, lost, [sql for sql in proxy.executed[before:] if sql.lstrip().upper().startswith(command)]
+
+
+def test_a_delete_retried_after_its_connection_was_lost_is_404_never_500(proxied):
+    """SPEC: a lost connection is retried once on a fresh one; a retried DELETE of a todo
+    that the first attempt removed may answer 404, never 500."""
+    import db
+
+    url, proxy, server, client = proxied
+    todo = client.post("/todos", json={"title": "deleted once, answered never"}).json()
+    response, lost, deletes = lost_after_commit(proxy, "DELETE", lambda: client.delete(f"/todos/{todo['id']}"))
+    assert lost.tag == "DELETE 1"  # the first attempt removed it; the service never heard so
+    assert response.status_code in (204, 404), response.text
+    if response.status_code == 404:
+        assert response.headers["content-type"] == PROBLEM and response.json()["status"] == 404
+    assert deletes == [db.DELETE_TODO] * 2  # the first attempt and one retry, not a storm
+    assert run_sql(url, f"SELECT count(*) FROM todos WHERE id = '{todo['id']}'")[0][0] == 0
+    # The service goes on: a read, and a whole create and delete on the fresh connection.
+    assert client.get(f"/todos/{todo['id']}").status_code == 404
+    other = client.post("/todos", json={"title": "after the lost delete"}).json()
+    assert client.delete(f"/todos/{other['id']}").status_code == 204
+    assert not [e for e in server.logs() if e["level"] in ("error", "critical")]
+
+
+def test_a_patch_retried_after_its_connection_was_lost_is_200_with_the_change(proxied):
+    import db
+
+    url, proxy, server, client = proxied
+    todo = client.post("/todos", json={"title": "patched once, answered never"}).json()
+    response, lost, updates = lost_after_commit(
+        proxy, "UPDATE", lambda: client.patch(f"/todos/{todo['id']}", json={"completed": True}))
+    assert lost.rows == 1  # the first attempt changed it; the service never heard so
+    assert response.status_code == 200, response.text
+    assert response.json()["completed"] is True and response.json()["id"] == todo["id"]
+    assert updates == [db.UPDATE_TODO] * 2
+    assert [tuple(r) for r in run_sql(url, f"SELECT completed FROM todos WHERE id = '{todo['id']}'")] == [(True,)]
+    assert client.get(f"/todos/{todo['id']}").json() == response.json()
     assert not [e for e in server.logs() if e["level"] in ("error", "critical")]
 
 
