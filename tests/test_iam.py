@@ -75,6 +75,48 @@ def replacements(live: LiveServer) -> int:
     return sum(1 for entry in live.logs() if entry["message"] == "pool replaced")
 
 
+def soak(live: LiveServer, workers: int, duration: float) -> list[str]:
+    """`workers` clients create, read, complete and list todos for `duration` seconds.
+
+    Every answer must be the one expected (none is retried here), and afterwards every todo
+    created must read back completed. Returns the ids created.
+    """
+    failures: list[str] = []
+    created: list[str] = []
+    lock = threading.Lock()
+    stop_at = time.monotonic() + duration
+
+    def worker(n: int) -> None:
+        with httpx.Client(base_url=live.url, timeout=15) as client:
+            i = 0
+            while time.monotonic() < stop_at:
+                i += 1
+                made = client.post("/todos", json={"title": f"soak {n}-{i}"})
+                steps = [(made, 201)]
+                if made.status_code == 201:
+                    todo_id = made.json()["id"]
+                    with lock:
+                        created.append(todo_id)
+                    steps.append((client.get(f"/todos/{todo_id}"), 200))
+                    steps.append((client.patch(f"/todos/{todo_id}", json={"completed": True}), 200))
+                steps.append((client.get("/todos", params={"limit": 5}), 200))
+                for response, wanted in steps:
+                    if response.status_code != wanted:
+                        with lock:
+                            failures.append(f"{response.request.method} {response.request.url.path}"
+                                            f" -> {response.status_code} {response.text[:200]}")
+
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        list(pool.map(worker, range(workers)))
+
+    assert failures == []
+    with httpx.Client(base_url=live.url, timeout=15) as client:
+        for todo_id in created:
+            got = client.get(f"/todos/{todo_id}")
+            assert got.status_code == 200 and got.json()["completed"] is True
+    return created
+
+
 # --- 1. soak ----------------------------------------------------------------------------
 
 def test_soak_across_many_replacements_loses_nothing(fresh_sts: Sts, iam_database: str):
@@ -84,41 +126,9 @@ def test_soak_across_many_replacements_loses_nothing(fresh_sts: Sts, iam_databas
     with aurora(iam_database, ttl) as gateway:
         env = iam_environment(gateway, fresh_sts, iam_database, ttl, DB_POOL_MAX="3")
         with LiveServer(env) as live:
-            failures: list[str] = []
-            created: list[str] = []
-            lock = threading.Lock()
-            stop_at = time.monotonic() + duration
-
-            def worker(n: int) -> None:
-                with httpx.Client(base_url=live.url, timeout=15) as client:
-                    i = 0
-                    while time.monotonic() < stop_at:
-                        i += 1
-                        steps = []
-                        made = client.post("/todos", json={"title": f"soak {n}-{i}"})
-                        steps.append((made, 201))
-                        if made.status_code == 201:
-                            todo_id = made.json()["id"]
-                            with lock:
-                                created.append(todo_id)
-                            steps.append((client.get(f"/todos/{todo_id}"), 200))
-                            steps.append((client.patch(f"/todos/{todo_id}", json={"completed": True}), 200))
-                        steps.append((client.get("/todos", params={"limit": 5}), 200))
-                        for response, wanted in steps:
-                            if response.status_code != wanted:
-                                with lock:
-                                    failures.append(f"{response.request.method} {response.request.url.path}"
-                                                    f" -> {response.status_code} {response.text[:200]}")
-
-            with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-                list(pool.map(worker, range(workers)))
-
-            assert failures == []
+            created = soak(live, workers, duration)
             assert len(created) > 100
             with httpx.Client(base_url=live.url, timeout=15) as client:
-                for todo_id in created:
-                    got = client.get(f"/todos/{todo_id}")
-                    assert got.status_code == 200 and got.json()["completed"] is True
                 ready = client.get("/readyz").json()
             assert ready["auth"] == "iam" and ready["token"]["ttl_seconds"] == ttl
             assert replacements(live) >= 4, f"only {replacements(live)} replacements"
