@@ -367,9 +367,18 @@ def decode(body: bytes, decoder: msgspec.json.Decoder) -> Any:
         raise HTTPException(422, _field_error(str(error))) from None
     except msgspec.DecodeError as error:
         raise HTTPException(400, f"malformed JSON: {error}") from None
+    except UnicodeDecodeError:
+        # msgspec raises this, not DecodeError, for bad bytes inside a JSON string; its
+        # offset counts from the string's start, so find the body's own offset (error path only).
+        raise HTTPException(400, f"the body is not valid UTF-8{_first_bad_byte(body)}") from None
+
+
+def _first_bad_byte(body: bytes) -> str:
+    try:
+        body.decode()
     except UnicodeDecodeError as error:
-        # msgspec raises this, not DecodeError, for bad bytes inside a JSON string.
-        raise HTTPException(400, f"the body is not valid UTF-8 (byte {error.start})") from None
+        return f" (byte {error.start})"
+    return ""
 
 
 def query_fields(request: Request) -> dict[str, str]:
