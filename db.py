@@ -117,6 +117,14 @@ MAX_TOKEN_TTL = {"iam": 900, "dsql": 3600}  # DSQL: see "Aurora DSQL" below
 SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")  # needs no quoting in search_path
 
 
+def on_vercel(env: Mapping[str, str] = os.environ) -> bool:
+    """Does this process run as a Vercel function? The one place that decides it.
+
+    Vercel's runtime sets `VERCEL` (to "1") in every function's environment.
+    """
+    return bool(env.get("VERCEL"))
+
+
 # --- Aurora DSQL: every way it differs from PostgreSQL here, and why ------------------
 #
 # Aurora DSQL speaks PostgreSQL's wire protocol, extended protocol and prepared statements
@@ -234,12 +242,12 @@ class Settings(msgspec.Struct, frozen=True):
         token_ttl = _int_setting(env, "DB_TOKEN_TTL", 900, 1, MAX_TOKEN_TTL.get(auth_mode, 900))
         # On Vercel a suspended instance must hold nothing open: no floor, and idle
         # connections close soon after the invocation (see IdleRelease).
-        on_vercel = bool(env.get("VERCEL"))
-        pool_min = _int_setting(env, "DB_POOL_MIN", 0 if on_vercel else 1, 0, 1000)
+        vercel = on_vercel(env)
+        pool_min = _int_setting(env, "DB_POOL_MIN", 0 if vercel else 1, 0, 1000)
         pool_max = _int_setting(env, "DB_POOL_MAX", max(10, pool_min), 1, 1000)
         if pool_max < pool_min:
             raise ConfigError("DB_POOL_MAX", f"must be at least DB_POOL_MIN ({pool_min})")
-        idle_timeout = _int_setting(env, "DB_IDLE_TIMEOUT", 5 if on_vercel else 300, 1, 86400)
+        idle_timeout = _int_setting(env, "DB_IDLE_TIMEOUT", 5 if vercel else 300, 1, 86400)
         connect_timeout = _int_setting(env, "DB_CONNECT_TIMEOUT", 3, 1, 120)
         # RDS Proxy pins a session to its client once it sees a named prepared statement;
         # with no cache asyncpg uses only the unnamed statement, which does not pin.
@@ -726,7 +734,7 @@ class PoolLifecycle:
                 self.config_error = error
                 raise
             self.config_error = None
-            if os.environ.get("VERCEL"):
+            if on_vercel():
                 self._vercel = VercelKeepAlive()
             if self.settings.uses_tokens:
                 self._signer = auth.TokenSigner(self.settings)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from db import ConfigError, Settings
+from db import ConfigError, Settings, on_vercel
 
 AURORA = "mycluster.cluster-abc123xyz.eu-west-1.rds.amazonaws.com"
 DSQL = "abcdefghijklmnopqrstuvwxyz.dsql.us-east-2.on.aws"
@@ -82,6 +82,11 @@ def test_pool_defaults_elsewhere_and_on_vercel():
     chosen = Settings.from_env({"DATABASE_URL": "postgresql://u@h/db", "VERCEL": "1",
                                 "DB_POOL_MIN": "2", "DB_IDLE_TIMEOUT": "30"})
     assert (chosen.pool_min, chosen.idle_timeout) == (2, 30)
+
+
+def test_the_service_runs_on_vercel_when_the_runtime_sets_vercel():
+    assert on_vercel({"VERCEL": "1"})
+    assert not on_vercel({}) and not on_vercel({"VERCEL": ""})
 
 
 def connect_timeout_of(settings: Settings) -> float:
