@@ -17,9 +17,9 @@ Targets, with the same pool size (DB_POOL_MIN/DB_POOL_MAX) and the same seeded d
 Served two ways (--modes):
   vercel   the way Vercel serves them: `vercel_runtime.vc_init` (its vendored uvicorn) in each
            target's own function environment, built from its own requirements plus
-           vercel-runtime (tests/function_env.py, cached under .cache/): requirements.txt,
+           vercel-runtime (tests/standins/function_env.py, cached under .cache/): requirements.txt,
            bench/requirements-reference.txt, bench/requirements-ceiling.txt. The platform's
-           IPC side is tests/vercel_harness.py; wrk adds the proxy's headers. The runtime's
+           IPC side is tests/standins/vercel_harness.py; wrk adds the proxy's headers. The runtime's
            uvicorn picks uvloop/httptools only where the environment has them; each server is
            asked which (tests/serving_probe.py).
   uvicorn  plain uvicorn from the dev venv, one worker, the same --loop/--http for all.
@@ -35,7 +35,7 @@ Phases:
               and warning, two servers taking turns: the request line's CPU cost.
   cold start  fresh process, launch → first 200 from GET /todos, project vs reference, per
               mode, in password mode and in IAM mode (moto STS on loopback +
-              tests/aurora_gateway.py, which checks the SigV4 token and speaks TLS with a
+              tests/standins/aurora_gateway.py, which checks the SigV4 token and speaks TLS with a
               generated CA); median of N runs, alternating targets; plus `python -X importtime`.
   rotation    the project (plain uvicorn) in IAM mode with a short DB_TOKEN_TTL under list load,
               measured as back-to-back one-second wrk windows; pool replacements are found in
@@ -243,7 +243,7 @@ MODE_TITLES = {"vercel": "through Vercel's runtime (vc_init)", "uvicorn": "plain
 
 def function_pythons(targets: list[str]) -> dict[str, Path]:
     """The interpreter of each target's function environment (requirements + vercel-runtime)."""
-    from function_env import function_env, requirement_lines
+    from standins.function_env import function_env, requirement_lines
 
     return {t: function_env(requirement_lines(FUNCTION_REQUIREMENTS[t])) for t in targets}
 
@@ -251,7 +251,7 @@ def function_pythons(targets: list[str]) -> dict[str, Path]:
 class Server:
     """One target in its own process: `mode` "uvicorn" (the dev venv's uvicorn, --loop/--http as
     given) or "vercel" (vercel_runtime.vc_init in the target's function environment, with
-    tests/vercel_harness.py as the platform's IPC side and tests/serving_probe.py in front,
+    tests/standins/vercel_harness.py as the platform's IPC side and tests/serving_probe.py in front,
     which answers which loop and HTTP parser the runtime picked)."""
 
     def __init__(self, target: str, env: dict[str, str], args: argparse.Namespace, log_dir: Path,
@@ -275,7 +275,7 @@ class Server:
         self.idle_rss = 0
         self.peak_rss = 0
         if mode == "vercel":
-            from vercel_harness import VercelRuntime
+            from standins.vercel_harness import VercelRuntime
 
             entry = (app_dir / module.split(":")[0]).with_suffix(".py")
             self.runtime = VercelRuntime(
@@ -623,7 +623,7 @@ def fake_oidc_jwt() -> str:
 
 
 class IamLoopback:
-    """moto's STS on loopback and, when tests/aurora_gateway.py is there, the IAM gateway."""
+    """moto's STS on loopback and, when tests/standins/aurora_gateway.py is there, the IAM gateway."""
 
     def __init__(self, db: Database, workdir: Path, use_gateway: bool = True):
         self.db = db
@@ -645,11 +645,11 @@ class IamLoopback:
         self.jwt = fake_oidc_jwt()
         self.jwt_file = self.workdir / "oidc-token.jwt"
         self.jwt_file.write_text(self.jwt)
-        gateway_module = ROOT / "tests" / "aurora_gateway.py"
+        gateway_module = ROOT / "tests" / "standins" / "aurora_gateway.py"
         if self.use_gateway and gateway_module.exists():
             sys.path.insert(0, str(ROOT / "tests"))
             try:
-                import aurora_gateway
+                from standins import aurora_gateway
 
                 self.gateway = aurora_gateway.AuroraGateway(
                     self.db.host, self.db.port, max_token_age=900.0, region=REGION, tls=True,
@@ -657,7 +657,7 @@ class IamLoopback:
                     token_hosts=["127.0.0.1"]).start()
                 self.host, self.port = "127.0.0.1", self.gateway.port
                 self.sslmode, self.ca = "verify-full", self.gateway.ca_file
-                self.mode = ("tests/aurora_gateway.py (TLS with a generated CA, verify-full; SigV4 "
+                self.mode = ("tests/standins/aurora_gateway.py (TLS with a generated CA, verify-full; SigV4 "
                              "token checked against the credentials moto's STS issued)")
             finally:
                 sys.path.remove(str(ROOT / "tests"))
@@ -665,7 +665,7 @@ class IamLoopback:
             self.host, self.port = self.db.host, self.db.port
             self.sslmode, self.ca = "disable", None
             self.mode = ("direct to trust-auth PostgreSQL, no TLS: the token is sent but not "
-                         "checked (tests/aurora_gateway.py not available)")
+                         "checked (tests/standins/aurora_gateway.py not available)")
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -931,7 +931,7 @@ def write_report(results: dict, args: argparse.Namespace, out_dir: Path) -> Path
              f"{args.duration} s per run, {args.rounds} round(s), targets alternating |",
              "| through Vercel's runtime | `vercel_runtime.vc_init` (vercel-runtime "
              f"{results.get('runtime_version', '?')}) in each target's own function environment "
-             "(requirements + vercel-runtime, built with uv), tests/vercel_harness.py as the platform's "
+             "(requirements + vercel-runtime, built with uv), tests/standins/vercel_harness.py as the platform's "
              "IPC side; wrk sends the proxy's headers |",
              f"| plain uvicorn | the dev venv's uvicorn, 1 worker, --loop {args.loop} --http {args.http} for "
              "every target, access log off |",
@@ -1231,7 +1231,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rotation-ttl", type=int)
     parser.add_argument("--rotation-windows", type=int)
     parser.add_argument("--no-gateway", action="store_true",
-                        help="IAM mode straight at trust-auth PostgreSQL instead of tests/aurora_gateway.py")
+                        help="IAM mode straight at trust-auth PostgreSQL instead of tests/standins/aurora_gateway.py")
     parser.add_argument("--project-dir", type=Path, default=ROOT,
                         help="serve the project's app:app from this directory (A/B-test a changed copy)")
     parser.add_argument("--report-only", action="store_true",
@@ -1284,7 +1284,7 @@ def main(argv: list[str] | None = None) -> int:
     if "vercel" in args.modes:
         log("function environments (cached under .cache/function-env/)")
         pythons = function_pythons(args.targets)
-        from function_env import installed
+        from standins.function_env import installed
 
         results["runtime_version"] = installed(pythons["project"]).get("vercel-runtime")
     try:

@@ -1,5 +1,5 @@
 """The suite in DSQL mode: the service, as `admin` or as a role in its own schema, behind the
-DSQL stand-in (tests/dsql_gateway.py) with optimistic-concurrency failures injected.
+DSQL stand-in (tests/standins/dsql_gateway.py) with optimistic-concurrency failures injected.
 
 - `dsql_service(database_url, sts, role=…)`: the stand-in in front of `database_url`; for a
   role, `python db.py migrate` run as `admin` through the stand-in first (schema, table,
@@ -21,9 +21,9 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from aurora_gateway import moto_credentials_lookup, parse_upstream_url
-from dsql_gateway import DsqlGateway
 from iam_support import REGION, ROLE_ARN, Sts, oidc_token
+from standins.aurora_gateway import moto_credentials_lookup, parse_upstream_url
+from standins.dsql_gateway import DsqlGateway
 from support import ROOT, LiveServer, clean_environment, create_database, drop_database, run_sql
 
 ROLE, SCHEMA = "todo_app", "todo"  # different names: the stand-in gives "$user" no favours

@@ -1,4 +1,4 @@
-"""Schemathesis hooks for tests/test_properties.py (loaded through SCHEMATHESIS_HOOKS).
+"""Schemathesis hooks for tests/test_generated_requests.py (loaded through SCHEMATHESIS_HOOKS).
 
 Idempotency-Key ties requests together: a key reused with a different todo is a 422, by
 design. A per-request schema cannot say "use each key once", and generated keys repeat (the

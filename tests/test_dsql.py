@@ -1,6 +1,6 @@
 """Aurora DSQL as it really is: what the service does about each way DSQL differs.
 
-Aurora DSQL is played by the DSQL stand-in (tests/dsql_gateway.py): TLS with its own CA,
+Aurora DSQL is played by the DSQL stand-in (tests/standins/dsql_gateway.py): TLS with its own CA,
 tokens checked as DbConnectAdmin / DbConnect against the credentials moto's STS issued
 (tokens signed by expired credentials refused), DSQL's SQL surface enforced, conflicts
 injected, connection age and rate capped, in front of a real PostgreSQL. Every test here

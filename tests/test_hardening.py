@@ -601,7 +601,7 @@ def test_bearer_token_is_compared_in_constant_time(monkeypatch):
 # --- logs: a full IAM session, scanned for every secret ------------------------------------------
 
 def test_iam_session_logs_every_request_and_leaks_no_secret(fresh_sts, embedded_postgres: str, monkeypatch):
-    import aurora_gateway
+    from standins import aurora_gateway
     from test_iam import aurora, iam_environment
 
     presented: list[str] = []  # every database token the service presented to "Aurora"

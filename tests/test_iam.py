@@ -20,8 +20,8 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 
-from aurora_gateway import AuroraGateway, moto_credentials_lookup, parse_upstream_url
 from iam_support import REGION, ROLE_ARN, Sts, oidc_token
+from standins.aurora_gateway import AuroraGateway, moto_credentials_lookup, parse_upstream_url
 from support import LiveServer, clean_environment, create_database, drop_database, run_sql, wait_until_serving
 
 
@@ -54,7 +54,7 @@ def iam_environment(gateway: AuroraGateway, sts: Sts, database_url: str, ttl: in
 
 def apply_postgres_schema(url: str) -> None:
     """The schema in PostgreSQL's dialect, for DSQL-mode tests here: the IAM gateway relays SQL
-    unchanged (it cannot run CREATE INDEX ASYNC); DSQL's SQL surface is tests/dsql_gateway.py's."""
+    unchanged (it cannot run CREATE INDEX ASYNC); DSQL's SQL surface is tests/standins/dsql_gateway.py's."""
     import db
 
     run_sql(url, db.CREATE_TABLE, db.CREATE_INDEX)

@@ -1,6 +1,6 @@
 """The real app.py served by Vercel's production Python runtime, end to end (issue 6).
 
-Every test here runs the service through `VercelRuntime` (tests/vercel_harness.py): the
+Every test here runs the service through `VercelRuntime` (tests/standins/vercel_harness.py): the
 PyPI `vercel-runtime` that Vercel bundles, started the way the platform starts it, with the
 IPC socket the platform reads. Requests arrive the way Vercel's proxy forwards them, the
 OIDC token in `x-vercel-internal-oidc-token`; logs, `handler-started` and the per-invocation
@@ -53,10 +53,10 @@ except ImportError as error:
 
 import asyncpg  # noqa: E402
 
-from aurora_gateway import AuroraGateway, moto_credentials_lookup, parse_upstream_url  # noqa: E402
 from iam_support import REGION, ROLE_ARN, Sts, oidc_token  # noqa: E402
+from standins.aurora_gateway import AuroraGateway, moto_credentials_lookup, parse_upstream_url  # noqa: E402
+from standins.vercel_harness import Response, VercelRuntime  # noqa: E402
 from support import create_database, drop_database, run_sql  # noqa: E402
-from vercel_harness import Response, VercelRuntime  # noqa: E402
 
 PROBLEM = "application/problem+json"
 SECRET_SHAPES = ("X-Amz-Signature", "X-Amz-Security-Token", "Amz-Credential", "Action=connect")

@@ -2,9 +2,9 @@
 
 Vercel installs only `requirements.txt` next to the code and bundles `vercel-runtime`; its
 vendored uvicorn then picks uvloop and httptools only if they are importable. So these tests
-build that environment (tests/function_env.py: requirements.txt + vercel-runtime, nothing
+build that environment (tests/standins/function_env.py: requirements.txt + vercel-runtime, nothing
 else, cached under .cache/) and serve app.py from it through `vercel_runtime.vc_init`
-(tests/vercel_harness.py plays the platform). What is proved:
+(tests/standins/vercel_harness.py plays the platform). What is proved:
 
 1. requirements.txt pins every package of the environment exactly, and the app served from
    it runs on uvloop with httptools (asked of the running server: tests/serving_probe.py);
@@ -31,8 +31,8 @@ import pytest
 if sys.version_info < (3, 12):
     pytest.skip("vercel-runtime needs Python >= 3.12", allow_module_level=True)
 
-from function_env import REPO_ROOT, function_env, installed, requirement_lines  # noqa: E402
-from vercel_harness import VercelRuntime  # noqa: E402
+from standins.function_env import REPO_ROOT, function_env, installed, requirement_lines  # noqa: E402
+from standins.vercel_harness import VercelRuntime  # noqa: E402
 
 PROBE = {"SERVING_PROBE_TARGET": "app.py:app"}
 

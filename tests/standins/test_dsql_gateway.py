@@ -1,4 +1,4 @@
-"""The DSQL stand-in (tests/dsql_gateway.py) keeps DSQL's rules: each refusal, each injection.
+"""The DSQL stand-in (tests/standins/dsql_gateway.py) keeps DSQL's rules: each refusal, each injection.
 
 Each test talks to the stand-in with asyncpg (simple protocol through `execute` without
 arguments, extended protocol with named prepared statements through `fetch`/`prepare`),
@@ -18,8 +18,8 @@ import boto3
 import pytest
 
 import db
-from dsql_gateway import OC000, OC001, DsqlGateway
-from aurora_gateway import parse_upstream_url
+from standins.aurora_gateway import parse_upstream_url
+from standins.dsql_gateway import OC000, OC001, DsqlGateway
 from support import create_database, drop_database, run_sql
 
 REGION = "us-east-1"

@@ -1,4 +1,4 @@
-"""Prove tests/vercel_harness.py against a small ASGI app of its own.
+"""Prove tests/standins/vercel_harness.py against a small ASGI app of its own.
 
 The app below is written into a temporary directory, so these tests do not
 depend on the real app.py.  Besides showing that the harness works, they pin
@@ -25,13 +25,10 @@ pytest.importorskip("vercel_runtime", reason="vercel-runtime is not installed")
 pytest.importorskip("vercel.functions", reason="the vercel SDK is not installed")
 pytest.importorskip("starlette", reason="starlette is not installed")
 
-try:  # tests/ is on sys.path (rootdir insertion or conftest) unless it became a package
-    from vercel_harness import RuntimeFailed, VercelRuntime, fake_oidc_token
-except ImportError:
-    from tests.vercel_harness import RuntimeFailed, VercelRuntime, fake_oidc_token
+from standins.vercel_harness import RuntimeFailed, VercelRuntime, fake_oidc_token
 
 APP_SOURCE = '''
-"""Throwaway app for tests/test_vercel_harness.py."""
+"""Throwaway app for tests/standins/test_vercel_harness.py."""
 import asyncio
 import hashlib
 import logging

@@ -24,9 +24,9 @@ import sys
 from collections.abc import Iterable
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 CACHE = REPO_ROOT / ".cache" / "function-env"
-RUNTIME_PIN = "0.23.2"  # the vercel-runtime the Vercel CLI bundles (tests/vercel_harness.py)
+RUNTIME_PIN = "0.23.2"  # the vercel-runtime the Vercel CLI bundles (tests/standins/vercel_harness.py)
 
 
 def requirement_lines(path: Path) -> list[str]:

