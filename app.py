@@ -22,6 +22,7 @@ import socket
 import sys
 import time
 import uuid
+from collections.abc import Mapping
 from datetime import datetime, timedelta, timezone
 from http import HTTPStatus
 from typing import Annotated, Any, AsyncIterator
@@ -32,6 +33,7 @@ from msgspec import UNSET, Meta, Struct, UnsetType
 from starlette.applications import Starlette
 from starlette.endpoints import HTTPEndpoint
 from starlette.exceptions import HTTPException
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
@@ -766,15 +768,78 @@ runtime_nodelay = RuntimeNoDelay()
 
 
 class TodoApp(Starlette):
-    """Starlette with RequestContext as its whole middleware stack.
+    """Starlette with RequestContext as its whole middleware stack, and CORS around it when
+    CORS_ORIGINS is set.
 
     Starlette wraps the router in ServerErrorMiddleware and ExceptionMiddleware; here
     RequestContext already renders every error and the 500, so those two layers only cost
-    time (about a tenth of a request's CPU, measured with bench/profile.py).
+    time (about a tenth of a request's CPU, measured with bench/profile.py). CORS goes
+    outside RequestContext: its errors (401, 422, 503, 500) carry the CORS headers too, so a
+    page can read their detail, and a preflight is answered before the bearer token is asked
+    for (browsers send none with it). Built on the first request (or lifespan), not at import.
     """
 
     def build_middleware_stack(self) -> Any:
-        return RequestContext(self.router)
+        try:
+            origins = cors_origins(os.environ)
+        except db.ConfigError as error:
+            return RequestContext(Misconfigured(self.router, error))
+        stack: Any = RequestContext(self.router)
+        if origins is None:
+            return stack  # no CORS layer at all: nothing to pay for
+        return CORSMiddleware(stack, allow_origins=origins, allow_methods=CORS_METHODS,
+                              allow_headers=CORS_REQUEST_HEADERS, expose_headers=CORS_EXPOSED_HEADERS,
+                              max_age=CORS_MAX_AGE)
+
+
+# CORS (opt-in): what a browser page on another origin may send and read. No credentials:
+# the API authenticates with a bearer token, never a cookie.
+CORS_METHODS = ["GET", "HEAD", "POST", "PATCH", "DELETE"]
+CORS_REQUEST_HEADERS = ["Content-Type", "Authorization", IDEMPOTENCY_KEY, "X-Request-ID"]
+CORS_EXPOSED_HEADERS = ["Link", "Location", "X-Request-ID", "Retry-After"]
+CORS_MAX_AGE = 600  # seconds a browser may reuse a preflight's answer
+# An origin as a browser sends it: scheme://host[:port], lower case, no path, no trailing slash.
+_origin_shape = re.compile(r"([a-z][a-z0-9+.-]*)://(?:[a-z0-9_.-]+|\[[0-9a-f:.]+\])(?::([0-9]{1,5}))?")
+_default_ports = {"http": "80", "https": "443"}
+
+
+def cors_origins(env: Mapping[str, str]) -> list[str] | None:
+    """The origins in CORS_ORIGINS (["*"] for any), or None when it is unset: CORS off.
+
+    An entry that no browser would send as its Origin (a trailing slash, a path, upper case,
+    a default port) would match nothing and fail only in the browser's console: it is a
+    configuration error instead.
+    """
+    text = env.get("CORS_ORIGINS", "").strip()
+    if not text:
+        return None
+    origins = [origin.strip() for origin in text.split(",") if origin.strip()]
+    if origins == ["*"]:
+        return origins
+    for origin in origins:
+        if origin == "*":
+            raise db.ConfigError("CORS_ORIGINS", "* allows every origin; give it alone")
+        shape = _origin_shape.fullmatch(origin)
+        if shape is None:
+            raise db.ConfigError("CORS_ORIGINS", f"{origin[:100]!r} is not an origin as browsers send it: "
+                                                 "scheme://host[:port] in lower case, with no path or trailing /")
+        if shape.group(2) is not None and _default_ports.get(shape.group(1)) == shape.group(2):
+            raise db.ConfigError("CORS_ORIGINS", f"{origin[:100]!r}: browsers leave out the default port")
+    return origins
+
+
+class Misconfigured:
+    """In front of the router when the HTTP side's own configuration cannot work: every request
+    but /healthz (the process is alive) is a 503 naming the variable, like db.ConfigError."""
+
+    def __init__(self, app: Any, error: db.ConfigError):
+        self.app = app
+        self.variable, self.message = error.variable, str(error).removeprefix(f"{error.variable}: ")
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["path"] != "/healthz":
+            raise db.ConfigError(self.variable, self.message)  # a fresh one: no traceback piles up
+        await self.app(scope, receive, send)
 
 
 app = TodoApp(routes=routes, lifespan=lifespan)
