@@ -146,7 +146,7 @@ def on_vercel(env: Mapping[str, str] = os.environ) -> bool:
 #   The service sets `search_path` to DB_SCHEMA on every connection; `python db.py
 #   migrate`, run as `admin`, creates the schema and prints the grants a role needs.
 # - DDL (apply_schema): one DDL statement per transaction, never mixed with DML; indexes
-#   only as `CREATE INDEX ASYNC` (CREATE_INDEX_DSQL), which answers with a job id.
+#   only as `CREATE INDEX ASYNC` (CREATE_INDEXES_DSQL), which answers with a job id.
 # - Catalog (SCHEMA_CHECK): only what DSQL documents: pg_class, pg_namespace and
 #   current_schema(); no `regnamespace` cast.
 # - Optimistic concurrency (is_conflict): a transaction that lost a race fails with
@@ -348,10 +348,13 @@ def _int_setting(env: Mapping[str, str], name: str, default: int, low: int, high
 
 # --- schema and statements ---------------------------------------------------------
 
-# current_schema() is NULL until DB_SCHEMA exists: then nothing is found and it is created.
+# The table and every index below: a process that finds one missing applies the whole schema
+# (each statement is idempotent), which is how an index added in a later version reaches an
+# existing deployment. current_schema() is NULL until DB_SCHEMA exists: then nothing is
+# found and it is created.
 SCHEMA_CHECK = """
-SELECT count(*) = 2 FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
-WHERE c.relname IN ('todos', 'todos_newest_first') AND n.nspname = current_schema()
+SELECT count(*) = 3 FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+WHERE c.relname IN ('todos', 'todos_newest_first', 'todos_by_completed') AND n.nspname = current_schema()
 """
 CREATE_SCHEMA = 'CREATE SCHEMA IF NOT EXISTS "{schema}"'
 CREATE_TABLE = """
@@ -363,19 +366,38 @@ CREATE TABLE IF NOT EXISTS todos (
     updated_at timestamptz NOT NULL
 )
 """
-# A backward scan of (created_at, id) serves the newest-first listing and its keyset cursor.
-CREATE_INDEX = "CREATE INDEX IF NOT EXISTS todos_newest_first ON todos (created_at, id)"
-CREATE_INDEX_DSQL = "CREATE INDEX ASYNC IF NOT EXISTS todos_newest_first ON todos (created_at, id)"
+# Every list is a backward scan of one index that stops after LIMIT rows, whatever the
+# table's size and under any plan asyncpg's prepared statements get, custom or generic:
+# (created_at, id) serves the unfiltered list and its keyset cursor; (completed, created_at,
+# id) the list filtered by `completed` (equality on the first column, then the same order).
+# DSQL builds indexes only as `CREATE INDEX ASYNC`, and without ASC/DESC.
+CREATE_INDEXES = (
+    "CREATE INDEX IF NOT EXISTS todos_newest_first ON todos (created_at, id)",
+    "CREATE INDEX IF NOT EXISTS todos_by_completed ON todos (completed, created_at, id)",
+)
+CREATE_INDEXES_DSQL = (
+    "CREATE INDEX ASYNC IF NOT EXISTS todos_newest_first ON todos (created_at, id)",
+    "CREATE INDEX ASYNC IF NOT EXISTS todos_by_completed ON todos (completed, created_at, id)",
+)
 
 TODO_COLUMNS = "id, title, completed, created_at, updated_at"
-LIST_FIRST_PAGE = f"""
-SELECT {TODO_COLUMNS} FROM todos
-WHERE ($2::boolean IS NULL OR completed = $2)
-ORDER BY created_at DESC, id DESC LIMIT $1
-"""
+# One statement per shape of list (`list_query`): a generic plan is made once for every
+# value, so a statement must not leave the filter to a parameter (`$2 IS NULL OR …`), which
+# no index can serve.
+LIST_FIRST_PAGE = f"SELECT {TODO_COLUMNS} FROM todos ORDER BY created_at DESC, id DESC LIMIT $1"
 LIST_NEXT_PAGE = f"""
 SELECT {TODO_COLUMNS} FROM todos
-WHERE ($2::boolean IS NULL OR completed = $2) AND (created_at, id) < ($3::timestamptz, $4::uuid)
+WHERE (created_at, id) < ($2::timestamptz, $3::uuid)
+ORDER BY created_at DESC, id DESC LIMIT $1
+"""
+LIST_FIRST_PAGE_BY_COMPLETED = f"""
+SELECT {TODO_COLUMNS} FROM todos
+WHERE completed = $2
+ORDER BY created_at DESC, id DESC LIMIT $1
+"""
+LIST_NEXT_PAGE_BY_COMPLETED = f"""
+SELECT {TODO_COLUMNS} FROM todos
+WHERE completed = $2 AND (created_at, id) < ($3::timestamptz, $4::uuid)
 ORDER BY created_at DESC, id DESC LIMIT $1
 """
 GET_TODO = f"SELECT {TODO_COLUMNS} FROM todos WHERE id = $1"
@@ -402,14 +424,14 @@ GRANTS = (
 
 
 async def apply_schema(connection: asyncpg.Connection, settings: Settings) -> bool:
-    """Create DB_SCHEMA, the table and the index unless they exist; True when it did.
+    """Create DB_SCHEMA, the table and the indexes unless they all exist; True when it did.
 
     Each DDL runs alone in its own transaction (autocommit), as Aurora DSQL requires, and
     is retried when it raced another process's DDL (OC001): every statement is idempotent.
     """
     if await connection.fetchval(SCHEMA_CHECK):
         return False
-    statements = [CREATE_TABLE, CREATE_INDEX_DSQL if settings.auth == "dsql" else CREATE_INDEX]
+    statements = [CREATE_TABLE, *(CREATE_INDEXES_DSQL if settings.auth == "dsql" else CREATE_INDEXES)]
     if settings.schema != "public":
         statements.insert(0, CREATE_SCHEMA.format(schema=settings.schema))
     for statement in statements:
@@ -436,9 +458,18 @@ async def apply_schema(connection: asyncpg.Connection, settings: Settings) -> bo
 
 async def list_todos(limit: int, completed: bool | None,
                      after: tuple[datetime, uuid.UUID] | None) -> list[asyncpg.Record]:
+    return await _run(_fetch, *list_query(limit, completed, after))
+
+
+def list_query(
+    limit: int, completed: bool | None, after: tuple[datetime, uuid.UUID] | None
+) -> tuple[Any, ...]:
+    """The statement for this shape of list, then its arguments."""
+    if completed is None:
+        return (LIST_FIRST_PAGE, limit) if after is None else (LIST_NEXT_PAGE, limit, *after)
     if after is None:
-        return await _run(_fetch, LIST_FIRST_PAGE, limit, completed)
-    return await _run(_fetch, LIST_NEXT_PAGE, limit, completed, *after)
+        return LIST_FIRST_PAGE_BY_COMPLETED, limit, completed
+    return LIST_NEXT_PAGE_BY_COMPLETED, limit, completed, *after
 
 
 async def get_todo(todo_id: uuid.UUID) -> asyncpg.Record | None:
@@ -1151,7 +1182,7 @@ def main(argv: list[str]) -> int:
     except ConfigError as error:
         print(f"configuration error: {error}", file=sys.stderr)
         return 1
-    print("schema created" if created else "schema already up to date")
+    print("schema applied: created what was missing" if created else "schema already up to date")
     role = argv[2] if len(argv) == 3 else ("<role>" if schema == "public" else schema)
     print(f"-- grants a role other than the schema's owner needs on {schema!r} "
           f"(run them as the owner, e.g. DSQL's admin):")

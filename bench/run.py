@@ -179,7 +179,8 @@ class Database:
                 CREATE TABLE IF NOT EXISTS todos (id uuid PRIMARY KEY, title text NOT NULL,
                     completed boolean NOT NULL DEFAULT false, created_at timestamptz NOT NULL,
                     updated_at timestamptz NOT NULL);
-                CREATE INDEX IF NOT EXISTS todos_newest_first ON todos (created_at, id)"""))
+                CREATE INDEX IF NOT EXISTS todos_newest_first ON todos (created_at, id);
+                CREATE INDEX IF NOT EXISTS todos_by_completed ON todos (completed, created_at, id)"""))
         self.run(self.conn.execute("""
             CREATE TABLE IF NOT EXISTS todos_ref (id serial PRIMARY KEY, title text NOT NULL,
                 completed boolean NOT NULL DEFAULT false,

@@ -175,7 +175,7 @@ def test_fleet_against_a_connection_cap_is_503_never_500(embedded_postgres: str)
     # grow under load instead of one connection each keeping up.
     import db
 
-    run_sql(with_user(url, role), db.CREATE_TABLE, db.CREATE_INDEX, SLOW_INSERTS, SLOW_INSERTS_TRIGGER)
+    run_sql(with_user(url, role), db.CREATE_TABLE, *db.CREATE_INDEXES, SLOW_INSERTS, SLOW_INSERTS_TRIGGER)
     idle = 2
     env = clean_environment(DATABASE_URL=with_user(url, role), DB_POOL_MIN="0", DB_POOL_MAX="8",
                             DB_IDLE_TIMEOUT=str(idle))

@@ -57,7 +57,7 @@ def apply_postgres_schema(url: str) -> None:
     unchanged (it cannot run CREATE INDEX ASYNC); DSQL's SQL surface is tests/standins/dsql_gateway.py's."""
     import db
 
-    run_sql(url, db.CREATE_TABLE, db.CREATE_INDEX)
+    run_sql(url, db.CREATE_TABLE, *db.CREATE_INDEXES)
 
 
 def assert_no_secrets(texts: list[str], sts: Sts, env: dict) -> None:

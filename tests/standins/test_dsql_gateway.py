@@ -151,13 +151,14 @@ async def test_every_statement_of_the_service_passes(stand_in):
     gateway = stand_in()
     async with session(gateway) as connection:
         assert await connection.fetchval(db.SCHEMA_CHECK) in (True, False)
-        for ddl in (db.CREATE_TABLE, db.CREATE_INDEX_DSQL):
+        for ddl in (db.CREATE_TABLE, *db.CREATE_INDEXES_DSQL):
             await connection.execute(ddl)
         todo_id = "5b0c8a4e-98d1-4bb0-9a59-2f6cf7a0a001"
         row = await connection.fetchrow(db.INSERT_TODO, todo_id, "milk", False)
         assert (await connection.fetchrow(db.GET_TODO, row["id"]))["title"] == "milk"
-        await connection.fetch(db.LIST_FIRST_PAGE, 10, None)
-        await connection.fetch(db.LIST_NEXT_PAGE, 10, True, row["created_at"], row["id"])
+        for completed in (None, True, False):
+            for after in (None, (row["created_at"], row["id"])):
+                await connection.fetch(*db.list_query(10, completed, after))
         await connection.fetchrow(db.UPDATE_TODO, row["id"], None, True)
         assert await connection.execute(db.DELETE_TODO, row["id"]) == "DELETE 1"
         await connection.execute(db.PING)
