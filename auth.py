@@ -7,19 +7,21 @@ What lives here:
   in a worker thread: the import costs ~150 ms on a cold start, and botocore may refresh
   credentials (an STS call) synchronously when they are read. Nothing here blocks the event
   loop. No rds/dsql client is built: signing needs only a request signer (cheap, one per token).
-- Credentials: with `AWS_ROLE_ARN`, the Vercel OIDC token is exchanged with STS
-  `AssumeRoleWithWebIdentity` by botocore's own fetcher, which reuses the credentials until
-  shortly before they expire (`AWS_ENDPOINT_URL_STS` is honoured by botocore). One STS
-  call per attempt: botocore's own retries are off (db.py's backoff is the retry), and each
-  token is signed with one snapshot of the credentials, so it costs at most one refresh.
-  The OIDC token presented is the newest one a request carried (every request's
-  `x-vercel-oidc-token` header is noted, a contextvar read), so a replacement that runs
-  between requests presents a current one; until a request has carried one, the SDK's
-  `get_vercel_oidc_token_sync()` (the request's header, the SDK's cache, then
-  `VERCEL_OIDC_TOKEN`). (The SDK's full getter refuses a token in its last 15 minutes.)
-  Without a role, boto3's default chain.
-- `redact`: every secret this process handles (database password, IAM tokens, STS keys,
-  OIDC tokens) is registered here and scrubbed from any text bound for a log or a response.
+- Credentials: with `AWS_ROLE_ARN`, a Vercel OIDC token is exchanged with STS
+  `AssumeRoleWithWebIdentity` (`_VercelWebIdentityProvider`, botocore's own fetcher), and
+  botocore reuses the credentials until shortly before they expire (`AWS_ENDPOINT_URL_STS`
+  is honoured by botocore). botocore's own retries are off (db.py's backoff is the retry),
+  and each token is signed with one snapshot of the credentials, so it costs at most one
+  refresh. Without a role, boto3's default chain.
+- `OidcTokens`: which OIDC token STS sees. A request's `x-vercel-oidc-token` header is
+  untrusted input (Vercel's runtime lets a client's own header win over the platform's):
+  it becomes a candidate only when it is a well-formed, unexpired JWT with the issuer,
+  audience and subject the deployment expects, and candidates are ordered by their own
+  `iat`. A token STS rejects is never presented again, and the same refresh falls back at
+  once to the last token STS accepted (while unexpired) or to the SDK's own sources.
+- `redact`: every secret this process owns (database password, IAM tokens, STS keys, the
+  OIDC tokens STS accepted) is registered here and scrubbed from any text bound for a log
+  or a response; what a client sent is never registered, so no client can push them out.
 
 What does not: the pool and when tokens are needed (db.py), HTTP (app.py).
 """
@@ -27,11 +29,21 @@ What does not: the pool and when tokens are needed (db.py), HTTP (app.py).
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
+import contextvars
+import math
+import os
 import re
+import sys
 import threading
+import time
 import types
 from collections import deque
-from typing import TYPE_CHECKING, Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+import msgspec
 
 if TYPE_CHECKING:
     from db import Settings
@@ -41,6 +53,17 @@ OIDC_HEADER = "x-vercel-oidc-token"
 # One HTTP request per STS call, bounded: a down or black-holed STS fails the attempt fast
 # and db.py's backoff decides when to try again (botocore would retry twice more, at once).
 STS_CLIENT_OPTIONS = {"retries": {"total_max_attempts": 1}, "connect_timeout": 2, "read_timeout": 5}
+# What STS answers when it refuses the token itself (not when it is down): that token is
+# never presented again, and the same refresh falls back to a trusted one.
+STS_REJECTIONS = frozenset(
+    {
+        "InvalidIdentityToken",
+        "ExpiredTokenException",
+        "IDPRejectedClaim",
+        "AccessDenied",
+        "AccessDeniedException",
+    }
+)
 
 
 class Token(NamedTuple):
@@ -62,12 +85,11 @@ class TokenSigner:
         self.settings = settings
         self._core: Any = None  # botocore's session, built once, in a worker thread
         self._session_lock = threading.Lock()
-        self._oidc_getter: Callable[[], str] | None = None
-        self._request_headers: Callable[[], Any] | None = None
-        self._newest_oidc: str | None = None
+        self.oidc = OidcTokens.from_environment(os.environ) if settings.role_arn else None
 
     async def token(self) -> Token:
         """A freshly signed token, valid for DB_TOKEN_TTL seconds (900 for Aurora)."""
+        self.observe_request()  # an attempt a request started carries its header (the first one)
         return await asyncio.to_thread(self._sign)
 
     def _sign(self) -> Token:
@@ -81,23 +103,34 @@ class TokenSigner:
         credentials = core.get_credentials()
         if credentials is None:
             from botocore.exceptions import NoCredentialsError
+
             raise NoCredentialsError()
         frozen = credentials.get_frozen_credentials()
         register_secret(frozen.secret_key)
         register_secret(frozen.token)
         expire_at = _expiry_of(credentials)  # of the keys just frozen: read after the refresh
-        client = _SigningClient(core, "rds" if settings.auth == "iam" else "dsql", settings.region,
-                                Credentials(frozen.access_key, frozen.secret_key, frozen.token))
+        client = _SigningClient(
+            core,
+            "rds" if settings.auth == "iam" else "dsql",
+            settings.region,
+            Credentials(frozen.access_key, frozen.secret_key, frozen.token),
+        )
         if settings.auth == "iam":
             token = signers.generate_db_auth_token(
-                client, DBHostname=settings.host, Port=settings.port,
-                DBUsername=settings.user, Region=settings.region)
+                client,
+                DBHostname=settings.host,
+                Port=settings.port,
+                DBUsername=settings.user,
+                Region=settings.region,
+            )
         elif settings.user == "admin":
             token = signers.dsql_generate_db_connect_admin_auth_token(
-                client, Hostname=settings.host, Region=settings.region, ExpiresIn=settings.token_ttl)
+                client, Hostname=settings.host, Region=settings.region, ExpiresIn=settings.token_ttl
+            )
         else:
             token = signers.dsql_generate_db_connect_auth_token(
-                client, Hostname=settings.host, Region=settings.region, ExpiresIn=settings.token_ttl)
+                client, Hostname=settings.host, Region=settings.region, ExpiresIn=settings.token_ttl
+            )
         register_secret(token)
         return Token(token, expire_at)
 
@@ -110,36 +143,30 @@ class TokenSigner:
             core = botocore.session.get_session()
             if self.settings.region:
                 core.set_config_variable("region", self.settings.region)
-            if self.settings.role_arn:
-                self._oidc_getter, self._request_headers = _vercel_oidc_sources()
+            if self.oidc is not None and self.settings.role_arn:
                 resolver = core.get_component("credential_provider")
-                resolver.insert_before("env", _VercelWebIdentityProvider(
-                    core, self.settings.role_arn, self._oidc_token))
+                resolver.insert_before(
+                    "env", _VercelWebIdentityProvider(core, self.settings.role_arn, self.oidc)
+                )
             self._core = core
             return core
 
-    def _oidc_token(self) -> str:
-        """The OIDC token for STS: the newest a request carried, else the SDK's."""
-        token = self._newest_oidc
-        if token is None:
-            assert self._oidc_getter is not None
-            token = self._oidc_getter()
-            register_secret(token)
-        return token
-
     def observe_request(self) -> None:
-        """Note this request's OIDC token: the next STS call presents the newest one.
+        """Offer this request's OIDC header as a candidate for the next STS call.
 
-        Replacements run by the timer belong to no request, and the token a request
-        carries changes about every 45 minutes. Cheap: a contextvar and a dict lookup.
+        Replacements run by the timer belong to no request, and the platform's token
+        changes about every 45 minutes. Cheap: a contextvar read, and a string comparison
+        for every request that carries the token the previous one did.
         """
-        if self._request_headers is None:
+        if self.oidc is None:
             return
-        headers = self._request_headers()
+        # The runtime imports the SDK's header module before it calls the app; when it is
+        # not loaded, no request carries headers for it (and importing it would cost).
+        headers_module = sys.modules.get("vercel.headers")
+        headers = headers_module.get_headers() if headers_module is not None else None
         token = headers.get(OIDC_HEADER) if headers else None
-        if token and token != self._newest_oidc:
-            register_secret(token)
-            self._newest_oidc = token
+        if token:
+            self.oidc.observe(token)
 
     def close(self) -> None:
         self._core = None
@@ -153,15 +180,6 @@ def _expiry_of(credentials: Any) -> float:
     """
     expiry = getattr(credentials, "_expiry_time", None)
     return expiry.timestamp() if expiry is not None else float("inf")
-
-
-def _vercel_oidc_sources() -> tuple[Callable[[], str], Callable[[], Any]]:
-    """The SDK's OIDC token getter, and the current request's headers (which Vercel's
-    runtime puts in a contextvar, lower-cased)."""
-    from vercel.headers import get_headers
-    from vercel.oidc import get_vercel_oidc_token_sync
-
-    return get_vercel_oidc_token_sync, get_headers
 
 
 class _SigningClient:
@@ -178,43 +196,327 @@ class _SigningClient:
 
         self.meta = types.SimpleNamespace(region_name=region)
         self._request_signer = RequestSigner(
-            ServiceId(service), region, service, "v4", credentials, core.get_component("event_emitter"))
+            ServiceId(service), region, service, "v4", credentials, core.get_component("event_emitter")
+        )
 
 
 class _VercelWebIdentityProvider:
     """A botocore credential provider: Vercel OIDC token → STS AssumeRoleWithWebIdentity.
 
-    botocore's resolver needs only METHOD, CANONICAL_NAME and load(), so this need not
-    subclass CredentialProvider (which would mean importing botocore with this module).
+    Each refresh presents the token `OidcTokens` chooses; when STS rejects it, the same
+    refresh presents the fallback at once (so an attacker's token costs one STS call, never
+    a failed replacement), and every outcome is reported back. botocore's resolver needs
+    only METHOD, CANONICAL_NAME and load(), so this need not subclass CredentialProvider
+    (which would mean importing botocore with this module).
     """
 
     METHOD = "vercel-oidc-web-identity"
     CANONICAL_NAME = "VercelOidcWebIdentity"
 
-    def __init__(self, core: Any, role_arn: str, token_loader: Callable[[], str]):
+    def __init__(self, core: Any, role_arn: str, tokens: OidcTokens):
         from botocore.config import Config
-        from botocore.credentials import AssumeRoleWithWebIdentityCredentialFetcher
 
         options = Config(**STS_CLIENT_OPTIONS)
 
         def sts_client(service: str, config: Any = None, **kwargs: Any) -> Any:
             return core.create_client(service, config=options.merge(config) if config else options, **kwargs)
 
-        self._fetcher = AssumeRoleWithWebIdentityCredentialFetcher(
-            client_creator=sts_client, web_identity_token_loader=token_loader,
-            role_arn=role_arn, extra_args={"RoleSessionName": ROLE_SESSION_NAME})
+        self._sts_client = sts_client
+        self._role_arn = role_arn
+        self._tokens = tokens
 
     def load(self) -> Any:
         from botocore.credentials import DeferredRefreshableCredentials
 
-        return DeferredRefreshableCredentials(
-            refresh_using=self._fetcher.fetch_credentials, method=self.METHOD)
+        return DeferredRefreshableCredentials(refresh_using=self._refresh, method=self.METHOD)
+
+    def _refresh(self) -> dict[str, Any]:
+        from botocore.exceptions import ClientError
+
+        token = self._tokens.first()
+        try:
+            return self._exchange(token)
+        except ClientError as error:
+            if error.response.get("Error", {}).get("Code") not in STS_REJECTIONS:
+                raise
+            fallback = self._tokens.fallback(token)
+            if fallback is None:
+                raise
+            return self._exchange(fallback)
+
+    def _exchange(self, token: str) -> dict[str, Any]:
+        """One STS call presenting `token`; its outcome is reported to `OidcTokens`."""
+        from botocore.credentials import AssumeRoleWithWebIdentityCredentialFetcher
+        from botocore.exceptions import ClientError
+
+        # A fetcher per call, with an empty cache: a cached answer would report a token as
+        # accepted that STS never saw.
+        fetcher = AssumeRoleWithWebIdentityCredentialFetcher(
+            client_creator=self._sts_client,
+            web_identity_token_loader=lambda: token,
+            role_arn=self._role_arn,
+            extra_args={"RoleSessionName": ROLE_SESSION_NAME},
+            cache={},
+        )
+        try:
+            credentials: dict[str, Any] = fetcher.fetch_credentials()
+        except ClientError as error:
+            if error.response.get("Error", {}).get("Code") in STS_REJECTIONS:
+                self._tokens.rejected(token)
+            raise
+        self._tokens.accepted(token)
+        return credentials
+
+
+# --- OIDC tokens: which one STS sees ----------------------------------------------------
+
+VERCEL_ISSUER = "https://oidc.vercel.com"
+# Vercel's subject: owner:<team slug>:project:<project name>:environment:<environment>.
+VERCEL_SUBJECT = re.compile(r"owner:([A-Za-z0-9_-]+):project:([^:]+):environment:([^:]+)")
+OIDC_MAX_LENGTH = 8192  # Vercel's tokens are about 1 KiB; anything far longer is not one
+OIDC_MAX_LIFETIME = 24 * 3600.0  # an `exp` further away than this is not a Vercel token
+OIDC_CLOCK_SKEW = 60.0  # an `iat` this far ahead of this clock is still believed
+REJECTED_REMEMBERED = 1024  # one per refresh at most: hours of rejections, in ~1 MiB
+_BASE64URL = re.compile(r"[A-Za-z0-9_-]+")
+
+
+class _JwtHeader(msgspec.Struct):
+    alg: str
+
+
+class _JwtClaims(msgspec.Struct):
+    iss: str
+    aud: str
+    sub: str
+    iat: float
+    exp: float
+    project_id: str | None = None
+
+
+_header_decoder = msgspec.json.Decoder(_JwtHeader)
+_claims_decoder = msgspec.json.Decoder(_JwtClaims)
+
+
+class OidcToken(NamedTuple):
+    """A JWT that parsed, with the claims the choice of token rests on (unverified)."""
+
+    raw: str
+    iss: str
+    aud: str
+    sub: str
+    iat: float
+    exp: float
+    project_id: str | None
+
+    @classmethod
+    def parse(cls, raw: str) -> OidcToken | None:
+        """The token's claims, or None unless it is a well-formed RS256 JWT with string
+        `iss`, `aud` and `sub` and numeric `iat` and `exp`."""
+        if len(raw) > OIDC_MAX_LENGTH:
+            return None
+        parts = raw.split(".")
+        if len(parts) != 3 or not all(map(_BASE64URL.fullmatch, parts)):
+            return None
+        try:
+            header = _header_decoder.decode(_unbase64(parts[0]))
+            claims = _claims_decoder.decode(_unbase64(parts[1]))
+        except (msgspec.DecodeError, binascii.Error):
+            return None
+        if header.alg != "RS256" or not all((claims.iss, claims.aud, claims.sub)):
+            return None
+        if not (math.isfinite(claims.iat) and math.isfinite(claims.exp)):
+            return None
+        return cls(raw, claims.iss, claims.aud, claims.sub, claims.iat, claims.exp, claims.project_id)
+
+    @property
+    def order(self) -> tuple[float, float]:
+        """Newer first: by its own `iat`, then by `exp`."""
+        return self.iat, self.exp
+
+    def fresh(self, now: float) -> bool:
+        """Unexpired, issued no later than now (give or take skew), and not absurdly long-lived."""
+        return (
+            now < self.exp <= now + OIDC_MAX_LIFETIME
+            and self.iat <= now + OIDC_CLOCK_SKEW
+            and self.iat < self.exp
+        )
+
+
+def _unbase64(part: str) -> bytes:
+    return base64.urlsafe_b64decode(part + "=" * (-len(part) % 4))
+
+
+class OidcTokens:
+    """Which OIDC token the next STS call presents, and what STS made of the last ones.
+
+    Trusted: the token STS last accepted (`_accepted`) and the SDK's own sources
+    (its process-wide cache, `VERCEL_OIDC_TOKEN`, `VERCEL_OIDC_TOKEN_FILE`, read outside
+    any request so that no request header reaches them). Untrusted: every request's header.
+    A header token becomes the candidate (`_candidate`) only when it parses, is `fresh`,
+    is newer by its own `iat` than both the accepted token and the current candidate, was
+    never rejected, and has the claims the deployment expects (`_expected`): the issuer,
+    audience and subject of the token STS last accepted; before any, those of
+    `VERCEL_OIDC_TOKEN`; without it, Vercel's shapes for the deployment's environment and
+    project (`_vercel_shaped`). The one candidate is presented first; if STS rejects it,
+    the refresh falls back to the accepted token, then to the SDK's own sources.
+
+    `observe` runs on the event loop, the rest in botocore's refresh (a worker thread):
+    one lock, held for microseconds.
+    """
+
+    def __init__(
+        self,
+        baseline: str | None,
+        environment: str | None,
+        project_id: str | None,
+        sdk_token: Callable[[], str | None],
+    ):
+        self._baseline = OidcToken.parse(baseline) if baseline else None
+        self._environment = environment
+        self._project_id = project_id
+        self._sdk_token = sdk_token
+        self._lock = threading.Lock()
+        self._accepted: OidcToken | None = None
+        self._candidate: OidcToken | None = None
+        self._rejected: set[str] = set()
+        self._rejected_order: deque[str] = deque()
+        self._last_seen: str | None = None  # most requests carry what the previous one did
+
+    @classmethod
+    def from_environment(cls, env: Any) -> OidcTokens:
+        """Expectations from the Vercel runtime's own variables (as the SDK reads them)."""
+        return cls(
+            env.get("VERCEL_OIDC_TOKEN") or None,
+            env.get("VERCEL_TARGET_ENV") or env.get("VERCEL_ENV") or None,
+            env.get("VERCEL_PROJECT_ID") or None,
+            _sdk_oidc_token,
+        )
+
+    # --- the event loop: a request's header
+
+    def observe(self, raw: str) -> None:
+        """Consider a request's header token as the next candidate (see the class docstring)."""
+        if raw == self._last_seen:
+            return
+        self._last_seen = raw
+        token = OidcToken.parse(raw)
+        if token is None or not token.fresh(time.time()):
+            return
+        with self._lock:
+            newest = max(
+                (t for t in (self._accepted, self._candidate) if t is not None),
+                key=lambda t: t.order,
+                default=None,
+            )
+            if (newest is not None and token.order <= newest.order) or raw in self._rejected:
+                return
+            if self._expected(token):
+                self._candidate = token
+
+    def _expected(self, token: OidcToken) -> bool:
+        reference = self._accepted or self._baseline
+        if reference is not None:
+            return (token.iss, token.aud, token.sub) == (reference.iss, reference.aud, reference.sub)
+        return self._vercel_shaped(token)
+
+    def _vercel_shaped(self, token: OidcToken) -> bool:
+        """Vercel's claims for this deployment: iss `https://oidc.vercel.com[/<team>]`, aud
+        `https://vercel.com/<team>`, sub `owner:<team>:project:<name>:environment:<env>`,
+        with the deployment's environment and project id when the runtime names them."""
+        subject = VERCEL_SUBJECT.fullmatch(token.sub)
+        if subject is None:
+            return False
+        team, _, environment = subject.groups()
+        return (
+            token.iss in (VERCEL_ISSUER, f"{VERCEL_ISSUER}/{team}")
+            and token.aud == f"https://vercel.com/{team}"
+            and self._environment in (None, environment)
+            and self._project_id in (None, token.project_id or self._project_id)
+        )
+
+    # --- botocore's refresh: what to present, and what STS said
+
+    def first(self) -> str:
+        """The token to present: the candidate, else the accepted one while unexpired, else
+        the SDK's own."""
+        with self._lock:
+            candidate, accepted = self._candidate, self._accepted
+        if candidate is not None and candidate.exp > time.time():
+            return candidate.raw
+        if accepted is not None and accepted.exp > time.time():
+            return accepted.raw
+        token = self._sdk_token()
+        if token is None or self._was_rejected(token):
+            from botocore.exceptions import CredentialRetrievalError
+
+            raise CredentialRetrievalError(
+                provider=_VercelWebIdentityProvider.METHOD, error_msg="no usable Vercel OIDC token"
+            )
+        return token
+
+    def fallback(self, rejected: str) -> str | None:
+        """After STS rejected `rejected`: the accepted token while unexpired, else the SDK's
+        own, unless that is what was rejected; None when nothing trusted is left."""
+        with self._lock:
+            accepted = self._accepted
+        if accepted is not None and accepted.raw != rejected and accepted.exp > time.time():
+            return accepted.raw
+        token = self._sdk_token()
+        if token is None or token == rejected or self._was_rejected(token):
+            return None
+        return token
+
+    def _was_rejected(self, raw: str) -> bool:
+        with self._lock:
+            return raw in self._rejected
+
+    def accepted(self, raw: str) -> None:
+        """STS accepted `raw`: it is the service's own secret now, and the reference for claims."""
+        register_secret(raw)
+        token = OidcToken.parse(raw)
+        with self._lock:
+            if self._candidate is not None and self._candidate.raw == raw:
+                self._candidate = None
+            if token is not None and (self._accepted is None or token.order >= self._accepted.order):
+                self._accepted = token
+                if self._candidate is not None and not self._expected(self._candidate):
+                    self._candidate = None
+
+    def rejected(self, raw: str) -> None:
+        """STS rejected `raw`: never present it again."""
+        with self._lock:
+            if self._candidate is not None and self._candidate.raw == raw:
+                self._candidate = None
+            if self._accepted is not None and self._accepted.raw == raw:
+                self._accepted = None
+            if raw not in self._rejected:
+                self._rejected.add(raw)
+                self._rejected_order.append(raw)
+                if len(self._rejected_order) > REJECTED_REMEMBERED:
+                    self._rejected.discard(self._rejected_order.popleft())
+
+
+def _sdk_oidc_token() -> str | None:
+    """The SDK's own token (its cache, `VERCEL_OIDC_TOKEN`, `VERCEL_OIDC_TOKEN_FILE`).
+
+    Read in a context of its own: inside a request the SDK would prefer that request's
+    header (untrusted) and cache it process-wide. (The SDK's full getter refuses a token
+    in its last 15 minutes; this one does not.)
+    """
+    from vercel.oidc import VercelOidcTokenError, get_vercel_oidc_token_sync
+
+    try:
+        return contextvars.Context().run(get_vercel_oidc_token_sync) or None
+    except VercelOidcTokenError:
+        return None
 
 
 # --- secrets never leave the process ------------------------------------------------
 
+# The service's own secrets, newest last: only this process adds to it (never what a client
+# sent), so the ones in use are always here; the oldest, long expired, make room.
 _secrets: deque[str] = deque(maxlen=64)
-# Shapes of secrets that were never registered (another process's token, say).
+# Shapes of secrets that were never registered (another process's token, a client's).
 _SECRET_SHAPES = re.compile(
     r"(X-Amz-(?:Signature|Security-Token|Credential)=)[^&\s\"']+"
     r"|eyJ[\w-]{8,}\.[\w-]{8,}\.[\w-]*"
@@ -222,7 +524,8 @@ _SECRET_SHAPES = re.compile(
 
 
 def register_secret(secret: str | None) -> None:
-    """Remember a secret so that `redact` scrubs it; short strings are not secrets."""
+    """Remember a secret of the service's own so that `redact` scrubs it; short strings are
+    not secrets. Never called with client input: a flood of it would push real secrets out."""
     if secret and len(secret) >= 8 and secret not in _secrets:
         _secrets.append(secret)
 
