@@ -1,0 +1,244 @@
+"""A request's `x-vercel-oidc-token` header is untrusted input (auth.OidcTokens).
+
+Vercel's runtime lets a client's own header win over the platform's token, so what a header
+carries is only ever a candidate: these tests drive the candidate book directly, as the
+service does (`observe` per request, `first`/`fallback` per STS refresh, and what STS said).
+Through the real runtime, under attack, see test_forged_oidc_headers_on_vercel.py.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+
+import pytest
+from standins.oidc_issuer import ISSUER, SUBJECT, forged_token
+
+import auth
+
+SDK_TOKEN = ISSUER.token(lifetime=3600, issued_at=time.time() - 600)
+
+
+def book(
+    sdk_token: str | None = SDK_TOKEN,
+    environment: str | None = "production",
+    project_id: str | None = None,
+    baseline: str | None = None,
+) -> auth.OidcTokens:
+    return auth.OidcTokens(baseline, environment, project_id, lambda: sdk_token)
+
+
+def unsigned(header: object, claims: object, signature: str = "c2lnbmF0dXJlLXNpZ25hdHVyZQ") -> str:
+    def part(value: object) -> str:
+        raw = value if isinstance(value, bytes) else json.dumps(value).encode()
+        return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+    return f"{part(header)}.{part(claims)}.{signature}" if signature else f"{part(header)}.{part(claims)}."
+
+
+def claims(**overrides: object) -> dict:
+    now = int(time.time())
+    return {
+        "iss": "https://oidc.vercel.com/acme",
+        "aud": "https://vercel.com/acme",
+        "sub": SUBJECT,
+        "iat": now,
+        "exp": now + 3600,
+        **overrides,
+    }
+
+
+RS256 = {"alg": "RS256", "typ": "JWT", "kid": "vercel-oidc-1"}
+
+
+@pytest.mark.parametrize(
+    "token",
+    [
+        "not a token",
+        "a.b",
+        "a.b.c.d",
+        "eyJ@.eyJ.sig",
+        "..",
+        unsigned(b"not json", claims()),
+        unsigned({"alg": "none", "typ": "JWT"}, claims(), signature=""),
+        unsigned({"alg": "none", "typ": "JWT"}, claims()),
+        unsigned({"alg": "HS256", "typ": "JWT"}, claims()),
+        unsigned(RS256, [1, 2, 3]),
+        unsigned(RS256, {k: v for k, v in claims().items() if k != "iss"}),
+        unsigned(RS256, claims(sub="")),
+        unsigned(RS256, claims(iat="yesterday")),
+        unsigned(RS256, claims(exp=True)),
+        unsigned(RS256, claims(aud=["https://vercel.com/acme"])),
+        unsigned(RS256, claims(jti="x" * 9000)),
+    ],
+    ids=[
+        "text",
+        "two parts",
+        "four parts",
+        "not base64url",
+        "empty parts",
+        "header not json",
+        "alg none",
+        "alg none signed",
+        "hs256",
+        "claims not an object",
+        "no issuer",
+        "empty subject",
+        "iat a string",
+        "exp a boolean",
+        "audience a list",
+        "oversized",
+    ],
+)
+def test_a_malformed_header_token_is_never_a_candidate(token: str):
+    tokens = book()
+    tokens.observe(token)
+    assert tokens.first() == SDK_TOKEN
+
+
+@pytest.mark.parametrize(
+    "token",
+    [
+        ISSUER.token(lifetime=-1),
+        ISSUER.token(lifetime=10 * 365 * 86400),
+        ISSUER.token(lifetime=7200, issued_at=time.time() + 3600),
+    ],
+    ids=["expired", "exp ten years away", "issued an hour from now"],
+)
+def test_an_expired_or_implausibly_timed_token_is_never_a_candidate(token: str):
+    tokens = book()
+    tokens.observe(token)
+    assert tokens.first() == SDK_TOKEN
+
+
+def test_a_token_in_its_last_minutes_is_still_a_candidate():
+    tokens = book()
+    token = ISSUER.token(lifetime=600)
+    tokens.observe(token)
+    assert tokens.first() == token
+
+
+@pytest.mark.parametrize(
+    "token",
+    [
+        ISSUER.token(subject="owner:acme:project:todo:environment:preview"),
+        ISSUER.token(subject="owner:acme:project:todo:environment:production", team="other"),
+        ISSUER.token(iss="https://oidc.vercel.com/other"),
+        ISSUER.token(iss="https://oidc.vercel.com.evil.example/acme"),
+        ISSUER.token(aud="https://vercel.com/other"),
+        ISSUER.token(sub="repo:acme/todo:ref:refs/heads/main"),
+    ],
+    ids=[
+        "another environment",
+        "another team's subject",
+        "another team's issuer",
+        "lookalike issuer",
+        "another audience",
+        "not a Vercel subject",
+    ],
+)
+def test_before_any_acceptance_only_this_deployments_vercel_claims_are_candidates(token: str):
+    tokens = book()
+    tokens.observe(token)
+    assert tokens.first() == SDK_TOKEN
+    good = ISSUER.token()
+    tokens.observe(good)
+    assert tokens.first() == good
+
+
+def test_the_global_issuer_and_this_project_id_are_accepted_and_another_project_id_is_not():
+    tokens = book(project_id="prj_todo")
+    tokens.observe(ISSUER.token(project_id="prj_other"))
+    assert tokens.first() == SDK_TOKEN
+    token = ISSUER.token(iss="https://oidc.vercel.com", project_id="prj_todo")
+    tokens.observe(token)
+    assert tokens.first() == token
+
+
+def test_the_runtime_environment_token_sets_the_expected_claims():
+    baseline = ISSUER.token(subject="owner:acme:project:todo:environment:preview")
+    tokens = book(environment=None, baseline=baseline)
+    tokens.observe(ISSUER.token())  # production: not what this deployment's own token names
+    assert tokens.first() == SDK_TOKEN
+    preview = ISSUER.token(subject="owner:acme:project:todo:environment:preview")
+    tokens.observe(preview)
+    assert tokens.first() == preview
+
+
+def test_after_an_acceptance_a_token_of_another_project_is_never_a_candidate():
+    tokens = book()
+    accepted = ISSUER.token(issued_at=time.time() - 60)
+    tokens.accepted(accepted)
+    # Vercel-shaped, same team and environment, newer, validly signed: another deployment's.
+    tokens.observe(ISSUER.token(subject="owner:acme:project:billing:environment:production"))
+    assert tokens.first() == accepted
+
+
+def test_candidates_are_ordered_by_their_own_iat_not_by_arrival():
+    tokens = book()
+    newer = ISSUER.token(issued_at=time.time() - 10)
+    older = ISSUER.token(issued_at=time.time() - 100)
+    tokens.observe(newer)
+    tokens.observe(older)
+    assert tokens.first() == newer
+    tokens.accepted(newer)
+    tokens.observe(older)  # older than the accepted one: never a candidate
+    assert tokens.first() == newer
+
+
+def test_a_rejected_token_is_never_presented_again_and_the_refresh_falls_back_to_the_accepted_one():
+    tokens = book()
+    accepted = ISSUER.token(issued_at=time.time() - 60)
+    tokens.accepted(accepted)
+    forged = forged_token()
+    tokens.observe(forged)
+    assert tokens.first() == forged
+    tokens.rejected(forged)
+    assert tokens.fallback(forged) == accepted
+    tokens.observe(ISSUER.token(issued_at=time.time() - 120))  # between two arrivals of the forgery
+    tokens.observe(forged)
+    assert tokens.first() == accepted
+
+
+def test_without_an_unexpired_accepted_token_the_fallback_is_the_sdks_own_and_never_a_rejected_one():
+    tokens = book()
+    forged = forged_token()
+    tokens.observe(forged)
+    assert tokens.first() == forged
+    tokens.rejected(forged)
+    assert tokens.fallback(forged) == SDK_TOKEN
+    tokens.rejected(SDK_TOKEN)
+    assert tokens.fallback(SDK_TOKEN) is None
+    with pytest.raises(Exception, match="no usable Vercel OIDC token"):
+        tokens.first()
+
+    lapsed = book(sdk_token=None)
+    lapsed.accepted(ISSUER.token(lifetime=1, issued_at=time.time() - 10))  # expired since
+    assert lapsed.fallback(forged) is None
+
+
+def test_a_flood_of_client_tokens_cannot_push_the_services_secrets_out_of_redaction():
+    own = [
+        "db-password-0f9e8d7c",
+        "X-Amz-Signature=abc123def456",
+        "AQoDYXdzEJr-session-token",
+        "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY",
+    ]
+    for secret in own:
+        auth.register_secret(secret)
+    tokens = book()
+    adopted = ISSUER.token()
+    tokens.observe(adopted)
+    tokens.accepted(adopted)
+    presented = 0
+    for i in range(1000):
+        forged = forged_token(lifetime=3000 + i, issued_at=time.time() + 1)  # each newer than the last
+        tokens.observe(forged)
+        if tokens.first() == forged:
+            presented += 1
+            tokens.rejected(forged)
+    assert presented == 1000
+    scrubbed = auth.redact(" ".join([*own, adopted, "fine"]))
+    assert [secret for secret in [*own, adopted] if secret in scrubbed] == []
+    assert scrubbed.endswith("fine")
