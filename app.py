@@ -234,15 +234,18 @@ class RequestLog:
         line = auth.redact(encoder.encode(RequestLine(
             log_time(time.time()), "info", "aurora_todo", "request", request_id_var.get() or "",
             method, path, status, duration_ms)).decode())
-        for handler in self.stream_handlers:
-            with handler.lock:
-                handler.stream.write(line + "\n")
-                handler.stream.flush()
+        for stream_handler in self.stream_handlers:
+            stream_handler.acquire()
+            try:
+                stream_handler.stream.write(line + "\n")
+                stream_handler.stream.flush()
+            finally:
+                stream_handler.release()
         if self.record_handlers:
             record = logging.makeLogRecord({"name": log.name, "msg": line, "levelno": logging.INFO,
                                             "levelname": "INFO", "json_line": True})
-            for handler in self.record_handlers:
-                handler.handle(record)
+            for record_handler in self.record_handlers:
+                record_handler.handle(record)
 
 
 request_log = RequestLog()
@@ -254,47 +257,64 @@ def runtime_log_handlers() -> list[logging.Handler]:
     return [h for h in logging.getLogger().handlers if type(h).__module__ == "vercel_runtime.vc_init"]
 
 
-def configure_logging(*loggers: str, level: str | None = None) -> None:
-    """Send these loggers out as JSON lines, at `level` (default: LOG_LEVEL).
+def uvicorn_text_logging() -> bool:
+    """Whether uvicorn's default, plain-text logging is installed: uvicorn's command line
+    (`uvicorn app:app`) installs it before it imports the app."""
+    return any(type(h.formatter).__module__ == "uvicorn.logging" for h in logging.getLogger("uvicorn").handlers)
 
-    Under Vercel's runtime they propagate to its root handler, which gets a JsonMessages
-    filter; elsewhere they write to stderr. `level=""` leaves the loggers' levels alone.
-    Configuring "aurora_todo" also points the request line (RequestLog) there.
+
+# Logged at LOG_LEVEL. asyncio's: it reports a failed background task of asyncpg's (closing a
+# connection that the server already dropped, after expire_connections) as a multi-line text
+# otherwise. py.warnings: Python's warnings, once logging.captureWarnings routes them there.
+JSON_LOGGERS = ("aurora_todo", "asyncpg", "asyncio", "py.warnings")
+# uvicorn's own lines (startup, "Invalid HTTP request received", access lines), at the levels
+# uvicorn was told (its --log-level; LOG_LEVEL under `python app.py`). Access lines stay off
+# when uvicorn turned them off (`--no-access-log`): the app logs every request itself.
+UVICORN_LOGGERS = ("uvicorn", "uvicorn.access")
+
+
+def log_level() -> int:
+    """LOG_LEVEL as a logging level; INFO when unset or not a level's name."""
+    return logging.getLevelNamesMapping().get(os.environ.get("LOG_LEVEL", "info").upper(), logging.INFO)
+
+
+def configure_logging() -> None:
+    """Make every line this process logs one JSON object: ours, asyncpg's, asyncio's, uvicorn's,
+    and Python's warnings. Importing this module changes no logging; this call does, and calling
+    it again changes nothing more.
+
+    Whatever starts serving calls it: main() for `python app.py`, before the embedded PostgreSQL
+    starts; the lifespan startup for any ASGI server (Vercel's runtime included); and, at
+    import, uvicorn's command line, which writes "Started server process" before any lifespan.
+    Under Vercel's runtime the lines go through its root handler, which gets a JsonMessages
+    filter and carries each record's level to the platform; elsewhere they go to stderr.
     """
+    # Records skip what no line here shows (thread, process and task names, the caller's file
+    # and line): the logging HOWTO's "Optimization" switches.
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
+    if sys.version_info >= (3, 12):
+        logging.logAsyncioTasks = False
+    logging._srcfile = None  # documented there: no findCaller() stack walk per record
+    logging.captureWarnings(True)
     runtime_handlers = runtime_log_handlers()
     for handler in runtime_handlers:
         if not any(isinstance(f, JsonMessages) for f in handler.filters):
             handler.addFilter(JsonMessages())
-    own_handlers: list[logging.Handler] = []
+    stderr_handlers: list[logging.StreamHandler] = []
     if not runtime_handlers:
-        stderr_handler = logging.StreamHandler(sys.stderr)
-        stderr_handler.setFormatter(JsonFormatter())
-        own_handlers.append(stderr_handler)
-    if "aurora_todo" in loggers:
-        request_log.stream_handlers = own_handlers  # type: ignore[assignment]
-        request_log.record_handlers = list(runtime_handlers)
-    level = (os.environ.get("LOG_LEVEL", "info") if level is None else level).upper()
-    for name in loggers:
+        stderr_handlers.append(logging.StreamHandler(sys.stderr))
+        stderr_handlers[0].setFormatter(JsonFormatter())
+    request_log.stream_handlers, request_log.record_handlers = stderr_handlers, runtime_handlers
+    for name in (*JSON_LOGGERS, *UVICORN_LOGGERS):
         logger = logging.getLogger(name)
-        logger.handlers[:] = own_handlers
+        if name == "uvicorn.access" and not logger.handlers:
+            continue  # access lines are off
+        logger.handlers[:] = stderr_handlers
         logger.propagate = bool(runtime_handlers)
-        if level:
-            logger.setLevel(level if level in logging.getLevelNamesMapping() else "INFO")
-
-
-# Records skip what no line here shows (thread, process and task names, the caller's file and
-# line): the logging HOWTO's "Optimization" switches, about 2 µs of every log line.
-logging.logThreads = logging.logProcesses = logging.logMultiprocessing = logging.logAsyncioTasks = False
-logging._srcfile = None  # noqa: SLF001 - documented there: no findCaller() stack walk per record
-# asyncio too: it reports a failed background task of asyncpg's (closing a connection that
-# the server already dropped, after expire_connections) as a multi-line text otherwise.
-configure_logging("aurora_todo", "asyncpg", "asyncio")
-# uvicorn's own lines (startup, "Invalid HTTP request received", access lines) as JSON too,
-# whether served by `uvicorn app:app` (which set up its handlers before importing this
-# module), `python app.py` or Vercel's runtime; their levels stay what uvicorn was told.
-configure_logging("uvicorn", "uvicorn.error", "uvicorn.access", level="")
-# botocore says at INFO where it found each endpoint: noise, in plain text under Vercel's runtime.
-logging.getLogger("botocore").setLevel(logging.WARNING)
+    for name in JSON_LOGGERS:
+        logging.getLogger(name).setLevel(log_level())
+    # botocore says at INFO where it found each endpoint: noise, in plain text under Vercel's runtime.
+    logging.getLogger("botocore").setLevel(logging.WARNING)
 
 
 # --- errors ----------------------------------------------------------------------------
@@ -708,6 +728,7 @@ def bearer_token_ok(headers: dict[bytes, bytes]) -> bool:
 async def lifespan(app: Starlette) -> AsyncIterator[None]:
     # Nothing to start: on Vercel a failing startup kills the instance and no OIDC token
     # exists yet, so the pool is created on the first request that needs it.
+    configure_logging()
     runtime_nodelay.on_listener()
     yield
     await db.close()
@@ -972,13 +993,18 @@ def main() -> None:
     """Serve on 127.0.0.1:$PORT; with no database configured, on an embedded PostgreSQL."""
     import uvicorn
 
-    configure_logging("uvicorn", "uvicorn.error")  # levels from LOG_LEVEL: log_config=None sets none
+    configure_logging()
     if not db.database_configured():
         db.use_embedded_postgres()
         log.info("using the embedded PostgreSQL under .data/postgres")
     uvicorn.run(app, host=os.environ.get("HOST", "127.0.0.1"), port=int(os.environ.get("PORT", "8000")),
-                log_config=None, access_log=False)
+                log_config=None, log_level=log_level(), access_log=False)
 
+
+# `uvicorn app:app` installed its plain-text logging before importing this module, and logs
+# "Started server process" before the lifespan startup: under it, logging is set up now.
+if uvicorn_text_logging():
+    configure_logging()
 
 if __name__ == "__main__":
     main()

@@ -3,8 +3,9 @@
 asyncio's default exception handler reports what no code caught (for example "Task exception
 was never retrieved" for asyncpg's fire-and-forget close of an expired connection that the
 server had already cut, seen after a failover in tests/test_connections.py) through the
-"asyncio" logger. Here the app is imported as the server imports it, and the loop is handed
-such a report; every line on stderr must be one JSON object.
+"asyncio" logger. Here logging is set up as a server's start sets it up
+(`app.configure_logging()`), and the loop is handed such a report; every line on stderr must be
+one JSON object.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ REPORT = """
 import asyncio
 import app
 
+app.configure_logging()
+
 async def close_a_cut_connection():
     raise BrokenPipeError(32, "Broken pipe")
 
@@ -32,8 +35,14 @@ asyncio.run(main())
 
 
 def test_an_exception_no_task_retrieved_is_logged_as_json():
-    done = subprocess.run([sys.executable, "-c", REPORT], cwd=ROOT, env=clean_environment(),
-                          capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [sys.executable, "-c", REPORT],
+        cwd=ROOT,
+        env=clean_environment(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 0, done.stderr
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     assert lines, "the loop reported nothing"

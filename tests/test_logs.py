@@ -8,19 +8,26 @@ included, must be one JSON object. (Under Vercel's runtime: tests/test_vercel_se
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
 import socket
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import httpx
 import pytest
-
-from support import LiveServer, clean_environment
+from support import ROOT, LiveServer, clean_environment, free_port
 
 
 @pytest.mark.parametrize("uvicorn_cli", [True, False], ids=["uvicorn app:app", "python app.py"])
 def test_every_line_is_json_uvicorns_own_included(database_url: str, uvicorn_cli: bool) -> None:
-    with LiveServer(clean_environment(DATABASE_URL=database_url, LOG_LEVEL="info"), uvicorn_cli=uvicorn_cli) as live:
+    with LiveServer(
+        clean_environment(DATABASE_URL=database_url, LOG_LEVEL="info"), uvicorn_cli=uvicorn_cli
+    ) as live:
         assert httpx.get(live.url + "/todos", headers={"X-Request-ID": "plain-1"}).status_code == 200
         with socket.create_connection(("127.0.0.1", live.port), timeout=10) as raw:
             raw.sendall(b"NOT HTTP AT ALL\r\n\r\n")
@@ -32,7 +39,9 @@ def test_every_line_is_json_uvicorns_own_included(database_url: str, uvicorn_cli
         entries = live.logs()  # fails on any line that is not one JSON object
 
     messages = {e["message"]: e for e in entries}
-    startup = [m for m in messages if m.startswith(("Started server process", "Application startup complete"))]
+    startup = [
+        m for m in messages if m.startswith(("Started server process", "Application startup complete"))
+    ]
     assert len(startup) == 2, entries
     assert all(messages[m]["logger"] == "uvicorn.error" and messages[m]["level"] == "info" for m in startup)
     invalid = next(e for e in entries if e["message"].startswith("Invalid HTTP request"))
@@ -55,3 +64,104 @@ def test_request_line_is_redacted_like_every_other_line(database_url: str) -> No
     assert token not in text and "eyJhbGci" not in text
     line = next(json.loads(x) for x in text.splitlines() if '"status":404' in x)
     assert line["path"] == "/todos/[redacted]" and line["request_id"] == "[redacted]"
+
+
+SNAPSHOT = """
+import json, logging, warnings
+def snapshot():
+    names = ["", "aurora_todo", "asyncpg", "asyncio", "py.warnings", "uvicorn", "uvicorn.error",
+             "uvicorn.access", "botocore"]
+    loggers = {n: [repr(logging.getLogger(n).handlers), logging.getLogger(n).level,
+                   logging.getLogger(n).propagate] for n in names}
+    return [loggers, repr(warnings.showwarning), logging.logThreads, repr(logging._srcfile)]
+before = snapshot()
+import app
+print(json.dumps([before, snapshot()]))
+"""
+
+
+def test_importing_the_app_changes_no_logging() -> None:
+    """Logging is set up by one call (app.configure_logging), made by whatever starts serving;
+    `import app` alone leaves every logger, Python's warnings and logging's switches as they were."""
+    done = subprocess.run(
+        [sys.executable, "-c", SNAPSHOT],
+        cwd=ROOT,
+        env=clean_environment(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    before, after = json.loads(done.stdout)
+    assert after == before
+    assert not done.stderr
+
+
+WARN = """
+import warnings
+import app
+app.configure_logging()
+warnings.warn("a warning at run time", RuntimeWarning)
+"""
+
+
+def test_a_python_warning_is_a_json_line() -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", WARN],
+        cwd=ROOT,
+        env=clean_environment(LOG_LEVEL="info"),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    entries = [json.loads(line) for line in done.stderr.splitlines() if line.strip()]  # plain text fails
+    assert len(entries) == 1, done.stderr
+    assert (entries[0]["logger"], entries[0]["level"]) == ("py.warnings", "warning")
+    assert "RuntimeWarning: a warning at run time" in entries[0]["message"]
+
+
+@pytest.mark.slow
+def test_python_app_py_on_the_embedded_database_logs_json_from_its_first_line(tmp_path: Path) -> None:
+    """`python app.py` with no database configured first starts the embedded PostgreSQL (under
+    ./.data), on the way to which platformdirs warns when XDG_RUNTIME_DIR is unset
+    (RuntimeDirWarning); that warning is a JSON line too, like every line up to "Uvicorn running"."""
+    env = clean_environment(PORT=str(free_port()), LOG_LEVEL="info", PYTHONUNBUFFERED="1")
+    env.pop("XDG_RUNTIME_DIR", None)
+    log_path = tmp_path / "app.log"
+    with log_path.open("w") as log_file:
+        process = subprocess.Popen(
+            [sys.executable, str(ROOT / "app.py")],
+            cwd=tmp_path,
+            env=env,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        deadline = time.monotonic() + 60
+        while "Uvicorn running" not in log_path.read_text():
+            assert process.poll() is None and time.monotonic() < deadline, log_path.read_text()
+            time.sleep(0.1)
+    finally:
+        process.send_signal(signal.SIGINT)  # as Ctrl-C: the embedded PostgreSQL stops at exit
+        process.wait(30)
+        stop_leftover_postgres(tmp_path / ".data" / "postgres")
+    text = log_path.read_text()
+    entries = []
+    for line in filter(str.strip, text.splitlines()):
+        try:
+            entries.append(json.loads(line))
+        except ValueError:
+            pytest.fail(f"not a JSON line: {line!r} in\n{text}")
+    started = next(i for i, entry in enumerate(entries) if entry["message"].startswith("Started server"))
+    assert "using the embedded PostgreSQL under .data/postgres" in [
+        e["message"] for e in entries[:started]
+    ], text
+
+
+def stop_leftover_postgres(data_dir: Path) -> None:
+    """Stop the test's embedded PostgreSQL if it outlived `python app.py` (its postmaster.pid)."""
+    pid_file = data_dir / "postmaster.pid"
+    if pid_file.exists():
+        with contextlib.suppress(ProcessLookupError, ValueError):
+            os.kill(int(pid_file.read_text().split()[0]), signal.SIGTERM)
