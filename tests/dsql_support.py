@@ -5,26 +5,24 @@ DSQL stand-in (tests/standins/dsql_gateway.py) with optimistic-concurrency failu
   role, `python db.py migrate` run as `admin` through the stand-in first (schema, table,
   `CREATE INDEX ASYNC`), then the grants it printed; then the service as a real process.
   On the way out it asserts that the stand-in refused nothing.
-- Fixtures `backend`, `database_url` and `server` for modules that run once per backend
-  (import them into the module): "postgres" (the plain service), "dsql-admin", "dsql-role".
-  DSQL backends run on the embedded PostgreSQL only.
+- `BACKENDS`: what a module that runs once per backend parametrises `backend` with
+  (conftest.py): "postgres" (the plain service), "dsql-admin", "dsql-role". DSQL backends
+  run on the embedded PostgreSQL only.
 """
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from contextlib import contextmanager
 from typing import Iterator
 from urllib.parse import urlsplit
 
-import pytest
-
-from iam_support import REGION, ROLE_ARN, Sts, oidc_token
+from iam_support import REGION, ROLE_ARN, oidc_token
 from standins.aurora_gateway import moto_credentials_lookup, parse_upstream_url
 from standins.dsql_gateway import DsqlGateway
-from support import ROOT, LiveServer, clean_environment, create_database, drop_database, run_sql
+from standins.sts import Sts
+from support import ROOT, LiveServer, clean_environment, run_sql
 
 ROLE, SCHEMA = "todo_app", "todo"  # different names: the stand-in gives "$user" no favours
 BACKENDS = ["postgres", "dsql-admin", "dsql-role"]
@@ -91,7 +89,6 @@ def dsql_service(database_url: str, sts: Sts, *, role: bool, ttl: int = 900,
         else:
             env = dsql_environment(gateway, sts, database_url, user="admin", ttl=ttl, **overrides)
         with LiveServer(env) as live:
-            live.env = env
             yield live, gateway
         assert gateway.statements_seen > 0
         # Every injected conflict was met by exactly one retry, and conflicts were injected.
@@ -100,42 +97,3 @@ def dsql_service(database_url: str, sts: Sts, *, role: bool, ttl: int = 900,
         assert len(retried) == len(injected), (len(retried), len(injected))
         if gateway.conflict_rate:
             assert injected and {i.sqlstate for i in injected} == {"40001", "XX000"}, injected
-
-
-# --- fixtures for modules that run once per backend ----------------------------------
-
-@pytest.fixture(scope="module", params=BACKENDS)
-def backend(request: pytest.FixtureRequest, postgres_url: str) -> str:
-    if request.param != "postgres" and postgres_url == os.environ.get("TEST_DATABASE_URL"):
-        pytest.skip("DSQL mode runs on the embedded PostgreSQL")
-    return request.param
-
-
-@pytest.fixture(scope="module")
-def database_url(postgres_url: str, backend: str):
-    """A fresh database; for a role, its schema is the default search_path of test helpers."""
-    url = create_database(postgres_url)
-    if backend == "dsql-role":
-        ensure_role(postgres_url)
-        run_sql(url, f'ALTER DATABASE "{urlsplit(url).path.lstrip("/")}" SET search_path = {SCHEMA}')
-    yield url
-    drop_database(postgres_url, url)
-
-
-@pytest.fixture(scope="module")
-def server(database_url: str, backend: str, request: pytest.FixtureRequest):
-    if backend == "postgres":
-        with LiveServer(clean_environment(DATABASE_URL=database_url, LOG_LEVEL="info")) as live:
-            yield live
-        return
-    sts = request.getfixturevalue("sts")
-    with dsql_service(database_url, sts, role=backend == "dsql-role") as (live, gateway):
-        live.gateway = gateway
-        yield live
-
-
-@pytest.fixture(autouse=True)
-def _once_unless_served(request: pytest.FixtureRequest, backend: str) -> None:
-    """Tests that do not use the module's server need not run once per backend."""
-    if backend != "postgres" and "server" not in request.fixturenames:
-        pytest.skip("does not use the module's server: runs once, on PostgreSQL")

@@ -1,17 +1,29 @@
-"""Shared by the IAM and Vercel tests: moto's STS on loopback, and Vercel-shaped OIDC tokens."""
+"""IAM mode in tests: Vercel-shaped OIDC tokens, Aurora's IAM front door (the Aurora stand-in)
+before a database, the service's environment for it, and the soak that drives it.
+
+- `aurora(database_url, ttl)`: `AuroraGateway` (standins/aurora_gateway.py) in front of
+  `database_url`, checking SigV4 tokens against the credentials moto's STS issued.
+- `iam_environment(gateway, sts, database_url, ttl)`: the service's environment behind it.
+- `soak(live, workers, duration)`: clients create, read, complete and list todos; nothing lost.
+- `assert_no_secrets(texts, sts, env)`: no token or STS secret anywhere in `texts`.
+"""
 
 from __future__ import annotations
 
 import base64
+import concurrent.futures
 import json
+import threading
 import time
 import uuid
+from contextlib import contextmanager
+from urllib.parse import urlsplit
 
-import pytest
-from moto.server import ThreadedMotoServer
-from moto.sts.responses import TokenResponse
+import httpx
 
-from support import free_port
+from standins.aurora_gateway import AuroraGateway, moto_credentials_lookup, parse_upstream_url
+from standins.sts import Sts
+from support import LiveServer, clean_environment, run_sql
 
 ROLE_ARN = "arn:aws:iam::123456789012:role/aurora-todo"
 REGION = "us-east-1"
@@ -26,89 +38,85 @@ def oidc_token(lifetime: float = 3600, subject: str = "owner:acme:project:todo:e
     return f"{part({'alg': 'RS256', 'typ': 'JWT', 'kid': 'k1'})}.{part(claims)}.{uuid.uuid4().hex}{uuid.uuid4().hex}"
 
 
-OUTAGE_ERROR = ('<ErrorResponse xmlns="https://sts.amazonaws.com/doc/2011-06-15/"><Error><Type>Receiver</Type>'
-                '<Code>ServiceUnavailable</Code><Message>stand-in outage</Message></Error>'
-                '<RequestId>00000000-0000-0000-0000-000000000000</RequestId></ErrorResponse>')
+@contextmanager
+def aurora(database_url: str, ttl: float, mode: str = "iam", **options):
+    host, port = parse_upstream_url(database_url)
+    with AuroraGateway(host, port, max_token_age=ttl, region=REGION, mode=mode,
+                       credentials_lookup=moto_credentials_lookup(), **options) as gateway:
+        yield gateway
 
 
-class Sts:
-    """moto's STS on loopback, with a record of every AssumeRoleWithWebIdentity call.
+def iam_environment(gateway: AuroraGateway, sts: Sts, database_url: str, ttl: int, **overrides: str) -> dict:
+    """The service's environment for IAM mode behind `gateway`; `overrides` win."""
+    settings = dict(
+        PGHOST="127.0.0.1", PGPORT=str(gateway.port), PGUSER="postgres",
+        PGDATABASE=urlsplit(database_url).path.lstrip("/"), DB_AUTH="iam", AWS_REGION=REGION,
+        AWS_ROLE_ARN=ROLE_ARN, AWS_ENDPOINT_URL_STS=sts.url, AWS_EC2_METADATA_DISABLED="true",
+        VERCEL_OIDC_TOKEN=oidc_token(), PGSSLROOTCERT=gateway.ca_file, DB_TOKEN_TTL=str(ttl),
+        DB_POOL_MIN="1", DB_POOL_MAX="6")
+    return clean_environment(**{**settings, **overrides})
 
-    `credential_lifetime` shortens the credentials moto issues; `delay` makes STS slow;
-    `stop()` / `start()` take it down and bring it back on the same port; while `outage` is
-    set it answers every call 503 ServiceUnavailable. `attempts` counts every HTTP request
-    for AssumeRoleWithWebIdentity, answered or refused; `web_identity_tokens` holds the
-    token of each call that issued credentials.
+
+def apply_postgres_schema(url: str) -> None:
+    """The schema in PostgreSQL's dialect, for DSQL-mode tests here: the IAM gateway relays SQL
+    unchanged (it cannot run CREATE INDEX ASYNC); DSQL's SQL surface is tests/standins/dsql_gateway.py's."""
+    import db
+
+    run_sql(url, db.CREATE_TABLE, *db.CREATE_INDEXES)
+
+
+def assert_no_secrets(texts: list[str], sts: Sts, env: dict) -> None:
+    """No OIDC token, STS secret, session token or database token anywhere in `texts`."""
+    secrets = [env["VERCEL_OIDC_TOKEN"], *sts.secrets()]
+    for text in texts:
+        for secret in secrets:
+            assert secret not in text
+        for shape in ("X-Amz-Signature", "X-Amz-Security-Token", "Amz-Credential", "Action=connect",
+                      "Action=DbConnect"):
+            assert shape not in text
+
+
+def replacements(live: LiveServer) -> int:
+    return sum(1 for entry in live.logs() if entry["message"] == "pool replaced")
+
+
+def soak(live: LiveServer, workers: int, duration: float) -> list[str]:
+    """`workers` clients create, read, complete and list todos for `duration` seconds.
+
+    Every answer must be the one expected (none is retried here), and afterwards every todo
+    created must read back completed. Returns the ids created.
     """
+    failures: list[str] = []
+    created: list[str] = []
+    lock = threading.Lock()
+    stop_at = time.monotonic() + duration
 
-    def __init__(self) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.web_identity_tokens: list[str] = []
-        self.credential_lifetime: int | None = None
-        self.delay = 0.0
-        self.outage = False
-        self.attempts = 0
-        self._server: ThreadedMotoServer | None = None
+    def worker(n: int) -> None:
+        with httpx.Client(base_url=live.url, timeout=15) as client:
+            i = 0
+            while time.monotonic() < stop_at:
+                i += 1
+                made = client.post("/todos", json={"title": f"soak {n}-{i}"})
+                steps = [(made, 201)]
+                if made.status_code == 201:
+                    todo_id = made.json()["id"]
+                    with lock:
+                        created.append(todo_id)
+                    steps.append((client.get(f"/todos/{todo_id}"), 200))
+                    steps.append((client.patch(f"/todos/{todo_id}", json={"completed": True}), 200))
+                steps.append((client.get("/todos", params={"limit": 5}), 200))
+                for response, wanted in steps:
+                    if response.status_code != wanted:
+                        with lock:
+                            failures.append(f"{response.request.method} {response.request.url.path}"
+                                            f" -> {response.status_code} {response.text[:200]}")
 
-    def start(self) -> None:
-        self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
-        self._server.start()
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        list(pool.map(worker, range(workers)))
 
-    def stop(self) -> None:
-        if self._server is not None:
-            self._server.stop()
-            self._server = None
-
-    @property
-    def calls(self) -> int:
-        return len(self.web_identity_tokens)
-
-    def secrets(self) -> list[str]:
-        """Every secret key and session token moto has issued."""
-        from moto.sts.models import sts_backends
-
-        found = []
-        for per_account in list(dict.values(sts_backends)):
-            for backend in list(dict.values(per_account)):
-                for role in backend.assumed_roles:
-                    found += [role.secret_access_key, role.session_token]
-        return found
-
-
-@pytest.fixture(scope="module")
-def sts():
-    from moto.sts.models import STSBackend
-
-    recorder = Sts()
-    original_response = TokenResponse.assume_role_with_web_identity
-    original_backend = STSBackend.assume_role_with_web_identity
-
-    def recording(self: TokenResponse):
-        recorder.attempts += 1
-        if recorder.outage:
-            return 503, {}, OUTAGE_ERROR
-        recorder.web_identity_tokens.append(self._get_param("WebIdentityToken"))
-        time.sleep(recorder.delay)
-        return original_response(self)
-
-    def issuing(self: STSBackend, **kwargs):
-        if recorder.credential_lifetime is not None:
-            kwargs["duration"] = recorder.credential_lifetime
-        return original_backend(self, **kwargs)
-
-    TokenResponse.assume_role_with_web_identity = recording
-    STSBackend.assume_role_with_web_identity = issuing
-    recorder.start()
-    yield recorder
-    recorder.stop()
-    TokenResponse.assume_role_with_web_identity = original_response
-    STSBackend.assume_role_with_web_identity = original_backend
-
-
-@pytest.fixture
-def fresh_sts(sts: Sts) -> Sts:
-    sts.web_identity_tokens.clear()
-    sts.credential_lifetime, sts.delay = None, 0.0
-    sts.outage, sts.attempts = False, 0
-    return sts
+    assert failures == []
+    with httpx.Client(base_url=live.url, timeout=15) as client:
+        for todo_id in created:
+            got = client.get(f"/todos/{todo_id}")
+            assert got.status_code == 200 and got.json()["completed"] is True
+    return created

@@ -80,9 +80,10 @@ def wait_until_serving(client: httpx.Client, within: float, why: str, path: str 
 
 
 class LiveServer:
-    """`python app.py` (or `uvicorn app:app`) in a subprocess; `url`, `logs()`, `stop()`."""
+    """`python app.py` (or `uvicorn app:app`) in a subprocess; `url`, `env`, `logs()`, `stop()`."""
 
     def __init__(self, env: dict[str, str], *, ready_timeout: float = 30.0, uvicorn_cli: bool = False):
+        self.env = env
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self._log_file = tempfile.NamedTemporaryFile("w+", prefix="aurora-todo-", suffix=".log", delete=False)

@@ -10,10 +10,12 @@ from datetime import datetime
 import httpx
 import pytest
 
+from dsql_support import BACKENDS
 from support import LiveServer, clean_environment, free_port, run_sql
+
 # Every test of the module's server runs on PostgreSQL, then on DSQL (the stand-in) as admin
 # and as a role in its own schema, with optimistic-concurrency failures injected.
-from dsql_support import _once_unless_served, backend, database_url, server  # noqa: F401
+pytestmark = pytest.mark.parametrize("backend", BACKENDS, indirect=True, scope="module")
 
 PROBLEM = "application/problem+json"
 

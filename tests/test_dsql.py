@@ -18,16 +18,9 @@ import pytest
 
 import db
 from dsql_support import ROLE, SCHEMA, dsql_environment, dsql_service, dsql_stand_in, ensure_role
-from iam_support import Sts
+from iam_support import assert_no_secrets, replacements, soak
+from standins.sts import Sts
 from support import LiveServer, create_database, drop_database
-from test_iam import assert_no_secrets, replacements, soak
-
-
-@pytest.fixture(scope="module")
-def dsql_database(embedded_postgres: str):
-    url = create_database(embedded_postgres)
-    yield url
-    drop_database(embedded_postgres, url)
 
 
 @pytest.mark.parametrize("error", [
@@ -76,12 +69,12 @@ def test_soak_across_replacements_with_conflicts_loses_nothing(fresh_sts: Sts, e
 
 # --- tokens, TLS, connection limits ----------------------------------------------------
 
-def test_pool_never_outlives_the_credentials_that_signed_its_token(fresh_sts: Sts, dsql_database: str):
+def test_pool_never_outlives_the_credentials_that_signed_its_token(fresh_sts: Sts, embedded_database: str):
     # DSQL accepts this TTL, but the credentials that sign the token last 8 s: a token is
     # worthless once they expire, so the pool must be replaced before then.
     fresh_sts.credential_lifetime = 8
-    with dsql_stand_in(dsql_database, conflict_rate=0.0) as gateway:
-        env = dsql_environment(gateway, fresh_sts, dsql_database, user="admin", ttl=3600)
+    with dsql_stand_in(embedded_database, conflict_rate=0.0) as gateway:
+        env = dsql_environment(gateway, fresh_sts, embedded_database, user="admin", ttl=3600)
         with LiveServer(env) as live, httpx.Client(base_url=live.url, timeout=15) as client:
             assert client.post("/todos", json={"title": "signed by short-lived keys"}).status_code == 201
             left = client.get("/readyz").json()["token"]["seconds_left"]
@@ -97,10 +90,10 @@ def test_pool_never_outlives_the_credentials_that_signed_its_token(fresh_sts: St
             assert gateway.refused == [], gateway.refused
 
 
-def test_certificate_that_does_not_verify_is_a_503_naming_PGSSLROOTCERT(fresh_sts: Sts, dsql_database: str):
-    with dsql_stand_in(dsql_database, conflict_rate=0.0) as gateway:
+def test_certificate_that_does_not_verify_is_a_503_naming_PGSSLROOTCERT(fresh_sts: Sts, embedded_database: str):
+    with dsql_stand_in(embedded_database, conflict_rate=0.0) as gateway:
         # No CA bundle: verify-full against the system trust store, which lacks the stand-in's CA.
-        env = dsql_environment(gateway, fresh_sts, dsql_database, user="admin", PGSSLROOTCERT="")
+        env = dsql_environment(gateway, fresh_sts, embedded_database, user="admin", PGSSLROOTCERT="")
         with LiveServer(env) as live, httpx.Client(base_url=live.url, timeout=15) as client:
             response = client.get("/todos")
             assert response.status_code == 503 and response.headers["retry-after"]
@@ -110,10 +103,10 @@ def test_certificate_that_does_not_verify_is_a_503_naming_PGSSLROOTCERT(fresh_st
         assert gateway.accepted == []  # no token was ever presented to an unverified server
 
 
-def test_new_connections_refused_by_rate_are_waited_for_not_failed(fresh_sts: Sts, dsql_database: str):
+def test_new_connections_refused_by_rate_are_waited_for_not_failed(fresh_sts: Sts, embedded_database: str):
     # 2 new connections a second: a burst of requests that needs more connections meets 53400.
-    with dsql_stand_in(dsql_database, conflict_rate=0.0, connection_rate=2.0, connection_burst=2) as gateway:
-        env = dsql_environment(gateway, fresh_sts, dsql_database, user="admin", DB_POOL_MAX="10")
+    with dsql_stand_in(embedded_database, conflict_rate=0.0, connection_rate=2.0, connection_burst=2) as gateway:
+        env = dsql_environment(gateway, fresh_sts, embedded_database, user="admin", DB_POOL_MAX="10")
         with LiveServer(env) as live, httpx.Client(base_url=live.url, timeout=15) as client:
             assert client.get("/todos").status_code == 200
             with concurrent.futures.ThreadPoolExecutor(16) as pool:
@@ -125,9 +118,9 @@ def test_new_connections_refused_by_rate_are_waited_for_not_failed(fresh_sts: St
             assert retried
 
 
-def test_connections_closed_at_their_maximum_age_cost_no_request(fresh_sts: Sts, dsql_database: str):
-    with dsql_stand_in(dsql_database, conflict_rate=0.0, max_connection_age=1.5) as gateway:
-        env = dsql_environment(gateway, fresh_sts, dsql_database, user="admin")
+def test_connections_closed_at_their_maximum_age_cost_no_request(fresh_sts: Sts, embedded_database: str):
+    with dsql_stand_in(embedded_database, conflict_rate=0.0, max_connection_age=1.5) as gateway:
+        env = dsql_environment(gateway, fresh_sts, embedded_database, user="admin")
         with LiveServer(env) as live, httpx.Client(base_url=live.url, timeout=15) as client:
             stop_at = time.monotonic() + 6
             while time.monotonic() < stop_at:

@@ -30,6 +30,7 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 
+from raw_http import RawResponse, closed_by_server, connect, read_response, request_head
 from support import LiveServer, clean_environment, create_database, drop_database, run_sql, wait_until_serving
 
 JSON = "application/json"
@@ -38,15 +39,8 @@ SUCCESS = {200, 201, 204}
 
 
 @pytest.fixture(scope="module")
-def hardening_database(embedded_postgres: str):
-    url = create_database(embedded_postgres)
-    yield url
-    drop_database(embedded_postgres, url)
-
-
-@pytest.fixture(scope="module")
-def live(hardening_database: str):
-    with LiveServer(clean_environment(DATABASE_URL=hardening_database)) as server:
+def live(embedded_database: str):
+    with LiveServer(clean_environment(DATABASE_URL=embedded_database)) as server:
         with httpx.Client(base_url=server.url, timeout=15) as client:
             assert client.get("/todos").status_code == 200  # pool and schema ready
         yield server
@@ -54,61 +48,6 @@ def live(hardening_database: str):
 
 def unhandled(server: LiveServer) -> list[dict]:
     return [e for e in server.logs() if e["level"] in ("error", "critical") or e["message"] == "unhandled error"]
-
-
-# --- raw HTTP ------------------------------------------------------------------------------
-
-def request_head(method: str, path: str, headers: dict[str, str]) -> bytes:
-    lines = [f"{method} {path} HTTP/1.1", "Host: 127.0.0.1", *(f"{k}: {v}" for k, v in headers.items())]
-    return ("\r\n".join(lines) + "\r\n\r\n").encode()
-
-
-@dataclass
-class RawResponse:
-    status: int
-    headers: dict[str, str]
-    body: bytes
-
-
-def read_response(sock: socket.socket, timeout: float) -> RawResponse:
-    """One HTTP/1.1 response with a Content-Length body (all this service sends)."""
-    sock.settimeout(timeout)
-    data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = sock.recv(65536)
-        if not chunk:
-            raise ConnectionError(f"closed before a response: {data!r}")
-        data += chunk
-    head, _, body = data.partition(b"\r\n\r\n")
-    status_line, *header_lines = head.decode("latin-1").split("\r\n")
-    headers = {}
-    for line in header_lines:
-        name, _, value = line.partition(":")
-        headers[name.strip().lower()] = value.strip()
-    length = int(headers.get("content-length", "0"))
-    while len(body) < length:
-        chunk = sock.recv(65536)
-        if not chunk:
-            break
-        body += chunk
-    return RawResponse(int(status_line.split()[1]), headers, body)
-
-
-def closed_by_server(sock: socket.socket, timeout: float) -> bool:
-    """Does the server hang up within `timeout` (while we may still be sending)?"""
-    sock.settimeout(timeout)
-    try:
-        while sock.recv(65536):
-            pass
-        return True
-    except (ConnectionResetError, BrokenPipeError):
-        return True
-    except socket.timeout:
-        return False
-
-
-def connect(server: LiveServer) -> socket.socket:
-    return socket.create_connection(("127.0.0.1", server.port), timeout=30)
 
 
 def assert_raw_problem(response: RawResponse, status: int) -> dict:
@@ -539,11 +478,11 @@ def test_sigterm_lets_requests_in_flight_finish_then_closes_the_pool(embedded_po
 
 # --- API_TOKEN -------------------------------------------------------------------------------
 
-def test_api_token_guards_every_todos_route_and_method(hardening_database: str):
+def test_api_token_guards_every_todos_route_and_method(embedded_database: str):
     token = "guard-" + uuid.uuid4().hex
     database_password = "db-pass-" + uuid.uuid4().hex
     # A password PostgreSQL (trust auth) never asks for, but that the service holds.
-    parts = urlsplit(hardening_database)
+    parts = urlsplit(embedded_database)
     url = parts._replace(netloc=f"postgres:{database_password}@{parts.netloc.split('@')[-1]}").geturl()
     env = clean_environment(DATABASE_URL=url, API_TOKEN=token)
     with LiveServer(env) as server, httpx.Client(base_url=server.url, timeout=15) as client:
@@ -601,8 +540,8 @@ def test_bearer_token_is_compared_in_constant_time(monkeypatch):
 # --- logs: a full IAM session, scanned for every secret ------------------------------------------
 
 def test_iam_session_logs_every_request_and_leaks_no_secret(fresh_sts, embedded_postgres: str, monkeypatch):
+    from iam_support import aurora, iam_environment
     from standins import aurora_gateway
-    from test_iam import aurora, iam_environment
 
     presented: list[str] = []  # every database token the service presented to "Aurora"
     real_check = aurora_gateway.check_token

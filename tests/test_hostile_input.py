@@ -25,22 +25,15 @@ from collections import Counter
 import httpx
 import pytest
 
-from support import LiveServer, clean_environment, create_database, drop_database, run_sql
+from support import LiveServer, clean_environment, run_sql
 
 JSON = "application/json"
 PROBLEM = "application/problem+json"
 
 
 @pytest.fixture(scope="module")
-def hostile_database(embedded_postgres: str):
-    url = create_database(embedded_postgres)
-    yield url
-    drop_database(embedded_postgres, url)
-
-
-@pytest.fixture(scope="module")
-def live(hostile_database: str):
-    with LiveServer(clean_environment(DATABASE_URL=hostile_database)) as server:
+def live(embedded_database: str):
+    with LiveServer(clean_environment(DATABASE_URL=embedded_database)) as server:
         yield server
 
 
@@ -90,8 +83,8 @@ NOT_UTF8 = {
 
 
 @pytest.mark.parametrize("name", NOT_UTF8)
-def test_a_body_that_is_not_utf8_is_400_and_stores_nothing(http, hostile_database, target, name):
-    before = rows(hostile_database)
+def test_a_body_that_is_not_utf8_is_400_and_stores_nothing(http, embedded_database, target, name):
+    before = rows(embedded_database)
     bad = NOT_UTF8[name]
     bodies = [b'{"title": "' + bad + b'"}', b'{"title": "ok ' + bad + b' ok"}', b'{"ti' + bad + b'tle": "x"}',
               b'{"title": "x", "completed": true, "' + bad + b'": 1}', bad + b'{"title": "x"}']
@@ -102,12 +95,12 @@ def test_a_body_that_is_not_utf8_is_400_and_stores_nothing(http, hostile_databas
     for body in bodies:
         assert_problem(http.post("/todos", content=body, headers=headers), 400)
         assert_problem(http.patch(f"/todos/{target['id']}", content=body, headers=headers), 400)
-    assert rows(hostile_database) == before
+    assert rows(embedded_database) == before
 
 
 @pytest.mark.parametrize("encoded", ["%ED%A0%80", "%FF", "%C0%AF", "ok%E2%82", "%F4%90%80%80"])
-def test_a_query_value_that_is_not_utf8_is_422_naming_the_field(http, hostile_database, target, encoded):
-    before = rows(hostile_database)
+def test_a_query_value_that_is_not_utf8_is_422_naming_the_field(http, embedded_database, target, encoded):
+    before = rows(embedded_database)
     item = f"/todos/{target['id']}"
     assert_problem(http.post(f"/todos?title={encoded}"), 422, "title")
     assert_problem(http.post(f"/todos?title=fine&completed={encoded}"), 422, "completed")
@@ -119,7 +112,7 @@ def test_a_query_value_that_is_not_utf8_is_422_naming_the_field(http, hostile_da
     # A field the route ignores is still no excuse for bytes that are not text.
     assert_problem(http.get(f"/todos?colour={encoded}"), 422, "colour")
     assert_problem(http.get(f"/todos?{encoded}=1"), 422, "query")
-    assert rows(hostile_database) == before
+    assert rows(embedded_database) == before
 
 
 def test_percent_encoded_utf8_in_the_query_is_stored_exactly(http):
@@ -128,7 +121,7 @@ def test_percent_encoded_utf8_in_the_query_is_stored_exactly(http):
     assert created.json()["title"] == "€ 🐍 café" and created.json()["completed"] is True
 
 
-def test_titles_are_trimmed_before_their_length_is_checked(http, hostile_database, target):
+def test_titles_are_trimmed_before_their_length_is_checked(http, embedded_database, target):
     longest = "  " + "é" * 500 + " \n"
     created = http.post("/todos", json={"title": longest})
     assert created.status_code == 201, created.text
@@ -137,13 +130,13 @@ def test_titles_are_trimmed_before_their_length_is_checked(http, hostile_databas
     assert renamed.status_code == 200 and renamed.json()["title"] == "x" * 500
     by_query = http.post("/todos", params={"title": "  " + "q" * 500 + "  "})
     assert by_query.status_code == 201 and by_query.json()["title"] == "q" * 500
-    before = rows(hostile_database)
+    before = rows(embedded_database)
     for title in (" " + "x" * 501 + " ", "x" * 501, "", "  \u3000\n ", "a\x00b"):
         assert_problem(http.post("/todos", json={"title": title}), 422, "title")
         assert_problem(http.patch(f"/todos/{target['id']}", json={"title": title}), 422, "title")
         assert_problem(http.post("/todos", params={"title": title}), 422, "title")
         assert_problem(http.post("/todos", params={"title": title}, json={"title": "fine"}), 422, "title")
-    assert rows(hostile_database) == before
+    assert rows(embedded_database) == before
 
 
 def test_the_documented_title_pattern_is_exactly_the_rule():
@@ -259,17 +252,17 @@ def exchange(port: int, frame: bytes) -> list[tuple[int, dict[str, str], bytes]]
 
 
 @pytest.fixture(scope="module", params=["httptools", "h11"])
-def parser_server(request, hostile_database: str):
+def parser_server(request, embedded_database: str):
     """`uvicorn app:app` with one of the two HTTP parsers uvicorn (and Vercel's runtime) may use."""
-    env = clean_environment(DATABASE_URL=hostile_database, UVICORN_HTTP=request.param, LOG_LEVEL="warning")
+    env = clean_environment(DATABASE_URL=embedded_database, UVICORN_HTTP=request.param, LOG_LEVEL="warning")
     with LiveServer(env, uvicorn_cli=True) as server:
         assert httpx.get(server.url + "/todos", timeout=15).status_code == 200  # the schema exists
         yield request.param, server
 
 
-def test_malformed_framing_is_refused_or_served_never_a_5xx(parser_server, hostile_database):
+def test_malformed_framing_is_refused_or_served_never_a_5xx(parser_server, embedded_database):
     parser, server = parser_server
-    titles = Counter(t for (t,) in run_sql(hostile_database, "SELECT title FROM todos"))
+    titles = Counter(t for (t,) in run_sql(embedded_database, "SELECT title FROM todos"))
     for name, frame in FRAMES.items():
         started = time.monotonic()
         responses = exchange(server.port, frame)
@@ -285,7 +278,7 @@ def test_malformed_framing_is_refused_or_served_never_a_5xx(parser_server, hosti
                 assert headers["content-type"] == PROBLEM, (parser, name, status, body)
             if status == 201:
                 created.append(json.loads(body)["title"])
-        now = Counter(t for (t,) in run_sql(hostile_database, "SELECT title FROM todos"))
+        now = Counter(t for (t,) in run_sql(embedded_database, "SELECT title FROM todos"))
         # Exactly what was answered 201 was stored, once; nothing refused was stored.
         assert now - titles == Counter(created) and not titles - now, (parser, name, created, now - titles)
         titles = now
@@ -338,20 +331,20 @@ ODD_BODIES = {
 
 
 @pytest.mark.parametrize("name", ODD_BODIES)
-def test_odd_bodies_are_refused_with_a_problem_and_store_nothing(http, hostile_database, target, name):
+def test_odd_bodies_are_refused_with_a_problem_and_store_nothing(http, embedded_database, target, name):
     body, headers, status, field = ODD_BODIES[name]
     headers = {"content-type": JSON, **headers}
-    before = rows(hostile_database)
+    before = rows(embedded_database)
     for response in (http.post("/todos", content=body, headers=headers),
                      http.patch(f"/todos/{target['id']}", content=body, headers=headers)):
         if name == "empty object" and response.request.method == "PATCH":
             assert_problem(response, 422, "body")  # PATCH needs at least one field
         else:
             assert_problem(response, status, field)
-    assert rows(hostile_database) == before
+    assert rows(embedded_database) == before
 
 
-def test_the_largest_body_allowed_and_duplicate_keys(http, hostile_database):
+def test_the_largest_body_allowed_and_duplicate_keys(http, embedded_database):
     exactly = b'{"title": "64 KiB"' + b" " * (64 * 1024 - 19) + b"}"
     assert len(exactly) == 64 * 1024
     created = http.post("/todos", content=exactly, headers={"content-type": JSON})
@@ -359,11 +352,11 @@ def test_the_largest_body_allowed_and_duplicate_keys(http, hostile_database):
     # Duplicate keys: the last one wins, as in Python's json and JavaScript's JSON.parse.
     twice = http.post("/todos", content=b'{"title": "first", "title": "second"}', headers={"content-type": JSON})
     assert twice.status_code == 201 and twice.json()["title"] == "second"
-    before = rows(hostile_database)
+    before = rows(embedded_database)
     refused = http.post("/todos", content=b'{"title": "ok", "completed": true, "completed": "no"}',
                         headers={"content-type": JSON})
     assert_problem(refused, 422, "completed")
-    assert rows(hostile_database) == before
+    assert rows(embedded_database) == before
 
 
 # --- odd ids and query values ------------------------------------------------------------------
@@ -373,13 +366,13 @@ ODD_IDS = ["%00", "..%2F..", "%2e%2e%2fhealthz", "%FF%FE", "caf%C3%A9", "a" * 50
            "12345678%201234-5678-1234-567812345678", "-1", "0", "null", "%7B%7D", "%20"]
 
 
-def test_odd_ids_are_404_problems_and_touch_nothing(http, hostile_database, target):
-    before = rows(hostile_database)
+def test_odd_ids_are_404_problems_and_touch_nothing(http, embedded_database, target):
+    before = rows(embedded_database)
     for odd in ODD_IDS:
         path = f"/todos/{odd}"
         for response in (http.get(path), http.delete(path), http.patch(path, json={"completed": True})):
             assert_problem(response, 404)
-    assert rows(hostile_database) == before
+    assert rows(embedded_database) == before
 
 
 ODD_QUERIES = {
@@ -404,19 +397,19 @@ def test_odd_query_values_are_422_naming_the_field(http):
             assert response.status_code == 200, (query, response.text)
 
 
-def test_odd_titles_in_the_query_are_refused_and_store_nothing(http, hostile_database, target):
-    before = rows(hostile_database)
+def test_odd_titles_in_the_query_are_refused_and_store_nothing(http, embedded_database, target):
+    before = rows(embedded_database)
     for title in ("%00", "a%00", "%20%20", "x" * 501, "%09%0A", "%ED%A0%80", "%C0%AF"):
         assert_problem(http.post(f"/todos?title={title}"), 422, "title")
         assert_problem(http.patch(f"/todos/{target['id']}?title={title}"), 422, "title")
-    assert rows(hostile_database) == before
+    assert rows(embedded_database) == before
 
 
 # --- header floods ------------------------------------------------------------------------------
 
-def test_header_floods_get_an_answer_never_a_5xx(parser_server, hostile_database):
+def test_header_floods_get_an_answer_never_a_5xx(parser_server, embedded_database):
     parser, live = parser_server
-    before = rows(hostile_database)
+    before = rows(embedded_database)
     body = json.dumps({"title": "flooded"}).encode()
     answers: dict[str, int] = {}
 
@@ -444,7 +437,7 @@ def test_header_floods_get_an_answer_never_a_5xx(parser_server, hostile_database
                 assert len(headers["x-request-id"]) <= 128  # not echoed: not a sane id
             created += status == 201
             answers[name] = status
-    after = rows(hostile_database)
+    after = rows(embedded_database)
     assert len(after) - len(before) == created
     assert httpx.get(live.url + "/healthz").status_code == 200
     # httptools sets no limit on a request's head; h11 refuses one that outgrows its buffer.

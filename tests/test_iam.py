@@ -14,117 +14,32 @@ import json
 import signal
 import threading
 import time
-from contextlib import contextmanager
 from urllib.parse import urlsplit
 
 import httpx
 import pytest
 
-from iam_support import REGION, ROLE_ARN, Sts, oidc_token
+from iam_support import (
+    REGION,
+    apply_postgres_schema,
+    assert_no_secrets,
+    aurora,
+    iam_environment,
+    replacements,
+    soak,
+)
 from standins.aurora_gateway import AuroraGateway, moto_credentials_lookup, parse_upstream_url
+from standins.sts import Sts
 from support import LiveServer, clean_environment, create_database, drop_database, run_sql, wait_until_serving
-
-
-
-@pytest.fixture(scope="module")
-def iam_database(embedded_postgres: str):
-    url = create_database(embedded_postgres)
-    yield url
-    drop_database(embedded_postgres, url)
-
-
-@contextmanager
-def aurora(database_url: str, ttl: float, mode: str = "iam", **options):
-    host, port = parse_upstream_url(database_url)
-    with AuroraGateway(host, port, max_token_age=ttl, region=REGION, mode=mode,
-                       credentials_lookup=moto_credentials_lookup(), **options) as gateway:
-        yield gateway
-
-
-def iam_environment(gateway: AuroraGateway, sts: Sts, database_url: str, ttl: int, **overrides: str) -> dict:
-    """The service's environment for IAM mode behind `gateway`; `overrides` win."""
-    settings = dict(
-        PGHOST="127.0.0.1", PGPORT=str(gateway.port), PGUSER="postgres",
-        PGDATABASE=urlsplit(database_url).path.lstrip("/"), DB_AUTH="iam", AWS_REGION=REGION,
-        AWS_ROLE_ARN=ROLE_ARN, AWS_ENDPOINT_URL_STS=sts.url, AWS_EC2_METADATA_DISABLED="true",
-        VERCEL_OIDC_TOKEN=oidc_token(), PGSSLROOTCERT=gateway.ca_file, DB_TOKEN_TTL=str(ttl),
-        DB_POOL_MIN="1", DB_POOL_MAX="6")
-    return clean_environment(**{**settings, **overrides})
-
-
-def apply_postgres_schema(url: str) -> None:
-    """The schema in PostgreSQL's dialect, for DSQL-mode tests here: the IAM gateway relays SQL
-    unchanged (it cannot run CREATE INDEX ASYNC); DSQL's SQL surface is tests/standins/dsql_gateway.py's."""
-    import db
-
-    run_sql(url, db.CREATE_TABLE, *db.CREATE_INDEXES)
-
-
-def assert_no_secrets(texts: list[str], sts: Sts, env: dict) -> None:
-    """No OIDC token, STS secret, session token or database token anywhere in `texts`."""
-    secrets = [env["VERCEL_OIDC_TOKEN"], *sts.secrets()]
-    for text in texts:
-        for secret in secrets:
-            assert secret not in text
-        for shape in ("X-Amz-Signature", "X-Amz-Security-Token", "Amz-Credential", "Action=connect",
-                      "Action=DbConnect"):
-            assert shape not in text
-
-
-def replacements(live: LiveServer) -> int:
-    return sum(1 for entry in live.logs() if entry["message"] == "pool replaced")
-
-
-def soak(live: LiveServer, workers: int, duration: float) -> list[str]:
-    """`workers` clients create, read, complete and list todos for `duration` seconds.
-
-    Every answer must be the one expected (none is retried here), and afterwards every todo
-    created must read back completed. Returns the ids created.
-    """
-    failures: list[str] = []
-    created: list[str] = []
-    lock = threading.Lock()
-    stop_at = time.monotonic() + duration
-
-    def worker(n: int) -> None:
-        with httpx.Client(base_url=live.url, timeout=15) as client:
-            i = 0
-            while time.monotonic() < stop_at:
-                i += 1
-                made = client.post("/todos", json={"title": f"soak {n}-{i}"})
-                steps = [(made, 201)]
-                if made.status_code == 201:
-                    todo_id = made.json()["id"]
-                    with lock:
-                        created.append(todo_id)
-                    steps.append((client.get(f"/todos/{todo_id}"), 200))
-                    steps.append((client.patch(f"/todos/{todo_id}", json={"completed": True}), 200))
-                steps.append((client.get("/todos", params={"limit": 5}), 200))
-                for response, wanted in steps:
-                    if response.status_code != wanted:
-                        with lock:
-                            failures.append(f"{response.request.method} {response.request.url.path}"
-                                            f" -> {response.status_code} {response.text[:200]}")
-
-    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-        list(pool.map(worker, range(workers)))
-
-    assert failures == []
-    with httpx.Client(base_url=live.url, timeout=15) as client:
-        for todo_id in created:
-            got = client.get(f"/todos/{todo_id}")
-            assert got.status_code == 200 and got.json()["completed"] is True
-    return created
-
 
 # --- 1. soak ----------------------------------------------------------------------------
 
-def test_soak_across_many_replacements_loses_nothing(fresh_sts: Sts, iam_database: str):
+def test_soak_across_many_replacements_loses_nothing(fresh_sts: Sts, embedded_database: str):
     # More workers than connections: requests queue on the pool, so some are still waiting
     # on the old pool when it is replaced; they must finish, not be cancelled.
     ttl, duration, workers = 4, 32.0, 10
-    with aurora(iam_database, ttl) as gateway:
-        env = iam_environment(gateway, fresh_sts, iam_database, ttl, DB_POOL_MAX="3")
+    with aurora(embedded_database, ttl) as gateway:
+        env = iam_environment(gateway, fresh_sts, embedded_database, ttl, DB_POOL_MAX="3")
         with LiveServer(env) as live:
             created = soak(live, workers, duration)
             assert len(created) > 100
@@ -142,10 +57,10 @@ def test_soak_across_many_replacements_loses_nothing(fresh_sts: Sts, iam_databas
 
 # --- 2. freeze ----------------------------------------------------------------------------
 
-def test_thawed_instance_serves_its_first_request(fresh_sts: Sts, iam_database: str):
+def test_thawed_instance_serves_its_first_request(fresh_sts: Sts, embedded_database: str):
     ttl = 4
-    with aurora(iam_database, ttl) as gateway:
-        env = iam_environment(gateway, fresh_sts, iam_database, ttl)
+    with aurora(embedded_database, ttl) as gateway:
+        env = iam_environment(gateway, fresh_sts, embedded_database, ttl)
         with LiveServer(env) as live, httpx.Client(base_url=live.url, timeout=15) as client:
             assert client.post("/todos", json={"title": "before the freeze"}).status_code == 201
 
@@ -171,14 +86,14 @@ def test_thawed_instance_serves_its_first_request(fresh_sts: Sts, iam_database: 
             assert gateway.refused == []
 
 
-def test_first_request_after_a_thaw_with_silently_dead_sockets_answers_fast(fresh_sts: Sts, iam_database: str):
+def test_first_request_after_a_thaw_with_silently_dead_sockets_answers_fast(fresh_sts: Sts, embedded_database: str):
     """While the instance is frozen, a NAT forgets its connections: no FIN, no RST, nothing.
     The first request after the thaw must not wait for a dead socket (it used to take the
     8 s deadline and answer 503)."""
     import db
 
-    with aurora(iam_database, 900) as gateway:
-        env = iam_environment(gateway, fresh_sts, iam_database, 900, DB_POOL_MIN="2")
+    with aurora(embedded_database, 900) as gateway:
+        env = iam_environment(gateway, fresh_sts, embedded_database, 900, DB_POOL_MIN="2")
         with LiveServer(env) as live, httpx.Client(base_url=live.url, timeout=15) as client:
             assert client.post("/todos", json={"title": "before the black hole"}).status_code == 201
             assert client.get("/readyz").json()["pool"]["idle"] >= 1
@@ -199,12 +114,12 @@ def test_first_request_after_a_thaw_with_silently_dead_sockets_answers_fast(fres
 
 # --- 3. STS down ----------------------------------------------------------------------------
 
-def test_sts_outage_keeps_the_current_pool_then_recovers(fresh_sts: Sts, iam_database: str):
+def test_sts_outage_keeps_the_current_pool_then_recovers(fresh_sts: Sts, embedded_database: str):
     ttl = 8
     # Credentials that expire quickly make every replacement need STS.
     fresh_sts.credential_lifetime = 20
-    with aurora(iam_database, ttl) as gateway:
-        env = iam_environment(gateway, fresh_sts, iam_database, ttl)
+    with aurora(embedded_database, ttl) as gateway:
+        env = iam_environment(gateway, fresh_sts, embedded_database, ttl)
         with LiveServer(env) as live, httpx.Client(base_url=live.url, timeout=15) as client:
             assert client.get("/todos").status_code == 200
             fresh_sts.stop()
@@ -242,13 +157,13 @@ def test_sts_outage_keeps_the_current_pool_then_recovers(fresh_sts: Sts, iam_dat
             assert_no_secrets([live.logs_text()], fresh_sts, env)
 
 
-def test_sts_outage_past_the_token_life_is_single_flight_with_backoff(fresh_sts: Sts, iam_database: str):
+def test_sts_outage_past_the_token_life_is_single_flight_with_backoff(fresh_sts: Sts, embedded_database: str):
     """STS refuses every call from before the pool is due until 16 s past its token's life,
     under ~30 requests/s: attempts are single-flight and back off, whatever the traffic."""
     ttl = 4
     fresh_sts.credential_lifetime = 20  # shorter than botocore's refresh window: every token needs STS
-    with aurora(iam_database, ttl) as gateway:
-        env = iam_environment(gateway, fresh_sts, iam_database, ttl)
+    with aurora(embedded_database, ttl) as gateway:
+        env = iam_environment(gateway, fresh_sts, embedded_database, ttl)
         with LiveServer(env) as live, httpx.Client(base_url=live.url, timeout=15) as client:
             assert client.get("/todos").status_code == 200
             token_age = client.get("/readyz").json()["token"]["age_seconds"]
@@ -309,10 +224,10 @@ def test_sts_outage_past_the_token_life_is_single_flight_with_backoff(fresh_sts:
             assert_no_secrets([live.logs_text()], fresh_sts, env)
 
 
-def test_event_loop_keeps_serving_while_sts_is_slow(fresh_sts: Sts, iam_database: str):
+def test_event_loop_keeps_serving_while_sts_is_slow(fresh_sts: Sts, embedded_database: str):
     fresh_sts.delay = 3.0
-    with aurora(iam_database, 60) as gateway:
-        env = iam_environment(gateway, fresh_sts, iam_database, 60)
+    with aurora(embedded_database, 60) as gateway:
+        env = iam_environment(gateway, fresh_sts, embedded_database, 60)
         with LiveServer(env) as live, httpx.Client(base_url=live.url, timeout=15) as client:
             with concurrent.futures.ThreadPoolExecutor(1) as pool:
                 first = pool.submit(client.get, "/todos")  # creates the pool: STS takes 3 s

@@ -31,8 +31,11 @@ from urllib.parse import parse_qs, urlsplit
 import httpx
 import pytest
 
-from dsql_support import _once_unless_served, backend, database_url, server  # noqa: F401
+from dsql_support import BACKENDS
+from raw_http import connect, read_response, request_head
 from support import LiveServer, clean_environment, create_database, drop_database, run_sql
+
+pytestmark = pytest.mark.parametrize("backend", BACKENDS, indirect=True, scope="module")
 
 PROBLEM = "application/problem+json"
 
@@ -125,7 +128,6 @@ def test_one_key_with_different_fields_is_422_and_changes_nothing(http, database
 ], ids=["empty", "256 characters", "tab", "DEL", "latin-1", "utf-8", "NUL"])
 def test_a_malformed_key_is_422_and_stores_nothing(server: LiveServer, http, database_url, bad: bytes):
     """Raw headers: an HTTP client library would refuse to send most of these."""
-    from test_hardening import connect, read_response, request_head
 
     before = count(database_url)
     body = b'{"title": "malformed key"}'

@@ -6,15 +6,23 @@ import csv
 import subprocess
 import sys
 
-
 import httpx
 import pytest
 
-from dsql_support import (ROLE, SCHEMA, _once_unless_served, backend, database_url, dsql_stand_in,  # noqa: F401
-                          ensure_role, grant_printed, migrate_as_admin, server)
-from iam_support import Sts
+from dsql_support import (
+    BACKENDS,
+    ROLE,
+    SCHEMA,
+    dsql_environment,
+    dsql_stand_in,
+    ensure_role,
+    grant_printed,
+    migrate_as_admin,
+)
+from standins.sts import Sts
 from support import ROOT, LiveServer, clean_environment, create_database, drop_database, run_sql
-from dsql_support import dsql_environment
+
+pytestmark = pytest.mark.parametrize("backend", BACKENDS, indirect=True, scope="module")
 
 
 def test_locust_mix_runs_headless_without_a_failure(server: LiveServer, tmp_path):

@@ -53,8 +53,9 @@ except ImportError as error:
 
 import asyncpg  # noqa: E402
 
-from iam_support import REGION, ROLE_ARN, Sts, oidc_token  # noqa: E402
-from standins.aurora_gateway import AuroraGateway, moto_credentials_lookup, parse_upstream_url  # noqa: E402
+from iam_support import ROLE_ARN, aurora, oidc_token  # noqa: E402
+from standins.aurora_gateway import AuroraGateway  # noqa: E402
+from standins.sts import Sts  # noqa: E402
 from standins.vercel_harness import Response, VercelRuntime  # noqa: E402
 from support import create_database, drop_database, run_sql  # noqa: E402
 
@@ -89,15 +90,6 @@ def serve(label: str, env: dict[str, str]) -> Iterator[VercelRuntime]:
     finally:
         runtime.stop()
         CAPTURED.append((label, runtime.output()))
-
-
-@contextmanager
-def aurora(database_url: str, ttl: float) -> Iterator[AuroraGateway]:
-    """Aurora's IAM front door (TLS, SigV4 tokens checked against moto) before `database_url`."""
-    host, port = parse_upstream_url(database_url)
-    with AuroraGateway(host, port, max_token_age=ttl, region=REGION, mode="iam",
-                       credentials_lookup=moto_credentials_lookup()) as gateway:
-        yield gateway
 
 
 def iam_env(gateway: AuroraGateway, sts: Sts, database_url: str, ttl: int, **extra: str) -> dict[str, str]:
@@ -223,13 +215,6 @@ class StampedList(list):
         super().append(token)
 
 
-@pytest.fixture(scope="module")
-def iam_database(embedded_postgres: str) -> Iterator[str]:
-    url = create_database(embedded_postgres)
-    yield url
-    drop_database(embedded_postgres, url)
-
-
 # --- 1. password mode ------------------------------------------------------------------------
 
 def test_password_mode_api_through_the_vercel_runtime(embedded_postgres: str):
@@ -277,10 +262,10 @@ def test_password_mode_api_through_the_vercel_runtime(embedded_postgres: str):
 
 # --- 2. IAM mode: the OIDC token travels as Vercel sends it ------------------------------------
 
-def test_iam_mode_uses_the_request_oidc_token(fresh_sts: Sts, iam_database: str):
+def test_iam_mode_uses_the_request_oidc_token(fresh_sts: Sts, embedded_database: str):
     token = new_oidc_token(3600)
-    with aurora(iam_database, 60) as gateway, \
-            serve("iam", iam_env(gateway, fresh_sts, iam_database, 60)) as runtime:
+    with aurora(embedded_database, 60) as gateway, \
+            serve("iam", iam_env(gateway, fresh_sts, embedded_database, 60)) as runtime:
         crud_round_trip(runtime, token)
         ready = runtime.request("GET", "/readyz", oidc_token=token)
         assert ready.status == 200 and ready.json()["auth"] == "iam"
@@ -293,15 +278,15 @@ def test_iam_mode_uses_the_request_oidc_token(fresh_sts: Sts, iam_database: str)
 
 # --- 3. the background replacement finds a valid OIDC token ------------------------------------
 
-def test_background_replacement_uses_the_latest_oidc_token(fresh_sts: Sts, iam_database: str,
+def test_background_replacement_uses_the_latest_oidc_token(fresh_sts: Sts, embedded_database: str,
                                                             monkeypatch: pytest.MonkeyPatch):
     ttl = 5  # the timer replaces the pool every 3.5 s
     # Credentials shorter than botocore's refresh window: every replacement calls STS.
     fresh_sts.credential_lifetime = 15
     monkeypatch.setattr(fresh_sts, "web_identity_tokens", StampedList())
 
-    with aurora(iam_database, ttl) as gateway, \
-            serve("iam-background", iam_env(gateway, fresh_sts, iam_database, ttl)) as runtime:
+    with aurora(embedded_database, ttl) as gateway, \
+            serve("iam-background", iam_env(gateway, fresh_sts, embedded_database, ttl)) as runtime:
         # Token A expires a few seconds after B arrives, during the quiet phase, so that a
         # replacement reading a stale request context would find an expired token there.
         token_a = new_oidc_token(6)
@@ -353,7 +338,7 @@ def test_background_replacement_uses_the_latest_oidc_token(fresh_sts: Sts, iam_d
 
 # --- 4. an OIDC token in its last 15 minutes is still good -------------------------------------
 
-def test_oidc_token_in_its_last_15_minutes_is_used(fresh_sts: Sts, iam_database: str):
+def test_oidc_token_in_its_last_15_minutes_is_used(fresh_sts: Sts, embedded_database: str):
     from vercel.oidc.utils import get_token_payload, is_expired
 
     token = new_oidc_token(600)
@@ -362,8 +347,8 @@ def test_oidc_token_in_its_last_15_minutes_is_used(fresh_sts: Sts, iam_database:
     assert is_expired(get_token_payload(token))
     ttl = 3
     fresh_sts.credential_lifetime = 15
-    with aurora(iam_database, ttl) as gateway, \
-            serve("iam-last-15-minutes", iam_env(gateway, fresh_sts, iam_database, ttl)) as runtime:
+    with aurora(embedded_database, ttl) as gateway, \
+            serve("iam-last-15-minutes", iam_env(gateway, fresh_sts, embedded_database, ttl)) as runtime:
         crud_round_trip(runtime, token)
         runtime.wait_idle()
         calls = fresh_sts.calls
@@ -426,7 +411,7 @@ def in_thread(call: Any, *args: Any, **kwargs: Any) -> tuple[threading.Thread, l
 
 
 def test_thawed_request_keeps_the_instance_alive_until_the_old_pool_closed(fresh_sts: Sts,
-                                                                           iam_database: str):
+                                                                           embedded_database: str):
     """A request that wakes a frozen instance with a due pool `end`s only after the old pool closed.
 
     Vercel freezes an instance between invocations, so the pool's timer cannot fire; on the
@@ -441,17 +426,17 @@ def test_thawed_request_keeps_the_instance_alive_until_the_old_pool_closed(fresh
     """
     ttl = 3  # timer at 2.1 s, due at 2.4 s, expired at 2.85 s
     token = new_oidc_token(3600)
-    with aurora(iam_database, ttl) as gateway, \
-            serve("iam-wait-until", iam_env(gateway, fresh_sts, iam_database, ttl)) as runtime:
+    with aurora(embedded_database, ttl) as gateway, \
+            serve("iam-wait-until", iam_env(gateway, fresh_sts, embedded_database, ttl)) as runtime:
         made = runtime.request("POST", "/todos", json={"title": "locked"}, oidc_token=token)
         assert made.status == 201, made.text
-        with RowLock(iam_database, made.json()["id"]) as lock:
+        with RowLock(embedded_database, made.json()["id"]) as lock:
             # Start right after a replacement, so the next one is ~2 s away.
             wait_for_log(runtime, "pool replaced", len(runtime.messages), ttl)
             anchor = time.monotonic()
             patch, patched = in_thread(runtime.request, "PATCH", made.header("location"),
                                        json={"title": "after the thaw"}, oidc_token=token)
-            while waiting_on_locks(iam_database) == 0:
+            while waiting_on_locks(embedded_database) == 0:
                 assert time.monotonic() - anchor < 1.5, "the PATCH never reached the row lock"
                 time.sleep(0.02)
 
@@ -496,15 +481,15 @@ def test_thawed_request_keeps_the_instance_alive_until_the_old_pool_closed(fresh
 
 # --- 6. no secret in anything the runtime wrote --------------------------------------------------
 
-def test_no_secret_in_runtime_output(fresh_sts: Sts, iam_database: str):
+def test_no_secret_in_runtime_output(fresh_sts: Sts, embedded_database: str):
     # A short scenario of its own, with errors, /readyz and STS-driven replacements, so that
     # this test proves something when it runs alone; then every runtime of this module.
     ttl = 2
     token = new_oidc_token(3600)
     fresh_sts.credential_lifetime = 15
     bodies = []
-    with aurora(iam_database, ttl) as gateway, \
-            serve("iam-secrets", iam_env(gateway, fresh_sts, iam_database, ttl)) as runtime:
+    with aurora(embedded_database, ttl) as gateway, \
+            serve("iam-secrets", iam_env(gateway, fresh_sts, embedded_database, ttl)) as runtime:
         crud_round_trip(runtime, token)
         for method, path, body in (("POST", "/todos", "{not json"), ("POST", "/todos", '{"title": 5}'),
                                    ("GET", "/readyz", None), ("GET", "/openapi.json", None)):
@@ -587,7 +572,7 @@ def test_idle_connections_close_before_the_invocation_ends(embedded_postgres: st
 
 # --- 8. a drain never outlives the invocation's deadline ---------------------------------------
 
-def test_drain_is_terminated_at_the_invocation_deadline(fresh_sts: Sts, iam_database: str):
+def test_drain_is_terminated_at_the_invocation_deadline(fresh_sts: Sts, embedded_database: str):
     """A replaced pool whose last query is stuck behind a row lock cannot drain; the
     invocation that waits for it must still end before its deadline (Vercel would cut it
     there and freeze the instance with the old pool open): the rest is terminated, and the
@@ -598,16 +583,16 @@ def test_drain_is_terminated_at_the_invocation_deadline(fresh_sts: Sts, iam_data
 
     ttl = 3  # the timer replaces the pool 2.1 s after it was created
     token = new_oidc_token(3600)
-    with aurora(iam_database, ttl) as gateway, \
-            serve("iam-drain-deadline", iam_env(gateway, fresh_sts, iam_database, ttl)) as runtime:
+    with aurora(embedded_database, ttl) as gateway, \
+            serve("iam-drain-deadline", iam_env(gateway, fresh_sts, embedded_database, ttl)) as runtime:
         made = runtime.request("POST", "/todos", json={"title": "locked"}, oidc_token=token)
         assert made.status == 201, made.text
-        with RowLock(iam_database, made.json()["id"]) as lock:
+        with RowLock(embedded_database, made.json()["id"]) as lock:
             since = len(runtime.messages)
             patch, patched = in_thread(runtime.request, "PATCH", made.header("location"),
                                        json={"title": "after the drain"}, oidc_token=token)
             started = time.monotonic()
-            while waiting_on_locks(iam_database) == 0:
+            while waiting_on_locks(embedded_database) == 0:
                 assert time.monotonic() - started < 2, "the PATCH never reached the row lock"
                 time.sleep(0.02)
             wait_for_log(runtime, "pool replaced", since, ttl + 2)  # the PATCH's pool now drains
@@ -619,7 +604,7 @@ def test_drain_is_terminated_at_the_invocation_deadline(fresh_sts: Sts, iam_data
             assert got.status == 200, got.text
             runtime.wait_for_end(got.invocation_id, timeout=budget + 2)
             ended = time.monotonic() - asked
-            assert waiting_on_locks(iam_database) >= 1, "the lock was meant to outlast the GET"
+            assert waiting_on_locks(embedded_database) >= 1, "the lock was meant to outlast the GET"
             assert ended < budget, f"the GET ended {ended:.2f} s after it was sent, past its deadline"
             assert ended > budget - db.DEADLINE_MARGIN - 0.5, "the GET did not wait for the drain at all"
             lock.release()
