@@ -3,7 +3,10 @@
 - `run_sql(url, *statements)` runs SQL on a database, from sync tests.
 - `create_database(admin_url)` makes a fresh, empty database and returns its URL.
 - `LiveServer` starts `python app.py` (uvicorn) in a subprocess with a chosen environment,
-  waits for /healthz, and keeps its stderr (the JSON logs) for tests to read.
+  waits for /healthz, and keeps its stderr (the JSON logs) for tests to read;
+  `unhandled(server)` is what it logged as an error.
+- `TableLock(url)` holds the todos table locked until `release()`; `waiting_on_lock(url)`
+  counts the statements queued behind it.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -135,3 +139,43 @@ class LiveServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def unhandled(server: LiveServer) -> list[dict]:
+    """The log entries of errors: any error or critical line, and every "unhandled error"."""
+    return [e for e in server.logs() if e["level"] in ("error", "critical") or e["message"] == "unhandled error"]
+
+
+class TableLock:
+    """ACCESS EXCLUSIVE on todos, held from a thread of its own until `release()`."""
+
+    def __init__(self, url: str):
+        self.url = url
+        self._taken = threading.Event()
+        self._release = threading.Event()
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._hold()), daemon=True)
+        self._thread.start()
+        assert self._taken.wait(15), "could not lock the table"
+
+    async def _hold(self) -> None:
+        import asyncpg
+
+        connection = await asyncpg.connect(self.url)
+        try:
+            async with connection.transaction():
+                await connection.execute("LOCK TABLE todos IN ACCESS EXCLUSIVE MODE")
+                self._taken.set()
+                while not self._release.is_set():
+                    await asyncio.sleep(0.02)
+        finally:
+            await connection.close()
+
+    def release(self) -> None:
+        self._release.set()
+        self._thread.join(15)
+
+
+def waiting_on_lock(url: str) -> int:
+    database = urlsplit(url).path.lstrip("/")
+    return run_sql(url, f"""SELECT count(*) FROM pg_stat_activity
+                            WHERE datname = '{database}' AND wait_event_type = 'Lock'""")[0][0]

@@ -8,7 +8,8 @@
   pools could open: too many connections is a 503 + Retry-After, never a 500.
 
 The Vercel-side mechanisms (idle release, thaw checks, STS backoff) are proven through the
-real runtime in tests/test_vercel_e2e.py and against the IAM stand-ins in tests/test_iam.py.
+real runtime in tests/test_vercel_e2e.py and against the IAM stand-ins in
+tests/test_iam_tokens.py and tests/test_freeze_and_thaw.py.
 """
 
 from __future__ import annotations

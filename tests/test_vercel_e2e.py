@@ -93,7 +93,7 @@ def serve(label: str, env: dict[str, str]) -> Iterator[VercelRuntime]:
 
 
 def iam_env(gateway: AuroraGateway, sts: Sts, database_url: str, ttl: int, **extra: str) -> dict[str, str]:
-    """The environment of tests/test_iam.py's iam_environment(), minus VERCEL_OIDC_TOKEN.
+    """The environment of iam_support.iam_environment(), minus VERCEL_OIDC_TOKEN.
 
     The harness adds VERCEL=1, AWS_REGION and the rest of a Vercel function's environment
     and nothing from this process, so the only OIDC tokens are those the requests carry.

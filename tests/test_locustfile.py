@@ -1,0 +1,33 @@
+"""locustfile.py: the load mix runs headless against the service without a failure, on
+PostgreSQL and in DSQL mode (as admin and as a role, conflicts injected)."""
+
+from __future__ import annotations
+
+import csv
+import subprocess
+import sys
+
+import pytest
+
+from dsql_support import (
+    BACKENDS,
+)
+from support import ROOT, LiveServer
+
+pytestmark = pytest.mark.parametrize("backend", BACKENDS, indirect=True, scope="module")
+
+
+def test_locust_mix_runs_headless_without_a_failure(server: LiveServer, tmp_path):
+    # Once per backend: PostgreSQL, and DSQL (the stand-in, conflicts injected) as admin and as a role.
+    result = subprocess.run(
+        [sys.executable, "-m", "locust", "-f", str(ROOT / "locustfile.py"), "--headless",
+         "-u", "8", "-r", "8", "-t", "6s", "--host", server.url, "--csv", str(tmp_path / "run"),
+         "--exit-code-on-error", "1", "--only-summary"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    with open(tmp_path / "run_stats.csv") as stats:
+        total = next(row for row in csv.DictReader(stats) if row["Name"] == "Aggregated")
+    assert int(total["Request Count"]) > 50
+    assert int(total["Failure Count"]) == 0
+    names = {row["Name"] for row in csv.DictReader(open(tmp_path / "run_stats.csv"))}
+    assert {"/todos", "/todos/{id}"} <= names
