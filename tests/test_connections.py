@@ -1,4 +1,4 @@
-"""Connections that survive what Aurora and Vercel do (issue 10), proven on real PostgreSQL.
+"""Connections that survive what Aurora and Vercel do, proven on real PostgreSQL.
 
 - failover: the database turns read-only for new sessions (as the old writer does after an
   Aurora failover, reached through stale DNS) and its sessions are terminated, under write

@@ -234,7 +234,7 @@ def test_pool_exhaustion_is_a_bounded_wait_then_503(embedded_postgres: str):
     so that the deadline's cancel reached PostgreSQL while the statement was waiting on the
     lock and was acknowledged before the connection went back to the pool. (PostgreSQL
     ignores a cancel that arrives before the backend has read the statement: that was the
-    late write this test once caught on Python 3.13, issue 13.) tests/test_deadline_margin.py
+    late write this test once caught, on Python 3.13.) tests/test_deadline_margin.py
     checks the margin itself, deterministically."""
     url = create_database(embedded_postgres)
     env = clean_environment(DATABASE_URL=url, DB_POOL_MIN="1", DB_POOL_MAX="2")

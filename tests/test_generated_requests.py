@@ -1,4 +1,4 @@
-"""Property-based tests (issue 5): generated requests against the service as a real process.
+"""Generated requests against the service as a real process: nothing answers 5xx or off the document.
 
 - schemathesis reads the live /openapi.json and sends a few hundred generated requests to
   every operation (valid and invalid ones, plus stateful create → get → patch → delete

@@ -1,4 +1,4 @@
-"""Hostile input (issue 12): whatever a client sends, no 5xx, a problem+json error, nothing stored.
+"""Hostile input: whatever a client sends, no 5xx, a problem+json error, nothing stored.
 
 The service runs as a real process (`LiveServer`) on the embedded PostgreSQL. Each test
 counts the rows before and after, so a refused request that wrote anyway is caught, and the

@@ -1,4 +1,4 @@
-"""Safe retries (issue 12): `Idempotency-Key` on POST /todos, against a real PostgreSQL.
+"""Safe retries: `Idempotency-Key` on POST /todos, against a real PostgreSQL.
 
 The tests that use the module's `server` run once per backend: the plain service, and the
 service in DSQL mode (as admin and as a role) behind the DSQL stand-in, which enforces DSQL's

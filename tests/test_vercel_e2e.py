@@ -1,4 +1,4 @@
-"""The real app.py served by Vercel's production Python runtime, end to end (issue 6).
+"""The real app.py served by Vercel's production Python runtime, end to end.
 
 Every test here runs the service through `VercelRuntime` (tests/standins/vercel_harness.py): the
 PyPI `vercel-runtime` that Vercel bundles, started the way the platform starts it, with the
