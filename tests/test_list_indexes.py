@@ -22,11 +22,11 @@ from typing import Any
 
 import asyncpg
 import httpx
-from dsql_support import dsql_environment, dsql_stand_in
-from iam_support import Sts
-from support import ROOT, LiveServer, clean_environment, create_database, drop_database, run_sql
 
 import db
+from dsql_support import dsql_environment, dsql_stand_in
+from standins.sts import Sts
+from support import ROOT, LiveServer, clean_environment, create_database, drop_database, run_sql
 
 TOTAL, OPEN = 200_000, 100
 PAGE = 50  # the service asks for one row more than it shows: that row tells a next page exists
