@@ -32,6 +32,7 @@ import logging
 import os
 import random
 import re
+import socket
 import ssl
 import sys
 import time
@@ -210,6 +211,12 @@ class Settings(msgspec.Struct, frozen=True):
     connect_timeout: int = 3
     statement_cache: int = 100  # asyncpg's prepared-statement cache; 0 behind RDS Proxy
     schema: str = "public"
+    # How the kernel finds a connection that died silently (see watch_for_silence); 0 turns
+    # keepalives off / leaves the kernel's default user timeout.
+    keepalive_idle: int = 1
+    keepalive_interval: int = 1
+    keepalive_count: int = 2
+    tcp_user_timeout: float = 1.5  # seconds
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> Settings:
@@ -256,12 +263,20 @@ class Settings(msgspec.Struct, frozen=True):
         schema = (env.get("DB_SCHEMA") or "").strip() or "public"
         if not SCHEMA_NAME.match(schema):
             raise ConfigError("DB_SCHEMA", "must be a lower-case name: letters, digits and _")
+        # The kernel's own limits (TCP_KEEPIDLE, TCP_KEEPINTVL, TCP_KEEPCNT); an hour at most
+        # for the user timeout.
+        keepalive_idle = _int_setting(env, "DB_TCP_KEEPALIVE_IDLE", 1, 0, 32767)
+        keepalive_interval = _int_setting(env, "DB_TCP_KEEPALIVE_INTERVAL", 1, 1, 32767)
+        keepalive_count = _int_setting(env, "DB_TCP_KEEPALIVE_COUNT", 2, 1, 127)
+        tcp_user_timeout = _seconds_setting(env, "DB_TCP_USER_TIMEOUT", 1.5, 0.0, 3600.0)
         return cls(
             auth=auth_mode, host=host, port=port, user=user, database=database,
             password=password if auth_mode == "password" else None, dsn=dsn, region=region,
             role_arn=env.get("AWS_ROLE_ARN") or None, sslmode=sslmode, sslrootcert=sslrootcert,
             token_ttl=token_ttl, pool_min=pool_min, pool_max=pool_max, idle_timeout=idle_timeout,
             connect_timeout=connect_timeout, statement_cache=statement_cache, schema=schema,
+            keepalive_idle=keepalive_idle, keepalive_interval=keepalive_interval,
+            keepalive_count=keepalive_count, tcp_user_timeout=tcp_user_timeout,
         )
 
     @property
@@ -284,6 +299,10 @@ class Settings(msgspec.Struct, frozen=True):
                     database=self.database, ssl=self.ssl_context(), timeout=self.connect_timeout,
                     statement_cache_size=self.statement_cache,
                     server_settings={"search_path": self.schema})
+
+    async def watch_connection(self, connection: asyncpg.Connection) -> None:
+        """The pool's `init`: every new connection watched for silence (watch_for_silence)."""
+        watch_for_silence(connection, self)
 
     def ssl_context(self) -> ssl.SSLContext | str | None:
         if self.sslmode in ("verify-ca", "verify-full"):
@@ -331,6 +350,19 @@ def _default_auth(host: str, password: str | None, dsn: str | None) -> str:
 def _region_of(host: str) -> str | None:
     match = DSQL_HOST.search(host) or RDS_HOST.search(host)
     return match.group(1) if match else None
+
+
+def _seconds_setting(env: Mapping[str, str], name: str, default: float, low: float, high: float) -> float:
+    text = env.get(name)
+    if not text:
+        return default
+    try:
+        value = float(text)
+    except ValueError:
+        raise ConfigError(name, "must be a number of seconds") from None
+    if not low <= value <= high:  # also refuses nan
+        raise ConfigError(name, f"must be between {low:g} and {high:g} seconds")
+    return value
 
 
 def _int_setting(env: Mapping[str, str], name: str, default: int, low: int, high: int) -> int:
@@ -578,10 +610,12 @@ async def _run(operation: Callable[..., Awaitable[Any]], *args: Any) -> Any:
                             with contextlib.suppress(Exception):
                                 await pool.release(connection, timeout=CANCEL_GRACE)
                             raise
-                except CONNECTION_LOST:
+                except CONNECTION_LOST as error:
                     if reconnected:
                         raise
                     reconnected = True
+                    log.warning("connection lost: retrying on a fresh connection",
+                                extra={"error": _describe(error.__cause__ or error)})
                 except asyncpg.ReadOnlySQLTransactionError:
                     # After an Aurora failover, stale DNS can lead connections to the old
                     # writer, now a read-only replica; nothing was written. Every connection
@@ -643,6 +677,44 @@ async def _reset_session(connection: asyncpg.Connection) -> None:
     on every release: a round trip per request, and statements Aurora DSQL rejects. This
     service never listens, locks or changes session settings, so there is nothing to undo.
     """
+
+
+# A connection can die without a word: the writer's host vanishes in a failover, a partition
+# or a NAT forgets it, and no FIN or RST ever arrives. Without help the kernel notices only
+# after about fifteen minutes of retransmissions (in use) or never (idle), so every
+# connection to the database asks the kernel to find out itself, within about two seconds
+# with the defaults. Keepalives (DB_TCP_KEEPALIVE_IDLE/_INTERVAL/_COUNT) probe a connection
+# that has been quiet for a second, idle or waiting for a slow answer, and the user timeout
+# (DB_TCP_USER_TIMEOUT) closes it once what it sent, probe or statement, has gone
+# unacknowledged that long. A slow statement is never taken for dead: the server's kernel
+# acknowledges the statement and the probes whatever PostgreSQL is doing. The defaults are
+# AWS's fast-failover guide for Aurora (idle 1 s, interval 1 s) with the user timeout that
+# libpq offers as `tcp_user_timeout`, at 1.5 s, in place of the guide's 5 probes (6 s): an
+# idle connection is given up at its second probe (2 s of silence), one in use once the
+# retransmission that follows the timeout goes unanswered (about 2 s). On Linux the user
+# timeout decides; the count matters only where it is missing (macOS: 1 + 2 × 1 = 3 s).
+# libpq's own defaults are the kernel's (two hours idle), made for sessions, not for a
+# serverless function that must answer within seconds. A connection closed by mistake costs
+# one reconnect: an idle one is reopened by the pool, an interrupted statement retried.
+
+
+def watch_for_silence(connection: asyncpg.Connection, settings: Settings) -> None:
+    """Ask the kernel to close `connection` once its peer stops answering (see above)."""
+    # asyncpg offers no hook for socket options; its transport, a private attribute, is the
+    # one way to the socket (tests/test_vanished_hosts.py fails if that changes).
+    sock = connection._transport.get_extra_info("socket")
+    if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return  # a Unix-domain socket (the embedded PostgreSQL): no network to lose
+    if settings.keepalive_idle:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        for option, value in (("TCP_KEEPIDLE", settings.keepalive_idle),
+                              ("TCP_KEEPALIVE", settings.keepalive_idle),  # macOS's TCP_KEEPIDLE
+                              ("TCP_KEEPINTVL", settings.keepalive_interval),
+                              ("TCP_KEEPCNT", settings.keepalive_count)):
+            if hasattr(socket, option):
+                sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
+    if settings.tcp_user_timeout and hasattr(socket, "TCP_USER_TIMEOUT"):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, round(settings.tcp_user_timeout * 1000))
 
 
 # The states of PoolLifecycle (see its docstring).
@@ -878,6 +950,7 @@ class PoolLifecycle:
                 **settings.connect_arguments(), password=password, reset=_reset_session,
                 min_size=settings.pool_min, max_size=settings.pool_max,
                 max_inactive_connection_lifetime=min(float(settings.idle_timeout), lifetime),
+                init=settings.watch_connection,
             )
         except ssl.SSLCertVerificationError as error:
             raise _certificate_error(settings, error) from None
@@ -1158,6 +1231,7 @@ async def migrate() -> bool:
     except ssl.SSLCertVerificationError as error:
         raise _certificate_error(settings, error) from None
     try:
+        watch_for_silence(connection, settings)
         return await apply_schema(connection, settings)
     finally:
         await connection.close()

@@ -32,6 +32,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from dsql_support import SCHEMA, dsql_service, ensure_role  # noqa: E402
+from standins.network_namespace import (  # noqa: E402
+    NamespacePostgres,
+    NetworkNamespace,
+    PacketDropper,
+    unavailable_reason,
+)
 from standins.sts import Sts, recording_sts  # noqa: E402
 from support import LiveServer, clean_environment, create_database, drop_database, run_sql  # noqa: E402
 
@@ -141,17 +147,20 @@ TOOL_FIXTURES = {
         if chromium_path()
         else "no chromium on PATH (Debian: apt-get install chromium; .ci/run installs it)"
     ),
+    "isolated_network": unavailable_reason,
 }
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    reasons = {name: missing() for name, missing in TOOL_FIXTURES.items()}
+    reasons: dict[str, str | None] = {}  # looked up once, and only when a test needs the tool
     deselected: dict[str, list[pytest.Item]] = {}
     kept = []
     for item in items:
-        reason = next(
-            (reasons[name] for name in getattr(item, "fixturenames", ()) if reasons.get(name)), None
-        )
+        needed = [name for name in getattr(item, "fixturenames", ()) if name in TOOL_FIXTURES]
+        for name in needed:
+            if name not in reasons:
+                reasons[name] = TOOL_FIXTURES[name]()
+        reason = next((reasons[name] for name in needed if reasons[name]), None)
         if reason:
             deselected.setdefault(reason, []).append(item)
         else:
@@ -178,3 +187,29 @@ def browser_database(embedded_postgres: str):
     url = create_database(embedded_postgres)
     yield url
     drop_database(embedded_postgres, url)
+
+
+# --- a network of the test's own, where packets can be dropped --------------------------------
+
+
+class IsolatedNetwork:
+    """A network namespace of the test's own: its PostgreSQL on 127.0.0.1 and its firewall."""
+
+    def __init__(self, postgres: NamespacePostgres, dropper: PacketDropper):
+        self.postgres, self.dropper = postgres, dropper
+
+
+@pytest.fixture(scope="module")
+def isolated_network() -> Iterator[IsolatedNetwork]:
+    """The test thread moves into a fresh network namespace for the module, with a PostgreSQL
+    cluster of its own listening on 127.0.0.1 there; every process and thread the tests start
+    lives in it (standins/network_namespace.py). Deselected where no namespace can be made."""
+    with NetworkNamespace(), NamespacePostgres() as postgres:
+        yield IsolatedNetwork(postgres, PacketDropper())
+
+
+@pytest.fixture
+def network(isolated_network: IsolatedNetwork) -> Iterator[IsolatedNetwork]:
+    """The module's isolated network; every packet is let through again after the test."""
+    yield isolated_network
+    isolated_network.dropper.restore()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import pytest
 
 from db import ConfigError, Settings, on_vercel
@@ -89,6 +88,16 @@ def test_the_service_runs_on_vercel_when_the_runtime_sets_vercel():
     assert not on_vercel({}) and not on_vercel({"VERCEL": ""})
 
 
+def test_dead_connections_are_found_within_about_two_seconds_unless_configured_otherwise():
+    s = Settings.from_env({"PGHOST": AURORA})
+    assert (s.keepalive_idle, s.keepalive_interval, s.keepalive_count, s.tcp_user_timeout) == (1, 1, 2, 1.5)
+    chosen = Settings.from_env({"PGHOST": AURORA, "DB_TCP_KEEPALIVE_IDLE": "0", "DB_TCP_KEEPALIVE_INTERVAL": "5",
+                                "DB_TCP_KEEPALIVE_COUNT": "9", "DB_TCP_USER_TIMEOUT": "30"})
+    assert (chosen.keepalive_idle, chosen.keepalive_interval, chosen.keepalive_count) == (0, 5, 9)
+    assert chosen.tcp_user_timeout == 30.0
+    assert Settings.from_env({"PGHOST": AURORA, "DB_TCP_USER_TIMEOUT": "0.75"}).tcp_user_timeout == 0.75
+
+
 def connect_timeout_of(settings: Settings) -> float:
     return settings.connect_arguments()["timeout"]
 
@@ -118,6 +127,12 @@ def test_rds_proxy_gets_no_named_statements():
     ({"PGHOST": AURORA, "DB_IDLE_TIMEOUT": "0"}, "DB_IDLE_TIMEOUT"),
     ({"PGHOST": AURORA, "DB_CONNECT_TIMEOUT": "fast"}, "DB_CONNECT_TIMEOUT"),
     ({"PGHOST": AURORA, "DB_STATEMENT_CACHE": "-5"}, "DB_STATEMENT_CACHE"),
+    ({"PGHOST": AURORA, "DB_TCP_KEEPALIVE_IDLE": "-1"}, "DB_TCP_KEEPALIVE_IDLE"),
+    ({"PGHOST": AURORA, "DB_TCP_KEEPALIVE_INTERVAL": "0"}, "DB_TCP_KEEPALIVE_INTERVAL"),
+    ({"PGHOST": AURORA, "DB_TCP_KEEPALIVE_COUNT": "128"}, "DB_TCP_KEEPALIVE_COUNT"),
+    ({"PGHOST": AURORA, "DB_TCP_USER_TIMEOUT": "2s"}, "DB_TCP_USER_TIMEOUT"),
+    ({"PGHOST": AURORA, "DB_TCP_USER_TIMEOUT": "nan"}, "DB_TCP_USER_TIMEOUT"),
+    ({"PGHOST": AURORA, "DB_TCP_USER_TIMEOUT": "-0.5"}, "DB_TCP_USER_TIMEOUT"),
     ({"PGHOST": AURORA, "PGSSLMODE": "maybe"}, "PGSSLMODE"),
     ({"PGHOST": AURORA, "PGSSLROOTCERT": "/no/such/ca.pem"}, "PGSSLROOTCERT"),
     ({"PGHOST": "db", "PGPORT": "five"}, "PGPORT"),
