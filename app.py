@@ -135,6 +135,12 @@ class Readiness(Struct, omit_defaults=True):
     idle_release: IdleReleaseStatus | None = None
 
 
+# Every message, by its schema name (OpenAPI's components); the ones clients send.
+MESSAGES: dict[str, type[Struct]] = {cls.__name__: cls for cls in (
+    Todo, NewTodo, TodoChanges, Problem, Health, PoolStatus, TokenStatus, ReplacementStatus,
+    IdleReleaseStatus, Readiness)}
+REQUEST_MESSAGES = (NewTodo, TodoChanges)
+
 encoder = msgspec.json.Encoder()
 new_todo_decoder = msgspec.json.Decoder(NewTodo)
 todo_changes_decoder = msgspec.json.Decoder(TodoChanges)
@@ -879,6 +885,30 @@ def openapi_document() -> bytes:
     return _openapi
 
 
+def _mark_presence(components: dict[str, Any]) -> None:
+    """Say through `required` alone which fields a message always has, as generators read it.
+
+    msgspec lists a field with a default as optional and gives its `default`; openapi-typescript
+    (with its default `defaultNonNullable`) makes every property with a default required, and
+    other generators make it optional. So: in a request body a default goes into the
+    description (the client may omit the field); in a response every field that is always
+    sent is required, and one that is left out when it has its default (omit_defaults) has no
+    `default`, so that it is optional everywhere.
+    """
+    for name, schema in components.items():
+        struct, properties = MESSAGES[name], schema["properties"]
+        if struct in REQUEST_MESSAGES:
+            for field in properties.values():
+                if "default" in field:
+                    default = encoder.encode(field.pop("default")).decode()
+                    field["description"] = f"{field.get('description', '')} Optional: {default} when left out.".lstrip()
+        elif struct.__struct_config__.omit_defaults:
+            for field in properties.values():
+                field.pop("default", None)
+        else:
+            schema["required"] = list(properties)
+
+
 def _build_openapi() -> dict[str, Any]:
     types = [Todo, list[Todo], NewTodo, TodoChanges, Problem, Health, Readiness]
     (todo, todo_list, new_todo, changes, problem_schema, health, readiness), components = \
@@ -911,6 +941,7 @@ def _build_openapi() -> dict[str, Any]:
     # As strict as the API, so that every request the document allows is accepted: a PATCH
     # body names at least one field, and a title is held to its rule in the body and the query.
     components["TodoChanges"]["minProperties"] = 1
+    _mark_presence(components)
     id_param = {"name": "todo_id", "in": "path", "required": True, "schema": {"type": "string", "format": "uuid"}}
     completed_query = {"name": "completed", "in": "query", "required": False, "schema": {"type": "boolean"}}
     idempotency_header = {
@@ -929,7 +960,7 @@ def _build_openapi() -> dict[str, Any]:
                 "description": f"Clients of the FastAPI service may send no body and {query_form} "
                                "in the query string instead, held to the same rules; given beside a "
                                "body, those query fields are checked too."}
-    location = {"Location": {"schema": {"type": "string"}, "description": "/todos/{id}"}}
+    location = {"Location": {"required": True, "schema": {"type": "string"}, "description": "/todos/{id}"}}
     link = {"Link": {"schema": {"type": "string"}, "description": 'RFC 8288 link to the next page: <…>; rel="next"'}}
     bearer = [{"bearer": []}]
     return {

@@ -18,8 +18,10 @@ Elsewhere `backend` is "postgres": the plain service.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -139,6 +141,17 @@ def chromium_path() -> str | None:
     return shutil.which("chromium") or shutil.which("chromium-browser")
 
 
+def node_missing() -> str | None:
+    """Why the TypeScript client cannot run here, or None: it needs Node 20 or later, and npm."""
+    if not (shutil.which("node") and shutil.which("npm")):
+        return "no node and npm on PATH (the TypeScript client needs Node 20 or later)"
+    version = subprocess.run(["node", "--version"], capture_output=True, text=True).stdout.strip()
+    major = version.lstrip("v").split(".")[0]
+    if not major.isdigit() or int(major) < 20:
+        return f"node {version or '(unknown version)'} is older than 20"
+    return None
+
+
 # Tests that need a tool use its fixture; where the tool is missing they are deselected, with
 # the reason printed, rather than collected and skipped.
 TOOL_FIXTURES = {
@@ -148,6 +161,7 @@ TOOL_FIXTURES = {
         else "no chromium on PATH (Debian: apt-get install chromium; .ci/run installs it)"
     ),
     "isolated_network": unavailable_reason,
+    "typescript_toolchain": node_missing,
 }
 
 
@@ -181,12 +195,30 @@ def chromium() -> str:
     return path
 
 
-@pytest.fixture(scope="module")
-def browser_database(embedded_postgres: str):
-    """A fresh database on the embedded PostgreSQL, for tests that vary the client, not the server."""
-    url = create_database(embedded_postgres)
-    yield url
-    drop_database(embedded_postgres, url)
+TYPESCRIPT_SOURCES = Path(__file__).resolve().parent / "typescript"
+TYPESCRIPT_CACHE = Path(__file__).resolve().parent.parent / ".cache" / "typescript"
+
+
+@pytest.fixture(scope="session")
+def typescript_toolchain() -> Path:
+    """openapi-typescript, openapi-fetch and TypeScript, exactly as tests/typescript/package-lock.json
+    pins them, installed under .cache/typescript (git-ignored): once, and again only when the
+    lockfile changes. Returns that folder; its node_modules serves any folder below it."""
+    lockfile = (TYPESCRIPT_SOURCES / "package-lock.json").read_bytes()
+    stamp = TYPESCRIPT_CACHE / "installed-from.sha256"
+    wanted = hashlib.sha256(lockfile).hexdigest()
+    if not stamp.exists() or stamp.read_text() != wanted:
+        TYPESCRIPT_CACHE.mkdir(parents=True, exist_ok=True)
+        for name in ("package.json", "package-lock.json"):
+            shutil.copyfile(TYPESCRIPT_SOURCES / name, TYPESCRIPT_CACHE / name)
+        subprocess.run(
+            ["npm", "ci", "--no-audit", "--no-fund", "--loglevel=error"],
+            cwd=TYPESCRIPT_CACHE,
+            check=True,
+            timeout=600,
+        )
+        stamp.write_text(wanted)
+    return TYPESCRIPT_CACHE
 
 
 # --- a network of the test's own, where packets can be dropped --------------------------------

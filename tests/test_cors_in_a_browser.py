@@ -63,12 +63,12 @@ def page_port() -> Iterator[int]:
 
 
 @pytest.fixture(scope="module")
-def services(browser_database: str, page_port: int) -> Iterator[tuple[LiveServer, LiveServer]]:
+def services(embedded_database: str, page_port: int) -> Iterator[tuple[LiveServer, LiveServer]]:
     """The service for the page's origin, and a second one whose database does not answer (503)."""
     cors = {"CORS_ORIGINS": f"http://localhost:{page_port}", "API_TOKEN": TOKEN}
     closed = f"postgresql://postgres@127.0.0.1:{free_port()}/postgres"
     with (
-        LiveServer(clean_environment(DATABASE_URL=browser_database, **cors)) as service,
+        LiveServer(clean_environment(DATABASE_URL=embedded_database, **cors)) as service,
         LiveServer(clean_environment(DATABASE_URL=closed, **cors)) as down,
     ):
         yield service, down
