@@ -20,6 +20,7 @@ from urllib.parse import urlencode
 
 import httpx
 import pytest
+
 from support import LiveServer, clean_environment, free_port
 
 pytestmark = pytest.mark.slow  # two services, one browser start per scenario

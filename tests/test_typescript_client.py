@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
 from support import ROOT, LiveServer, clean_environment, free_port
 
 pytestmark = pytest.mark.slow  # a TypeScript compile and two services
