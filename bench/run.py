@@ -51,11 +51,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
 import contextlib
 import datetime as dt
-import hashlib
-import hmac
 import http.client
 import importlib.metadata
 import json
@@ -64,7 +61,6 @@ import platform
 import re
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -78,12 +74,17 @@ import asyncpg
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
-sys.path.append(str(ROOT / "tests"))  # the Vercel harness, function environments, the IAM gateway
+# The test suite's helpers and stand-ins (free ports, OIDC tokens, the STS and Aurora stand-ins,
+# the Vercel harness, function environments): one copy, shared with tests/.
+sys.path.append(str(ROOT / "tests"))
+from iam_support import REGION, ROLE_ARN, oidc_token  # noqa: E402
+from standins.aurora_gateway import AuroraGateway, moto_credentials_lookup  # noqa: E402
+from standins.sts import Sts  # noqa: E402
+from support import free_port  # noqa: E402
+
 PY = sys.executable
 TARGETS = ("project", "reference", "ceiling")
 WORKLOADS = ("list", "get", "create", "mixed")
-REGION = "us-east-1"
-ROLE_ARN = "arn:aws:iam::123456789012:role/aurora-todo-bench"
 # Variables of ours or of AWS/libpq that must not leak from the caller's environment
 # into a target: each target gets exactly the configuration the benchmark gives it.
 SCRUB = re.compile(r"^(PG\w+|AWS_\w+|DATABASE_URL|DB_\w+|API_TOKEN|LOG_LEVEL|PORT|VERCEL\w*|"
@@ -92,12 +93,6 @@ SCRUB = re.compile(r"^(PG\w+|AWS_\w+|DATABASE_URL|DB_\w+|API_TOKEN|LOG_LEVEL|POR
 
 def log(message: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def http_get(port: int, path: str, timeout: float = 5.0,
@@ -609,78 +604,54 @@ def summarize_throughput(raw: dict, args: argparse.Namespace) -> dict:
 
 # --- IAM on loopback: moto STS + the Aurora gateway ----------------------------------
 
-def fake_oidc_jwt() -> str:
-    """A Vercel-shaped OIDC token (moto does not verify the signature; the vercel SDK reads exp)."""
-    def b64(data: bytes) -> str:
-        return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
-
-    now = int(time.time())
-    header = b64(json.dumps({"alg": "HS256", "typ": "JWT"}).encode())
-    claims = b64(json.dumps({"iss": "https://oidc.vercel.com/bench", "sub": "owner:bench:project:aurora-todo",
-                             "aud": "https://vercel.com/bench", "iat": now, "nbf": now,
-                             "exp": now + 12 * 3600}).encode())
-    signature = b64(hmac.new(b"bench", f"{header}.{claims}".encode(), hashlib.sha256).digest())
-    return f"{header}.{claims}.{signature}"
-
-
 class IamLoopback:
-    """moto's STS on loopback and, when tests/standins/aurora_gateway.py is there, the IAM gateway."""
+    """moto's STS on loopback and, unless told not to, the Aurora stand-in in front of the database."""
 
     def __init__(self, db: Database, workdir: Path, use_gateway: bool = True):
         self.db = db
         self.workdir = workdir
         self.use_gateway = use_gateway
-        self.moto = None
+        self.sts: Sts | None = None
         self.gateway = None
         self.mode = ""
 
     def __enter__(self) -> IamLoopback:
         import logging
 
-        from moto.server import ThreadedMotoServer
-
         logging.getLogger("werkzeug").setLevel(logging.ERROR)  # no line per STS call
-        self.sts_port = free_port()
-        self.moto = ThreadedMotoServer(ip_address="127.0.0.1", port=self.sts_port, verbose=False)
-        self.moto.start()
-        self.jwt = fake_oidc_jwt()
+        self.sts = Sts()
+        self.sts.start()
+        self.jwt = oidc_token(lifetime=12 * 3600)
         self.jwt_file = self.workdir / "oidc-token.jwt"
         self.jwt_file.write_text(self.jwt)
-        gateway_module = ROOT / "tests" / "standins" / "aurora_gateway.py"
-        if self.use_gateway and gateway_module.exists():
-            sys.path.insert(0, str(ROOT / "tests"))
-            try:
-                from standins import aurora_gateway
-
-                self.gateway = aurora_gateway.AuroraGateway(
-                    self.db.host, self.db.port, max_token_age=900.0, region=REGION, tls=True,
-                    mode="iam", credentials_lookup=aurora_gateway.moto_credentials_lookup(),
-                    token_hosts=["127.0.0.1"]).start()
-                self.host, self.port = "127.0.0.1", self.gateway.port
-                self.sslmode, self.ca = "verify-full", self.gateway.ca_file
-                self.mode = ("tests/standins/aurora_gateway.py (TLS with a generated CA, verify-full; SigV4 "
-                             "token checked against the credentials moto's STS issued)")
-            finally:
-                sys.path.remove(str(ROOT / "tests"))
-        if self.gateway is None:
+        if self.use_gateway:
+            self.gateway = AuroraGateway(
+                self.db.host, self.db.port, max_token_age=900.0, region=REGION, tls=True,
+                mode="iam", credentials_lookup=moto_credentials_lookup(),
+                token_hosts=["127.0.0.1"]).start()
+            self.host, self.port = "127.0.0.1", self.gateway.port
+            self.sslmode, self.ca = "verify-full", self.gateway.ca_file
+            self.mode = ("tests/standins/aurora_gateway.py (TLS with a generated CA, verify-full; SigV4 "
+                         "token checked against the credentials moto's STS issued)")
+        else:
             self.host, self.port = self.db.host, self.db.port
             self.sslmode, self.ca = "disable", None
             self.mode = ("direct to trust-auth PostgreSQL, no TLS: the token is sent but not "
-                         "checked (tests/standins/aurora_gateway.py not available)")
+                         "checked (--no-gateway)")
         return self
 
     def __exit__(self, *exc: object) -> None:
         if self.gateway is not None:
             self.gateway.stop()
-        if self.moto is not None:
-            self.moto.stop()
+        if self.sts is not None:
+            self.sts.stop()
 
     def env(self, target: str, extra: dict[str, str], mode: str = "uvicorn") -> dict[str, str]:
         """The target's IAM-mode environment. In vercel mode the project gets its OIDC token the
         way Vercel gives it, with each request (Server.oidc_token), not from the environment."""
         env = {"PGHOST": self.host, "PGPORT": str(self.port), "PGUSER": self.db.user,
                "PGDATABASE": self.db.name, "AWS_REGION": REGION, "AWS_ROLE_ARN": ROLE_ARN,
-               "AWS_ENDPOINT_URL_STS": f"http://127.0.0.1:{self.sts_port}",
+               "AWS_ENDPOINT_URL_STS": self.sts.url,
                "PGSSLMODE": self.sslmode, "AWS_EC2_METADATA_DISABLED": "true",
                "AWS_CONFIG_FILE": str(self.workdir / "no-aws-config"),
                "AWS_SHARED_CREDENTIALS_FILE": str(self.workdir / "no-aws-credentials")}
