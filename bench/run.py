@@ -855,6 +855,241 @@ def rotation(db: Database, args: argparse.Namespace, workdir: Path) -> dict:
     return out
 
 
+# --- scale: lists as the table grows (--scale) ------------------------------------------
+
+SCALE_OPEN = 100  # open todos at every size: the newest 1,000 rows hold them, every tenth
+SCALE_SHAPES = (
+    ("unfiltered", ""),
+    ("completed=true", "&completed=true"),
+    ("completed=false", "&completed=false"),
+)
+SCALE_BEGIN, SCALE_END = "<!-- scale table: bench/run.py --scale -->", "<!-- end of scale table -->"
+
+
+def seed_scale(db: Database, size: int) -> dict[str, float]:
+    """`size` todos a second apart, SCALE_OPEN of them open, seeded by generate_series without
+    the list indexes, which `python db.py migrate` then adds as on an existing deployment."""
+    assert db.conn is not None
+    connection = db.conn
+    started = time.perf_counter()
+    db.run(
+        connection.execute(f"""
+        TRUNCATE todos;
+        DROP INDEX IF EXISTS todos_newest_first, todos_by_completed;
+        INSERT INTO todos (id, title, completed, created_at, updated_at)
+            SELECT md5('aurora-scale-' || i)::uuid, 'todo number ' || i,
+                   NOT (i > {int(size)} - 10 * {SCALE_OPEN} AND i % 10 = 0), t, t
+            FROM generate_series(1, {int(size)}) AS i,
+                 LATERAL (SELECT timestamptz '2026-01-01' + i * interval '1 second') AS s(t)""")
+    )
+    seeded = time.perf_counter()
+    done = subprocess.run(
+        [PY, "db.py", "migrate"],
+        cwd=ROOT,
+        env=clean_env({"DATABASE_URL": db.dsn}),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    if done.returncode != 0 or "schema applied" not in done.stdout:
+        raise RuntimeError(f"db.py migrate did not add the indexes: {done.stdout} {done.stderr}")
+    migrated = time.perf_counter()
+    db.run(connection.execute("VACUUM ANALYZE todos"))  # what autovacuum does after a bulk load
+    return {"seed_s": seeded - started, "migrate_s": migrated - seeded}
+
+
+def cpu_ns(pids: list[int]) -> int:
+    """CPU time of these processes so far, in ns (Linux's schedstat: cpu_times counts 10 ms ticks,
+    too coarse for a few hundred requests of well under a millisecond each)."""
+    total = 0
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            total += int(Path(f"/proc/{pid}/schedstat").read_text().split()[0])
+    return total
+
+
+def scale(args: argparse.Namespace, workdir: Path) -> dict:
+    """List p50 and CPU per request at each size, the sizes side by side: a database and a
+    service each, measured in turns (shapes and sizes rotating every round), so that the
+    machine's drift hits every size alike. Each request shape: GET /todos with each filter, and
+    the page after each first page; one keep-alive connection, requests back to back. CPU per
+    request of the service and of its one PostgreSQL backend (DB_POOL_MAX=1)."""
+    sizes = args.scale_sizes
+    databases = {size: Database(args.dsn, f"aurora_bench_scale_{size}") for size in sizes}
+    servers: dict[int, Server] = {}
+    results: dict[str, Any] = {
+        "sizes": {},
+        "requests": args.scale_requests,
+        "rounds": args.rounds,
+        "open": SCALE_OPEN,
+    }
+    try:
+        for size, db in databases.items():
+            db.open()
+            log(f"scale: seeding {size} todos")
+            results["sizes"][str(size)] = seed_scale(db, size)
+            results["postgres"] = db.version
+            servers[size] = Server(
+                "project",
+                clean_env(
+                    {
+                        "DATABASE_URL": db.dsn,
+                        "DB_POOL_MIN": "1",
+                        "DB_POOL_MAX": "1",
+                        "LOG_LEVEL": args.log_level,
+                    }
+                ),
+                args,
+                workdir,
+            )
+            servers[size].start()
+        paths: dict[int, dict[str, str]] = {}
+        pids: dict[int, list[int]] = {}
+        for size, server in servers.items():
+            server.wait_ready()
+            paths[size] = {}
+            for name, query in SCALE_SHAPES:
+                first = f"/todos?limit=50{query}"
+                connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+                connection.request("GET", first)
+                response = connection.getresponse()
+                response.read()
+                connection.close()
+                paths[size][name] = first
+                paths[size][f"{name}, page 2"] = (response.getheader("link") or "").split(";")[0].strip("<>")
+            pids[size] = [row[0] for row in databases[size].backends()]
+        shapes = list(paths[sizes[0]])
+        samples: dict[tuple[int, str], list[float]] = {
+            (size, shape): [] for size in sizes for shape in shapes
+        }
+        per_round: dict[tuple[int, str], list[dict[str, float]]] = {key: [] for key in samples}
+        for round_number in range(args.rounds):
+            for shape in shapes[round_number % len(shapes) :] + shapes[: round_number % len(shapes)]:
+                for size in sizes[round_number % len(sizes) :] + sizes[: round_number % len(sizes)]:
+                    path, server = paths[size][shape], servers[size]
+                    # A connection per batch: uvicorn closes one left idle while the others run.
+                    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+                    for _ in range(args.scale_requests // 5):  # warm-up: plans cached, pages in memory
+                        connection.request("GET", path)
+                        connection.getresponse().read()
+                    service, backend = cpu_ns([server.pid or 0]), cpu_ns(pids[size])
+                    times = []
+                    for _ in range(args.scale_requests):
+                        started = time.perf_counter()
+                        connection.request("GET", path)
+                        response = connection.getresponse()
+                        response.read()
+                        times.append((time.perf_counter() - started) * 1000)
+                        if response.status != 200:
+                            raise RuntimeError(f"GET {path}: {response.status}")
+                    connection.close()
+                    samples[size, shape] += times
+                    per_round[size, shape].append(
+                        {
+                            "p50_ms": statistics.median(times),
+                            "cpu_us": (cpu_ns([server.pid or 0]) - service) / 1e3 / args.scale_requests,
+                            "db_cpu_us": (cpu_ns(pids[size]) - backend) / 1e3 / args.scale_requests,
+                        }
+                    )
+        for size in sizes:
+            results["sizes"][str(size)].update(
+                backends=len(pids[size]),
+                shapes={
+                    shape: {
+                        "path": paths[size][shape],
+                        "p50_ms": statistics.median(samples[size, shape]),
+                        "p99_ms": sorted(samples[size, shape])[int(len(samples[size, shape]) * 0.99) - 1],
+                        "cpu_us": median([r["cpu_us"] for r in per_round[size, shape]]),
+                        "db_cpu_us": median([r["db_cpu_us"] for r in per_round[size, shape]]),
+                        # the ratio to the smallest size, round by round (both measured minutes apart at most)
+                        "p50_vs_smallest": median(
+                            [
+                                r["p50_ms"] / s["p50_ms"]
+                                for r, s in zip(
+                                    per_round[size, shape], per_round[sizes[0], shape], strict=True
+                                )
+                            ]
+                        ),
+                    }
+                    for shape in shapes
+                },
+            )
+            log(
+                f"scale: {size} todos: "
+                + ", ".join(
+                    f"{shape} {results['sizes'][str(size)]['shapes'][shape]['p50_ms']:.2f} ms"
+                    for shape in shapes
+                )
+            )
+    finally:
+        for server in servers.values():
+            server.stop()
+        for db in databases.values():
+            db.close()
+    return results
+
+
+def scale_report(scale_results: dict) -> str:
+    """The scale section of RESULTS.md, between markers so that either kind of run keeps the other's."""
+    sizes = list(scale_results["sizes"])
+    smallest, largest = sizes[0], sizes[-1]
+    shapes = list(scale_results["sizes"][smallest]["shapes"])
+    lines = [
+        SCALE_BEGIN,
+        "## Lists as the table grows",
+        "",
+        f"Generated by `python bench/run.py --scale` on {scale_results['date']} (service "
+        f"{scale_results['commit']}, PostgreSQL {scale_results['postgres']}, plain uvicorn, "
+        f"DB_POOL_MAX=1). `todos` seeded with generate_series, {scale_results['open']} of them open "
+        "at every size (among the newest 1,000), then `python db.py migrate` built the list indexes "
+        "on the full table, then VACUUM ANALYZE. Each size in its own database with its own service, "
+        "all running at once and measured in turns (shapes and sizes rotating every round), so that "
+        "the machine's drift hits every size alike. One keep-alive connection per service, requests "
+        f"back to back, {scale_results['requests']} per shape, size and round, "
+        f"{scale_results['rounds']} round(s). `limit=50`; the next page follows the first page's "
+        "`Link`. p50 in ms; CPU in µs per request (Linux schedstat), of the service process and of "
+        "its one PostgreSQL backend. Ratios: the median over rounds of each round's ratio (p50), "
+        "and the ratio of the medians (CPU).",
+        "",
+        "| request | "
+        + " | ".join(f"{int(s):,} rows p50 ms" for s in sizes)
+        + " | "
+        + " | ".join(f"{int(s):,} rows CPU service / PostgreSQL µs" for s in sizes)
+        + f" | {int(largest):,} / {int(smallest):,}: p50 | PostgreSQL CPU | target (p50 ≤ 2×) |",
+        "| --- | " + " | ".join("---:" for _ in sizes * 2) + " | ---: | ---: | --- |",
+    ]
+    for shape in shapes:
+        cells = [scale_results["sizes"][s]["shapes"][shape] for s in sizes]
+        ratio = cells[-1]["p50_vs_smallest"]
+        label = "its next page (`Link`)" if shape.endswith("page 2") else f"`GET {cells[0]['path']}`"
+        lines.append(
+            f"| {label} | "
+            + " | ".join(f"{c['p50_ms']:.2f}" for c in cells)
+            + " | "
+            + " | ".join(f"{c['cpu_us']:.0f} / {c['db_cpu_us']:.0f}" for c in cells)
+            + f" | {ratio:.2f}× | {cells[-1]['db_cpu_us'] / cells[0]['db_cpu_us']:.2f}× | "
+            f"{verdict(ratio <= 2.0)} |"
+        )
+    lines += [
+        "",
+        "| rows | seed (generate_series) s | `python db.py migrate` (builds both list indexes) s |",
+        "| ---: | ---: | ---: |",
+    ]
+    lines += [
+        f"| {int(s):,} | {scale_results['sizes'][s]['seed_s']:.1f} | {scale_results['sizes'][s]['migrate_s']:.1f} |"
+        for s in sizes
+    ]
+    return "\n".join([*lines, "", SCALE_END])
+
+
+def place_scale_section(text: str, section: str) -> str:
+    """RESULTS.md with its scale section replaced (or appended): one run never erases the other's."""
+    if SCALE_BEGIN in text and SCALE_END in text:
+        before, rest = text.split(SCALE_BEGIN, 1)
+        return before + section + rest.split(SCALE_END, 1)[1]
+    return text.rstrip("\n") + "\n\n" + section + "\n"
+
+
 # --- report ----------------------------------------------------------------------------
 
 def machine_info(db: Database) -> dict[str, str]:
@@ -1127,8 +1362,11 @@ def write_report(results: dict, args: argparse.Namespace, out_dir: Path) -> Path
               ""]
     if results.get("notes"):
         lines += [f"- {note}" for note in results["notes"]] + [""]
+    text = "\n".join(lines)
+    if (out_dir / "scale.json").exists():  # written by --scale, a run of its own
+        text = place_scale_section(text, scale_report(json.loads((out_dir / "scale.json").read_text())))
     path = out_dir / "RESULTS.md"
-    path.write_text("\n".join(lines))
+    path.write_text(text)
     return path
 
 
@@ -1208,6 +1446,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="serve the project's app:app from this directory (A/B-test a changed copy)")
     parser.add_argument("--report-only", action="store_true",
                         help="rewrite RESULTS.md and throughput.png from --out/results.json, measure nothing")
+    parser.add_argument("--scale", action="store_true",
+                        help="only the scale table: list p50 and CPU per request at --scale-sizes rows; "
+                             "rewrites its own section of RESULTS.md and scale.json")
+    parser.add_argument("--scale-sizes", type=lambda s: [int(x) for x in s.split(",")],
+                        default=[1_000, 100_000, 1_000_000])
+    parser.add_argument("--scale-requests", type=int, default=300, help="requests per shape and round")
     parser.add_argument("--skip", type=lambda s: s.split(","), default=[],
                         help="phases to skip: throughput,logging,cold,rotation")
     args = parser.parse_args(argv)
@@ -1236,6 +1480,8 @@ def main(argv: list[str] | None = None) -> int:
         results = json.loads((args.out / "results.json").read_text())
         log(f"wrote {write_report(results, args, args.out)} and {write_chart(results, args, args.out)}")
         return 0
+    if args.scale:
+        return main_scale(args)
     ensure_wrk()
     for module in ("fastapi", "psutil") + (("uvloop",) if args.loop == "uvloop" else ()) + \
             (("httptools",) if args.http == "httptools" else ()):
@@ -1282,6 +1528,29 @@ def main(argv: list[str] | None = None) -> int:
     report = write_report(results, args, args.out)
     chart = write_chart(results, args, args.out)
     log(f"wrote {report}" + (f" and {chart}" if chart else ""))
+    return 0
+
+
+def main_scale(args: argparse.Namespace) -> int:
+    """`--scale`: the scale table alone, into scale.json and its own section of RESULTS.md."""
+    args.out.mkdir(parents=True, exist_ok=True)
+    workdir = Path(tempfile.mkdtemp(prefix="aurora-bench-scale-"))
+    results = scale(args, workdir)
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+    ).stdout.strip()
+    dirty = subprocess.run(
+        ["git", "status", "--porcelain", "--", "app.py", "db.py"], cwd=ROOT, capture_output=True, text=True
+    ).stdout.strip()
+    results.update(
+        date=dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        commit=commit + (" + uncommitted service changes" if dirty else ""),
+    )
+    (args.out / "scale.json").write_text(json.dumps(results, indent=1))
+    report = args.out / "RESULTS.md"
+    text = report.read_text() if report.exists() else "# aurora-todo benchmarks\n"
+    report.write_text(place_scale_section(text, scale_report(results)))
+    log(f"wrote {args.out / 'scale.json'} and the scale section of {report}")
     return 0
 
 

@@ -93,3 +93,50 @@ def test_import_time_and_rotation_measured(quick_run: Path) -> None:
     report = (quick_run / "RESULTS.md").read_text()
     for heading in ("## Cold start", "## Token rotation under load", "## Cost of the request log line"):
         assert heading in report, heading
+
+
+def test_scale_table_runs_alone_and_keeps_its_section_when_the_full_report_is_rewritten(
+    quick_run: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "bench"
+    shutil.copytree(quick_run, out)
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "bench" / "run.py"),
+            "--scale",
+            "--scale-sizes",
+            "1000,3000",
+            "--rounds",
+            "1",
+            "--scale-requests",
+            "10",
+            "--out",
+            str(out),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, f"bench/run.py --scale failed:\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
+    scale = json.loads((out / "scale.json").read_text())
+    for size in ("1000", "3000"):
+        shapes = scale["sizes"][size]["shapes"]
+        assert len(shapes) == 6, shapes  # three filters, each with its next page
+        for shape, cell in shapes.items():
+            assert cell["p50_ms"] > 0 and cell["cpu_us"] > 0 and cell["db_cpu_us"] > 0, (size, shape)
+            assert ("cursor=" in cell["path"]) == shape.endswith("page 2"), cell["path"]
+    report = (out / "RESULTS.md").read_text()
+    assert "## Targets" in report and report.count("## Lists as the table grows") == 1
+    # The full run's report, rewritten from its results.json, keeps the scale section.
+    again = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "run.py"), "--quick", "--report-only", "--out", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert again.returncode == 0, again.stderr[-3000:]
+    rewritten = (out / "RESULTS.md").read_text()
+    assert "## Targets" in rewritten and rewritten.count("## Lists as the table grows") == 1
