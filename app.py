@@ -1,10 +1,22 @@
 """The HTTP side of aurora-todo: the Starlette app `app`, and `python app.py` for local runs.
 
-What lives here: the msgspec Structs for every message (one encoder, one decoder per body
-type, built once), the routes (listed together near the end), problem+json errors
-(RFC 9457), request ids and JSON logs, the optional bearer token, and the OpenAPI document
-generated from the Structs. Importing this module does no I/O: the database pool is created
-on the first request that needs it (db.py), and credentials come from auth.py.
+Sections, in order:
+
+- routes: the endpoints, and `routes`, the one list of every path and method;
+- the app: RequestContext, the one middleware (request ids, the bearer token, problem+json
+  for every error, one log line per request), CORS when CORS_ORIGINS is set, the lifespan,
+  and `app`;
+- messages: the msgspec Structs of every body, the encoder and decoders built once;
+- request parsing: bodies, query strings, titles, limits, cursors, Idempotency-Key;
+- responses and errors: JSON and problem+json (RFC 9457) responses;
+- logs: one JSON object per line, set up by one call, configure_logging();
+- OpenAPI: the document, generated from the Structs;
+- under Vercel's runtime: TCP_NODELAY on its connections (RuntimeNoDelay);
+- local runs: main(), for `python app.py`.
+
+Importing this module does no I/O and changes no logging: the database pool is created on the
+first request that needs it (db.py), credentials come from auth.py, and logging is set up by
+whatever starts serving (configure_logging says who).
 """
 
 from __future__ import annotations
@@ -47,6 +59,265 @@ DEFAULT_LIMIT, MAX_LIMIT = 50, 100
 MAX_TITLE = 500
 JSON = "application/json"
 PROBLEM_JSON = "application/problem+json"
+IDEMPOTENCY_KEY = "Idempotency-Key"
+
+
+# --- routes ----------------------------------------------------------------------------
+
+class TodoCollection(HTTPEndpoint):
+    async def get(self, request: Request) -> Response:
+        query = query_fields(request)
+        limit = parse_limit(query.get("limit"))
+        completed = parse_bool("completed", query.get("completed"))
+        after = decode_cursor(query.get("cursor"))
+        rows = await db.list_todos(limit + 1, completed, after)
+        todos = [Todo(*row) for row in rows[:limit]]
+        headers = None
+        if len(rows) > limit:
+            next_query = {"limit": limit, "cursor": encode_cursor(todos[-1])}
+            if completed is not None:
+                next_query["completed"] = "true" if completed else "false"
+            headers = {"Link": f'</todos?{urlencode(next_query)}>; rel="next"'}
+        return json_response(todos, headers=headers)
+
+    async def post(self, request: Request) -> Response:
+        key = idempotency_key(request)
+        body = await read_body(request)
+        query = query_fields(request)
+        if body:
+            new = decode(body, new_todo_decoder)
+            from_query(query, TodoChanges)  # a title or completed in the query is held to its rules too
+        else:  # clients of the FastAPI service: POST /todos?title=…
+            new = from_query(query, NewTodo)
+        title = clean_title(new.title)
+        row = await db.create_todo(uuid.uuid4() if key is None else keyed_todo_id(key), title, new.completed)
+        todo = Todo(*row)
+        # With a key, the row may be one an earlier request stored (a retry): the same todo
+        # fields are the same request. A todo changed since (PATCH) no longer shows what it
+        # was created with, so it is answered as it is now rather than refused.
+        if key is not None and (todo.title, todo.completed) != (title, new.completed) \
+                and todo.updated_at == todo.created_at:
+            raise unprocessable(IDEMPOTENCY_KEY, "was used for a different todo; "
+                                                 "send a new key for a new todo")
+        return json_response(todo, 201, {"Location": f"/todos/{todo.id}"})
+
+
+class TodoItem(HTTPEndpoint):
+    async def get(self, request: Request) -> Response:
+        row = await db.get_todo(todo_id(request))
+        if row is None:
+            raise HTTPException(404, f"no todo with id {request.path_params['todo_id']}")
+        return json_response(Todo(*row))
+
+    async def patch(self, request: Request) -> Response:
+        wanted = todo_id(request)
+        body = await read_body(request)
+        query = query_fields(request)
+        if body:
+            changes = decode(body, todo_changes_decoder)
+            from_query(query, TodoChanges)  # a title or completed in the query is held to its rules too
+        else:  # clients of the FastAPI service: PATCH /todos/{id}?completed=true
+            changes = from_query(query, TodoChanges)
+        if changes.title is UNSET and changes.completed is UNSET:
+            raise unprocessable("body", "give at least one of title, completed")
+        title = None if changes.title is UNSET else clean_title(changes.title)
+        completed = None if changes.completed is UNSET else changes.completed
+        row = await db.update_todo(wanted, title, completed)
+        if row is None:
+            raise HTTPException(404, f"no todo with id {wanted}")
+        return json_response(Todo(*row))
+
+    async def delete(self, request: Request) -> Response:
+        wanted = todo_id(request)
+        if not await db.delete_todo(wanted):
+            raise HTTPException(404, f"no todo with id {wanted}")
+        return Response(status_code=204)
+
+
+async def healthz(request: Request) -> Response:
+    return Response(HEALTHY, media_type=JSON)
+
+
+async def readyz(request: Request) -> Response:
+    ready, report = await db.readiness()
+    body = msgspec.convert(report, Readiness)
+    if ready:
+        return json_response(body)
+    return json_response(body, 503, {"Retry-After": str(db.RETRY_AFTER_SECONDS)})
+
+
+async def openapi(request: Request) -> Response:
+    return Response(openapi_document(), media_type=JSON)
+
+
+routes = [
+    Route("/todos", TodoCollection),
+    Route("/todos/{todo_id}", TodoItem),
+    Route("/healthz", healthz, methods=["GET"]),
+    Route("/readyz", readyz, methods=["GET"]),
+    Route("/openapi.json", openapi, methods=["GET"]),
+]
+
+
+# --- the app: its one middleware, CORS, the lifespan ---------------------------------
+
+SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+# Request ids made here: a random per-process prefix and a counter (uuid4 per request costs
+# more than the id is worth); unique across instances in practice, and sortable within one.
+REQUEST_ID_PREFIX = f"{uuid.uuid4().hex[:12]}-"
+request_numbers = itertools.count(1)
+
+
+class RequestContext:
+    """The one middleware, a pure ASGI callable in front of the router.
+
+    Gives each request an id (the caller's, if sane), answers 401 on /todos when API_TOKEN
+    is set and the bearer token is wrong, renders every error as problem+json (HTTPException,
+    the database being unavailable, and anything else as a 500 that carries the request id
+    but no traceback), and logs one line per request.
+    """
+
+    def __init__(self, app: Any):
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        if runtime_nodelay.state == "listener_done":
+            runtime_nodelay.on_first_request()
+        started = time.perf_counter()
+        headers = dict(scope["headers"])
+        given = headers.get(b"x-request-id", b"").decode("latin-1")
+        request_id = given if SANE_REQUEST_ID.fullmatch(given) else f"{REQUEST_ID_PREFIX}{next(request_numbers):x}"
+        request_id_var.set(request_id)
+        id_header = (b"x-request-id", request_id.encode())
+        status, response_started = 500, False
+
+        async def send_with_id(message: dict) -> None:
+            nonlocal status, response_started
+            if message["type"] == "http.response.start":
+                status, response_started = message["status"], True
+                message["headers"] = [*message.get("headers", ()), id_header]
+            await send(message)
+
+        try:
+            if scope["path"].startswith("/todos") and not bearer_token_ok(headers):
+                error_response = problem(401, "send Authorization: Bearer <API_TOKEN>",
+                                         {"WWW-Authenticate": 'Bearer realm="todos"'})
+            else:
+                error_response = None
+                await self.app(scope, receive, send_with_id)
+        except HTTPException as error:
+            error_response = http_error(scope["method"], error)
+        except (db.Unavailable, db.ConfigError) as error:
+            error_response = database_unavailable(error)
+        except Exception as error:
+            log.error("unhandled error", exc_info=error, extra={"error": auth.redact(str(error))[:300]})
+            error_response = problem(500, f"internal error; request id {request_id}")
+        try:
+            if error_response is not None and not response_started:
+                await error_response(scope, receive, send_with_id)
+        finally:
+            if log.isEnabledFor(logging.INFO):
+                request_log.write(scope["method"], scope["path"], status,
+                                  round((time.perf_counter() - started) * 1000, 2))
+
+
+def bearer_token_ok(headers: dict[bytes, bytes]) -> bool:
+    expected = os.environ.get("API_TOKEN")
+    if not expected:
+        return True
+    given = headers.get(b"authorization", b"")
+    scheme, _, token = given.partition(b" ")
+    return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), expected.encode())
+
+
+@contextlib.asynccontextmanager
+async def lifespan(app: Starlette) -> AsyncIterator[None]:
+    # Nothing to start: on Vercel a failing startup kills the instance and no OIDC token
+    # exists yet, so the pool is created on the first request that needs it.
+    configure_logging()
+    runtime_nodelay.on_listener()
+    yield
+    await db.close()
+
+
+class TodoApp(Starlette):
+    """Starlette with RequestContext as its whole middleware stack, and CORS around it when
+    CORS_ORIGINS is set.
+
+    Starlette wraps the router in ServerErrorMiddleware and ExceptionMiddleware; here
+    RequestContext already renders every error and the 500, so those two layers only cost
+    time (about a tenth of a request's CPU, measured with bench/profile.py). CORS goes
+    outside RequestContext: its errors (401, 422, 503, 500) carry the CORS headers too, so a
+    page can read their detail, and a preflight is answered before the bearer token is asked
+    for (browsers send none with it). Built on the first request (or lifespan), not at import.
+    """
+
+    def build_middleware_stack(self) -> Any:
+        try:
+            origins = cors_origins(os.environ)
+        except db.ConfigError as error:
+            return RequestContext(Misconfigured(self.router, error))
+        stack: Any = RequestContext(self.router)
+        if origins is None:
+            return stack  # no CORS layer at all: nothing to pay for
+        return CORSMiddleware(stack, allow_origins=origins, allow_methods=CORS_METHODS,
+                              allow_headers=CORS_REQUEST_HEADERS, expose_headers=CORS_EXPOSED_HEADERS,
+                              max_age=CORS_MAX_AGE)
+
+
+# CORS (opt-in): what a browser page on another origin may send and read. No credentials:
+# the API authenticates with a bearer token, never a cookie.
+CORS_METHODS = ["GET", "HEAD", "POST", "PATCH", "DELETE"]
+CORS_REQUEST_HEADERS = ["Content-Type", "Authorization", IDEMPOTENCY_KEY, "X-Request-ID"]
+CORS_EXPOSED_HEADERS = ["Link", "Location", "X-Request-ID", "Retry-After"]
+CORS_MAX_AGE = 600  # seconds a browser may reuse a preflight's answer
+# An origin as a browser sends it: scheme://host[:port], lower case, no path, no trailing slash.
+_origin_shape = re.compile(r"([a-z][a-z0-9+.-]*)://(?:[a-z0-9_.-]+|\[[0-9a-f:.]+\])(?::([0-9]{1,5}))?")
+_default_ports = {"http": "80", "https": "443"}
+
+
+def cors_origins(env: Mapping[str, str]) -> list[str] | None:
+    """The origins in CORS_ORIGINS (["*"] for any), or None when it is unset: CORS off.
+
+    An entry that no browser would send as its Origin (a trailing slash, a path, upper case,
+    a default port) would match nothing and fail only in the browser's console: it is a
+    configuration error instead.
+    """
+    text = env.get("CORS_ORIGINS", "").strip()
+    if not text:
+        return None
+    origins = [origin.strip() for origin in text.split(",") if origin.strip()]
+    if origins == ["*"]:
+        return origins
+    for origin in origins:
+        if origin == "*":
+            raise db.ConfigError("CORS_ORIGINS", "* allows every origin; give it alone")
+        shape = _origin_shape.fullmatch(origin)
+        if shape is None:
+            raise db.ConfigError("CORS_ORIGINS", f"{origin[:100]!r} is not an origin as browsers send it: "
+                                                 "scheme://host[:port] in lower case, with no path or trailing /")
+        if shape.group(2) is not None and _default_ports.get(shape.group(1)) == shape.group(2):
+            raise db.ConfigError("CORS_ORIGINS", f"{origin[:100]!r}: browsers leave out the default port")
+    return origins
+
+
+class Misconfigured:
+    """In front of the router when the HTTP side's own configuration cannot work: every request
+    but /healthz (the process is alive) is a 503 naming the variable, like db.ConfigError."""
+
+    def __init__(self, app: Any, error: db.ConfigError):
+        self.app = app
+        self.variable, self.message = error.variable, str(error).removeprefix(f"{error.variable}: ")
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["path"] != "/healthz":
+            raise db.ConfigError(self.variable, self.message)  # a fresh one: no traceback piles up
+        await self.app(scope, receive, send)
+
+
+app = TodoApp(routes=routes, lifespan=lifespan)
 
 
 # --- messages ------------------------------------------------------------------------
@@ -145,6 +416,242 @@ encoder = msgspec.json.Encoder()
 new_todo_decoder = msgspec.json.Decoder(NewTodo)
 todo_changes_decoder = msgspec.json.Decoder(TodoChanges)
 HEALTHY = encoder.encode(Health(status="ok"))
+
+
+# --- request parsing -------------------------------------------------------------------
+
+async def read_body(request: Request) -> bytes:
+    """The request body, refusing non-JSON or encoded (415), oversized (413) and stalled (408) bodies."""
+    headers = request.headers
+    length = headers.get("content-length")
+    chunked = "chunked" in headers.get("transfer-encoding", "").lower()
+    if not chunked and length in (None, "0"):
+        return b""
+    if length is not None:
+        if not length.isdigit():
+            raise HTTPException(400, "Content-Length is not a number")
+        if int(length) > MAX_BODY_BYTES:
+            raise HTTPException(413, f"the body may be at most {MAX_BODY_BYTES} bytes")
+    media_type = headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if media_type != JSON and not (media_type.startswith("application/") and media_type.endswith("+json")):
+        raise HTTPException(415, "send the body as application/json")
+    coding = headers.get("content-encoding")
+    if coding is not None and coding.strip().lower() not in ("", "identity"):
+        # Decoding gzip here would only move the size limit's problem (a small body that
+        # inflates to gigabytes); RFC 9110 names 415 for a content coding that is not accepted.
+        raise HTTPException(415, "send the body without a Content-Encoding")
+    body = bytearray()
+    try:
+        async with asyncio.timeout(BODY_READ_TIMEOUT):
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > MAX_BODY_BYTES:
+                    raise HTTPException(413, f"the body may be at most {MAX_BODY_BYTES} bytes")
+    except TimeoutError:
+        # Close the connection too (RFC 9110, 408): bytes still trickling in would otherwise
+        # keep re-arming the keep-alive timer and pin the connection.
+        raise HTTPException(408, "the body arrived too slowly", {"Connection": "close"}) from None
+    except ClientDisconnect:
+        # The client hung up mid-body: nobody to answer, and not a server error.
+        raise HTTPException(400, "the body ended before its announced length") from None
+    return bytes(body)
+
+
+def decode(body: bytes, decoder: msgspec.json.Decoder) -> Any:
+    try:
+        return decoder.decode(body)
+    except msgspec.ValidationError as error:
+        raise HTTPException(422, _field_error(str(error))) from None
+    except msgspec.DecodeError as error:
+        raise HTTPException(400, f"malformed JSON: {error}") from None
+    except UnicodeDecodeError:
+        # msgspec raises this, not DecodeError, for bad bytes inside a JSON string; its
+        # offset counts from the string's start, so find the body's own offset (error path only).
+        raise HTTPException(400, f"the body is not valid UTF-8{_first_bad_byte(body)}") from None
+
+
+def _first_bad_byte(body: bytes) -> str:
+    try:
+        body.decode()
+    except UnicodeDecodeError as error:
+        return f" (byte {error.start})"
+    return ""
+
+
+def query_fields(request: Request) -> dict[str, str]:
+    """The query string's fields (the last value of each name), decoded strictly as UTF-8.
+
+    Starlette's `request.query_params` replaces bytes that are not UTF-8 with U+FFFD, so a
+    title would be stored altered; here such a value is a 422 naming its field.
+    """
+    raw: bytes = request.scope["query_string"]
+    fields: dict[str, str] = {}
+    if not raw:
+        return fields
+    for pair in raw.split(b"&"):
+        if not pair:
+            continue
+        raw_name, _, raw_value = pair.partition(b"=")
+        name_bytes = unquote_to_bytes(raw_name.replace(b"+", b" "))
+        try:
+            name = name_bytes.decode()
+        except UnicodeDecodeError:
+            raise unprocessable("query", "a parameter name is not valid UTF-8") from None
+        try:
+            fields[name] = unquote_to_bytes(raw_value.replace(b"+", b" ")).decode()
+        except UnicodeDecodeError:
+            raise unprocessable(name[:64], "is not valid UTF-8") from None
+    return fields
+
+
+def from_query(query: dict[str, str], struct_type: type) -> Any:
+    """A body Struct from `?title=…&completed=…`, held to the same rules as a JSON body."""
+    fields: dict[str, Any] = {}
+    if "title" in query:
+        fields["title"] = clean_title(query["title"])
+    if "completed" in query:
+        fields["completed"] = parse_bool("completed", query["completed"])
+    try:
+        return msgspec.convert(fields, struct_type)
+    except msgspec.ValidationError as error:
+        raise HTTPException(422, _field_error(str(error))) from None
+
+
+def _field_error(message: str) -> str:
+    """msgspec says "Expected `str`, got `int` - at `$.title`"; lead with the field."""
+    match = re.search(r"^(.*) - at `\$\.?([^`]*)`$", message)
+    if match:
+        return f"{match.group(2) or 'body'}: {match.group(1)}"
+    match = re.search(r"field `([^`]+)`", message)
+    return f"{match.group(1)}: {message}" if match else f"body: {message}"
+
+
+def clean_title(title: str) -> str:
+    """The title trimmed, then held to its rule (1–500 characters, no NUL, valid Unicode)."""
+    title = title.strip()
+    if not 1 <= len(title) <= MAX_TITLE:
+        raise unprocessable("title", f"must be 1 to {MAX_TITLE} characters once trimmed (got {len(title)})")
+    if "\x00" in title:
+        raise unprocessable("title", "must not contain NUL characters")
+    try:
+        title.encode()
+    except UnicodeEncodeError:
+        raise unprocessable("title", "must be valid Unicode (no lone surrogates)") from None
+    return title
+
+
+TRUE_WORDS, FALSE_WORDS = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
+
+
+def parse_bool(field: str, text: str | None) -> bool | None:
+    if text is None:
+        return None
+    if text.lower() in TRUE_WORDS:
+        return True
+    if text.lower() in FALSE_WORDS:
+        return False
+    raise unprocessable(field, "must be true or false")
+
+
+def parse_limit(text: str | None) -> int:
+    if text is None:
+        return DEFAULT_LIMIT
+    # isdigit() alone takes "²" (int() then fails: a 500) and "１０"; only ASCII digits count.
+    if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= MAX_LIMIT:
+        raise unprocessable("limit", f"must be a whole number from 1 to {MAX_LIMIT}")
+    return int(text)
+
+
+EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+# A cursor is the (created_at, id) of the last todo of a page: its microseconds since 1970
+# as 14 hex digits, then the id's 32. Every string of this shape is a position a listing can
+# start after (14 hex digits reach the year 4253), so the pattern is exactly what is accepted.
+CURSOR_PATTERN = "^[0-9a-f]{46}$"
+_cursor_shape = re.compile(CURSOR_PATTERN)
+
+
+def encode_cursor(todo: Todo) -> str:
+    micros = (todo.created_at - EPOCH) // timedelta(microseconds=1)
+    return f"{micros:014x}{todo.id.hex}"  # created_at is the database's now(): after 1970
+
+
+def decode_cursor(text: str | None) -> tuple[datetime, uuid.UUID] | None:
+    """The (created_at, id) of the last todo of the previous page."""
+    if text is None:
+        return None
+    if not _cursor_shape.fullmatch(text):
+        raise unprocessable("cursor", "is not a cursor this API handed out")
+    return EPOCH + timedelta(microseconds=int(text[:14], 16)), uuid.UUID(hex=text[14:])
+
+
+# Idempotency-Key (draft-ietf-httpapi-idempotency-key-header): 1–255 printable ASCII
+# characters, taken verbatim (a quoted sf-string keeps its quotes). HTTP parsers strip white
+# space around a header value, so a key neither starts nor ends with a space.
+IDEMPOTENCY_KEY_PATTERN = r"^[!-~](?:[ -~]{0,253}[!-~])?$"
+_idempotency_key_shape = re.compile(IDEMPOTENCY_KEY_PATTERN)
+IDEMPOTENT_IDS = uuid.UUID("7d1f4c52-3c4e-4f63-9a59-0f8b2e61b7a4")  # uuid5 namespace of keyed todos
+
+
+def idempotency_key(request: Request) -> str | None:
+    """The request's Idempotency-Key, if it sent one; a malformed or repeated key is a 422."""
+    keys = [value for name, value in request.scope["headers"] if name == b"idempotency-key"]
+    if not keys:
+        return None
+    if len(keys) > 1:
+        raise unprocessable(IDEMPOTENCY_KEY, "send it once")
+    key = keys[0].decode("latin-1")
+    if not _idempotency_key_shape.fullmatch(key):
+        raise unprocessable(IDEMPOTENCY_KEY, "must be 1 to 255 printable ASCII characters")
+    return key
+
+
+def keyed_todo_id(key: str) -> uuid.UUID:
+    """The id of the todo that creates with this key make: one key, one todo, no lookup table.
+
+    When API_TOKEN is set the key is scoped by it (by its hash: ids reveal nothing), so two
+    deployments with different tokens on one database never share a todo through a key.
+    """
+    token = os.environ.get("API_TOKEN")
+    scope = hashlib.sha256(token.encode()).hexdigest() if token else ""
+    return uuid.uuid5(IDEMPOTENT_IDS, f"{scope}:{key}")
+
+
+def todo_id(request: Request) -> uuid.UUID:
+    text = request.path_params["todo_id"]
+    try:
+        return uuid.UUID(text)
+    except ValueError:
+        raise HTTPException(404, f"no todo with id {text[:64]!r}") from None
+
+
+# --- responses and errors -------------------------------------------------------------
+
+def problem(status: int, detail: str = "", headers: dict[str, str] | None = None) -> Response:
+    body = Problem(title=HTTPStatus(status).phrase, status=status, detail=detail)
+    return Response(encoder.encode(body), status, headers, media_type=PROBLEM_JSON)
+
+
+def unprocessable(field: str, message: str) -> HTTPException:
+    return HTTPException(422, f"{field}: {message}")
+
+
+def http_error(method: str, error: HTTPException) -> Response:
+    detail = error.detail
+    if error.status_code == 405 and error.headers:
+        detail = f"{method} is not allowed here; use {error.headers.get('Allow')}"
+    return problem(error.status_code, detail, error.headers)
+
+
+def database_unavailable(error: db.Unavailable | db.ConfigError) -> Response:
+    detail = auth.redact(str(error))
+    log.warning("database unavailable", extra={"error_type": type(error).__name__, "error": detail})
+    if isinstance(error, db.ConfigError):
+        detail = f"configuration error: {detail}"
+    return problem(503, detail, {"Retry-After": str(db.RETRY_AFTER_SECONDS)})
+
+
+def json_response(content: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(encoder.encode(content), status, headers, media_type=JSON)
 
 
 # --- logs ------------------------------------------------------------------------------
@@ -323,555 +830,6 @@ def configure_logging() -> None:
     logging.getLogger("botocore").setLevel(logging.WARNING)
 
 
-# --- errors ----------------------------------------------------------------------------
-
-def problem(status: int, detail: str = "", headers: dict[str, str] | None = None) -> Response:
-    body = Problem(title=HTTPStatus(status).phrase, status=status, detail=detail)
-    return Response(encoder.encode(body), status, headers, media_type=PROBLEM_JSON)
-
-
-def unprocessable(field: str, message: str) -> HTTPException:
-    return HTTPException(422, f"{field}: {message}")
-
-
-def http_error(method: str, error: HTTPException) -> Response:
-    detail = error.detail
-    if error.status_code == 405 and error.headers:
-        detail = f"{method} is not allowed here; use {error.headers.get('Allow')}"
-    return problem(error.status_code, detail, error.headers)
-
-
-def database_unavailable(error: db.Unavailable | db.ConfigError) -> Response:
-    detail = auth.redact(str(error))
-    log.warning("database unavailable", extra={"error_type": type(error).__name__, "error": detail})
-    if isinstance(error, db.ConfigError):
-        detail = f"configuration error: {detail}"
-    return problem(503, detail, {"Retry-After": str(db.RETRY_AFTER_SECONDS)})
-
-
-# --- request parsing -------------------------------------------------------------------
-
-async def read_body(request: Request) -> bytes:
-    """The request body, refusing non-JSON or encoded (415), oversized (413) and stalled (408) bodies."""
-    headers = request.headers
-    length = headers.get("content-length")
-    chunked = "chunked" in headers.get("transfer-encoding", "").lower()
-    if not chunked and length in (None, "0"):
-        return b""
-    if length is not None:
-        if not length.isdigit():
-            raise HTTPException(400, "Content-Length is not a number")
-        if int(length) > MAX_BODY_BYTES:
-            raise HTTPException(413, f"the body may be at most {MAX_BODY_BYTES} bytes")
-    media_type = headers.get("content-type", "").split(";", 1)[0].strip().lower()
-    if media_type != JSON and not (media_type.startswith("application/") and media_type.endswith("+json")):
-        raise HTTPException(415, "send the body as application/json")
-    coding = headers.get("content-encoding")
-    if coding is not None and coding.strip().lower() not in ("", "identity"):
-        # Decoding gzip here would only move the size limit's problem (a small body that
-        # inflates to gigabytes); RFC 9110 names 415 for a content coding that is not accepted.
-        raise HTTPException(415, "send the body without a Content-Encoding")
-    body = bytearray()
-    try:
-        async with asyncio.timeout(BODY_READ_TIMEOUT):
-            async for chunk in request.stream():
-                body += chunk
-                if len(body) > MAX_BODY_BYTES:
-                    raise HTTPException(413, f"the body may be at most {MAX_BODY_BYTES} bytes")
-    except TimeoutError:
-        # Close the connection too (RFC 9110, 408): bytes still trickling in would otherwise
-        # keep re-arming the keep-alive timer and pin the connection.
-        raise HTTPException(408, "the body arrived too slowly", {"Connection": "close"}) from None
-    except ClientDisconnect:
-        # The client hung up mid-body: nobody to answer, and not a server error.
-        raise HTTPException(400, "the body ended before its announced length") from None
-    return bytes(body)
-
-
-def decode(body: bytes, decoder: msgspec.json.Decoder) -> Any:
-    try:
-        return decoder.decode(body)
-    except msgspec.ValidationError as error:
-        raise HTTPException(422, _field_error(str(error))) from None
-    except msgspec.DecodeError as error:
-        raise HTTPException(400, f"malformed JSON: {error}") from None
-    except UnicodeDecodeError:
-        # msgspec raises this, not DecodeError, for bad bytes inside a JSON string; its
-        # offset counts from the string's start, so find the body's own offset (error path only).
-        raise HTTPException(400, f"the body is not valid UTF-8{_first_bad_byte(body)}") from None
-
-
-def _first_bad_byte(body: bytes) -> str:
-    try:
-        body.decode()
-    except UnicodeDecodeError as error:
-        return f" (byte {error.start})"
-    return ""
-
-
-def query_fields(request: Request) -> dict[str, str]:
-    """The query string's fields (the last value of each name), decoded strictly as UTF-8.
-
-    Starlette's `request.query_params` replaces bytes that are not UTF-8 with U+FFFD, so a
-    title would be stored altered; here such a value is a 422 naming its field.
-    """
-    raw: bytes = request.scope["query_string"]
-    fields: dict[str, str] = {}
-    if not raw:
-        return fields
-    for pair in raw.split(b"&"):
-        if not pair:
-            continue
-        raw_name, _, raw_value = pair.partition(b"=")
-        name_bytes = unquote_to_bytes(raw_name.replace(b"+", b" "))
-        try:
-            name = name_bytes.decode()
-        except UnicodeDecodeError:
-            raise unprocessable("query", "a parameter name is not valid UTF-8") from None
-        try:
-            fields[name] = unquote_to_bytes(raw_value.replace(b"+", b" ")).decode()
-        except UnicodeDecodeError:
-            raise unprocessable(name[:64], "is not valid UTF-8") from None
-    return fields
-
-
-def from_query(query: dict[str, str], struct_type: type) -> Any:
-    """A body Struct from `?title=…&completed=…`, held to the same rules as a JSON body."""
-    fields: dict[str, Any] = {}
-    if "title" in query:
-        fields["title"] = clean_title(query["title"])
-    if "completed" in query:
-        fields["completed"] = parse_bool("completed", query["completed"])
-    try:
-        return msgspec.convert(fields, struct_type)
-    except msgspec.ValidationError as error:
-        raise HTTPException(422, _field_error(str(error))) from None
-
-
-def _field_error(message: str) -> str:
-    """msgspec says "Expected `str`, got `int` - at `$.title`"; lead with the field."""
-    match = re.search(r"^(.*) - at `\$\.?([^`]*)`$", message)
-    if match:
-        return f"{match.group(2) or 'body'}: {match.group(1)}"
-    match = re.search(r"field `([^`]+)`", message)
-    return f"{match.group(1)}: {message}" if match else f"body: {message}"
-
-
-def clean_title(title: str) -> str:
-    """The title trimmed, then held to its rule (1–500 characters, no NUL, valid Unicode)."""
-    title = title.strip()
-    if not 1 <= len(title) <= MAX_TITLE:
-        raise unprocessable("title", f"must be 1 to {MAX_TITLE} characters once trimmed (got {len(title)})")
-    if "\x00" in title:
-        raise unprocessable("title", "must not contain NUL characters")
-    try:
-        title.encode()
-    except UnicodeEncodeError:
-        raise unprocessable("title", "must be valid Unicode (no lone surrogates)") from None
-    return title
-
-
-TRUE_WORDS, FALSE_WORDS = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
-
-
-def parse_bool(field: str, text: str | None) -> bool | None:
-    if text is None:
-        return None
-    if text.lower() in TRUE_WORDS:
-        return True
-    if text.lower() in FALSE_WORDS:
-        return False
-    raise unprocessable(field, "must be true or false")
-
-
-def parse_limit(text: str | None) -> int:
-    if text is None:
-        return DEFAULT_LIMIT
-    # isdigit() alone takes "²" (int() then fails: a 500) and "１０"; only ASCII digits count.
-    if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= MAX_LIMIT:
-        raise unprocessable("limit", f"must be a whole number from 1 to {MAX_LIMIT}")
-    return int(text)
-
-
-EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
-# A cursor is the (created_at, id) of the last todo of a page: its microseconds since 1970
-# as 14 hex digits, then the id's 32. Every string of this shape is a position a listing can
-# start after (14 hex digits reach the year 4253), so the pattern is exactly what is accepted.
-CURSOR_PATTERN = "^[0-9a-f]{46}$"
-_cursor_shape = re.compile(CURSOR_PATTERN)
-
-
-def encode_cursor(todo: Todo) -> str:
-    micros = (todo.created_at - EPOCH) // timedelta(microseconds=1)
-    return f"{micros:014x}{todo.id.hex}"  # created_at is the database's now(): after 1970
-
-
-def decode_cursor(text: str | None) -> tuple[datetime, uuid.UUID] | None:
-    """The (created_at, id) of the last todo of the previous page."""
-    if text is None:
-        return None
-    if not _cursor_shape.fullmatch(text):
-        raise unprocessable("cursor", "is not a cursor this API handed out")
-    return EPOCH + timedelta(microseconds=int(text[:14], 16)), uuid.UUID(hex=text[14:])
-
-
-# Idempotency-Key (draft-ietf-httpapi-idempotency-key-header): 1–255 printable ASCII
-# characters, taken verbatim (a quoted sf-string keeps its quotes). HTTP parsers strip white
-# space around a header value, so a key neither starts nor ends with a space.
-IDEMPOTENCY_KEY = "Idempotency-Key"
-IDEMPOTENCY_KEY_PATTERN = r"^[!-~](?:[ -~]{0,253}[!-~])?$"
-_idempotency_key_shape = re.compile(IDEMPOTENCY_KEY_PATTERN)
-IDEMPOTENT_IDS = uuid.UUID("7d1f4c52-3c4e-4f63-9a59-0f8b2e61b7a4")  # uuid5 namespace of keyed todos
-
-
-def idempotency_key(request: Request) -> str | None:
-    """The request's Idempotency-Key, if it sent one; a malformed or repeated key is a 422."""
-    keys = [value for name, value in request.scope["headers"] if name == b"idempotency-key"]
-    if not keys:
-        return None
-    if len(keys) > 1:
-        raise unprocessable(IDEMPOTENCY_KEY, "send it once")
-    key = keys[0].decode("latin-1")
-    if not _idempotency_key_shape.fullmatch(key):
-        raise unprocessable(IDEMPOTENCY_KEY, "must be 1 to 255 printable ASCII characters")
-    return key
-
-
-def keyed_todo_id(key: str) -> uuid.UUID:
-    """The id of the todo that creates with this key make: one key, one todo, no lookup table.
-
-    When API_TOKEN is set the key is scoped by it (by its hash: ids reveal nothing), so two
-    deployments with different tokens on one database never share a todo through a key.
-    """
-    token = os.environ.get("API_TOKEN")
-    scope = hashlib.sha256(token.encode()).hexdigest() if token else ""
-    return uuid.uuid5(IDEMPOTENT_IDS, f"{scope}:{key}")
-
-
-def todo_id(request: Request) -> uuid.UUID:
-    text = request.path_params["todo_id"]
-    try:
-        return uuid.UUID(text)
-    except ValueError:
-        raise HTTPException(404, f"no todo with id {text[:64]!r}") from None
-
-
-def json_response(content: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
-    return Response(encoder.encode(content), status, headers, media_type=JSON)
-
-
-# --- routes ----------------------------------------------------------------------------
-
-class TodoCollection(HTTPEndpoint):
-    async def get(self, request: Request) -> Response:
-        query = query_fields(request)
-        limit = parse_limit(query.get("limit"))
-        completed = parse_bool("completed", query.get("completed"))
-        after = decode_cursor(query.get("cursor"))
-        rows = await db.list_todos(limit + 1, completed, after)
-        todos = [Todo(*row) for row in rows[:limit]]
-        headers = None
-        if len(rows) > limit:
-            next_query = {"limit": limit, "cursor": encode_cursor(todos[-1])}
-            if completed is not None:
-                next_query["completed"] = "true" if completed else "false"
-            headers = {"Link": f'</todos?{urlencode(next_query)}>; rel="next"'}
-        return json_response(todos, headers=headers)
-
-    async def post(self, request: Request) -> Response:
-        key = idempotency_key(request)
-        body = await read_body(request)
-        query = query_fields(request)
-        if body:
-            new = decode(body, new_todo_decoder)
-            from_query(query, TodoChanges)  # a title or completed in the query is held to its rules too
-        else:  # clients of the FastAPI service: POST /todos?title=…
-            new = from_query(query, NewTodo)
-        title = clean_title(new.title)
-        row = await db.create_todo(uuid.uuid4() if key is None else keyed_todo_id(key), title, new.completed)
-        todo = Todo(*row)
-        # With a key, the row may be one an earlier request stored (a retry): the same todo
-        # fields are the same request. A todo changed since (PATCH) no longer shows what it
-        # was created with, so it is answered as it is now rather than refused.
-        if key is not None and (todo.title, todo.completed) != (title, new.completed) \
-                and todo.updated_at == todo.created_at:
-            raise unprocessable(IDEMPOTENCY_KEY, "was used for a different todo; "
-                                                 "send a new key for a new todo")
-        return json_response(todo, 201, {"Location": f"/todos/{todo.id}"})
-
-
-class TodoItem(HTTPEndpoint):
-    async def get(self, request: Request) -> Response:
-        row = await db.get_todo(todo_id(request))
-        if row is None:
-            raise HTTPException(404, f"no todo with id {request.path_params['todo_id']}")
-        return json_response(Todo(*row))
-
-    async def patch(self, request: Request) -> Response:
-        wanted = todo_id(request)
-        body = await read_body(request)
-        query = query_fields(request)
-        if body:
-            changes = decode(body, todo_changes_decoder)
-            from_query(query, TodoChanges)  # a title or completed in the query is held to its rules too
-        else:  # clients of the FastAPI service: PATCH /todos/{id}?completed=true
-            changes = from_query(query, TodoChanges)
-        if changes.title is UNSET and changes.completed is UNSET:
-            raise unprocessable("body", "give at least one of title, completed")
-        title = None if changes.title is UNSET else clean_title(changes.title)
-        completed = None if changes.completed is UNSET else changes.completed
-        row = await db.update_todo(wanted, title, completed)
-        if row is None:
-            raise HTTPException(404, f"no todo with id {wanted}")
-        return json_response(Todo(*row))
-
-    async def delete(self, request: Request) -> Response:
-        wanted = todo_id(request)
-        if not await db.delete_todo(wanted):
-            raise HTTPException(404, f"no todo with id {wanted}")
-        return Response(status_code=204)
-
-
-async def healthz(request: Request) -> Response:
-    return Response(HEALTHY, media_type=JSON)
-
-
-async def readyz(request: Request) -> Response:
-    ready, report = await db.readiness()
-    body = msgspec.convert(report, Readiness)
-    if ready:
-        return json_response(body)
-    return json_response(body, 503, {"Retry-After": str(db.RETRY_AFTER_SECONDS)})
-
-
-async def openapi(request: Request) -> Response:
-    return Response(openapi_document(), media_type=JSON)
-
-
-routes = [
-    Route("/todos", TodoCollection),
-    Route("/todos/{todo_id}", TodoItem),
-    Route("/healthz", healthz, methods=["GET"]),
-    Route("/readyz", readyz, methods=["GET"]),
-    Route("/openapi.json", openapi, methods=["GET"]),
-]
-
-
-# --- middleware: request id, bearer token, logs, last-resort 500 -----------------------
-
-SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
-# Request ids made here: a random per-process prefix and a counter (uuid4 per request costs
-# more than the id is worth); unique across instances in practice, and sortable within one.
-REQUEST_ID_PREFIX = f"{uuid.uuid4().hex[:12]}-"
-request_numbers = itertools.count(1)
-
-
-class RequestContext:
-    """The one middleware, a pure ASGI callable in front of the router.
-
-    Gives each request an id (the caller's, if sane), answers 401 on /todos when API_TOKEN
-    is set and the bearer token is wrong, renders every error as problem+json (HTTPException,
-    the database being unavailable, and anything else as a 500 that carries the request id
-    but no traceback), and logs one line per request.
-    """
-
-    def __init__(self, app: Any):
-        self.app = app
-
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        if runtime_nodelay.state == "listener_done":
-            runtime_nodelay.on_first_request()
-        started = time.perf_counter()
-        headers = dict(scope["headers"])
-        given = headers.get(b"x-request-id", b"").decode("latin-1")
-        request_id = given if SANE_REQUEST_ID.fullmatch(given) else f"{REQUEST_ID_PREFIX}{next(request_numbers):x}"
-        request_id_var.set(request_id)
-        id_header = (b"x-request-id", request_id.encode())
-        status, response_started = 500, False
-
-        async def send_with_id(message: dict) -> None:
-            nonlocal status, response_started
-            if message["type"] == "http.response.start":
-                status, response_started = message["status"], True
-                message["headers"] = [*message.get("headers", ()), id_header]
-            await send(message)
-
-        try:
-            if scope["path"].startswith("/todos") and not bearer_token_ok(headers):
-                error_response = problem(401, "send Authorization: Bearer <API_TOKEN>",
-                                         {"WWW-Authenticate": 'Bearer realm="todos"'})
-            else:
-                error_response = None
-                await self.app(scope, receive, send_with_id)
-        except HTTPException as error:
-            error_response = http_error(scope["method"], error)
-        except (db.Unavailable, db.ConfigError) as error:
-            error_response = database_unavailable(error)
-        except Exception as error:
-            log.error("unhandled error", exc_info=error, extra={"error": auth.redact(str(error))[:300]})
-            error_response = problem(500, f"internal error; request id {request_id}")
-        try:
-            if error_response is not None and not response_started:
-                await error_response(scope, receive, send_with_id)
-        finally:
-            if log.isEnabledFor(logging.INFO):
-                request_log.write(scope["method"], scope["path"], status,
-                                  round((time.perf_counter() - started) * 1000, 2))
-
-
-def bearer_token_ok(headers: dict[bytes, bytes]) -> bool:
-    expected = os.environ.get("API_TOKEN")
-    if not expected:
-        return True
-    given = headers.get(b"authorization", b"")
-    scheme, _, token = given.partition(b" ")
-    return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), expected.encode())
-
-
-@contextlib.asynccontextmanager
-async def lifespan(app: Starlette) -> AsyncIterator[None]:
-    # Nothing to start: on Vercel a failing startup kills the instance and no OIDC token
-    # exists yet, so the pool is created on the first request that needs it.
-    configure_logging()
-    runtime_nodelay.on_listener()
-    yield
-    await db.close()
-
-
-# --- under Vercel's runtime: no Nagle stall ----------------------------------------------
-
-class RuntimeNoDelay:
-    """TCP_NODELAY on the connections Vercel's runtime serves. Workaround for uvicorn #3149:
-    delete this class once vercel-runtime's vendored uvicorn sets TCP_NODELAY itself.
-
-    vercel_runtime.vc_init binds 127.0.0.1:0 itself (its module-level `sock`) and hands the
-    socket to its uvicorn (`uvicorn_server`) with fd=; uvicorn wraps an fd as AF_UNIX, so
-    neither asyncio nor uvloop sets TCP_NODELAY on the connections it accepts, and each
-    keep-alive response body waits ~40 ms for Nagle's algorithm and the peer's delayed ACK.
-    Linux copies TCP_NODELAY from a listening socket to every connection whose handshake
-    completes after it was set, not to those already queued (both checked). The runtime
-    announces its port before uvicorn runs the lifespan, and the platform connects at once;
-    so lifespan startup fixes the listener, and the first request the connections that
-    uvicorn accepted before that.
-
-    States: `pending` (not under the runtime, or lifespan not run) → `listener_done` (lifespan
-    set it on the listener) → `done` (first request set it on the early connections).
-    """
-
-    def __init__(self) -> None:
-        self.state = "pending"
-
-    def on_listener(self) -> None:
-        runtime = sys.modules.get("vercel_runtime.vc_init")
-        if runtime is None:
-            return
-        listener = getattr(runtime, "sock", None)
-        if not isinstance(listener, socket.socket) or not self._nodelay(listener):
-            log.warning("Vercel runtime: its listening socket was not found; keep-alive responses "
-                        "may stall ~40 ms (uvicorn #3149)")
-            return
-        self.state = "listener_done"
-
-    def on_first_request(self) -> None:
-        self.state = "done"
-        server = getattr(sys.modules.get("vercel_runtime.vc_init"), "uvicorn_server", None)
-        for connection in list(getattr(getattr(server, "server_state", None), "connections", ())):
-            transport = getattr(connection, "transport", None)
-            if transport is not None and (sock := transport.get_extra_info("socket")) is not None:
-                self._nodelay(sock)
-
-    @staticmethod
-    def _nodelay(sock: Any) -> bool:
-        try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            return True
-        except OSError:  # not TCP after all
-            return False
-
-
-runtime_nodelay = RuntimeNoDelay()
-
-
-class TodoApp(Starlette):
-    """Starlette with RequestContext as its whole middleware stack, and CORS around it when
-    CORS_ORIGINS is set.
-
-    Starlette wraps the router in ServerErrorMiddleware and ExceptionMiddleware; here
-    RequestContext already renders every error and the 500, so those two layers only cost
-    time (about a tenth of a request's CPU, measured with bench/profile.py). CORS goes
-    outside RequestContext: its errors (401, 422, 503, 500) carry the CORS headers too, so a
-    page can read their detail, and a preflight is answered before the bearer token is asked
-    for (browsers send none with it). Built on the first request (or lifespan), not at import.
-    """
-
-    def build_middleware_stack(self) -> Any:
-        try:
-            origins = cors_origins(os.environ)
-        except db.ConfigError as error:
-            return RequestContext(Misconfigured(self.router, error))
-        stack: Any = RequestContext(self.router)
-        if origins is None:
-            return stack  # no CORS layer at all: nothing to pay for
-        return CORSMiddleware(stack, allow_origins=origins, allow_methods=CORS_METHODS,
-                              allow_headers=CORS_REQUEST_HEADERS, expose_headers=CORS_EXPOSED_HEADERS,
-                              max_age=CORS_MAX_AGE)
-
-
-# CORS (opt-in): what a browser page on another origin may send and read. No credentials:
-# the API authenticates with a bearer token, never a cookie.
-CORS_METHODS = ["GET", "HEAD", "POST", "PATCH", "DELETE"]
-CORS_REQUEST_HEADERS = ["Content-Type", "Authorization", IDEMPOTENCY_KEY, "X-Request-ID"]
-CORS_EXPOSED_HEADERS = ["Link", "Location", "X-Request-ID", "Retry-After"]
-CORS_MAX_AGE = 600  # seconds a browser may reuse a preflight's answer
-# An origin as a browser sends it: scheme://host[:port], lower case, no path, no trailing slash.
-_origin_shape = re.compile(r"([a-z][a-z0-9+.-]*)://(?:[a-z0-9_.-]+|\[[0-9a-f:.]+\])(?::([0-9]{1,5}))?")
-_default_ports = {"http": "80", "https": "443"}
-
-
-def cors_origins(env: Mapping[str, str]) -> list[str] | None:
-    """The origins in CORS_ORIGINS (["*"] for any), or None when it is unset: CORS off.
-
-    An entry that no browser would send as its Origin (a trailing slash, a path, upper case,
-    a default port) would match nothing and fail only in the browser's console: it is a
-    configuration error instead.
-    """
-    text = env.get("CORS_ORIGINS", "").strip()
-    if not text:
-        return None
-    origins = [origin.strip() for origin in text.split(",") if origin.strip()]
-    if origins == ["*"]:
-        return origins
-    for origin in origins:
-        if origin == "*":
-            raise db.ConfigError("CORS_ORIGINS", "* allows every origin; give it alone")
-        shape = _origin_shape.fullmatch(origin)
-        if shape is None:
-            raise db.ConfigError("CORS_ORIGINS", f"{origin[:100]!r} is not an origin as browsers send it: "
-                                                 "scheme://host[:port] in lower case, with no path or trailing /")
-        if shape.group(2) is not None and _default_ports.get(shape.group(1)) == shape.group(2):
-            raise db.ConfigError("CORS_ORIGINS", f"{origin[:100]!r}: browsers leave out the default port")
-    return origins
-
-
-class Misconfigured:
-    """In front of the router when the HTTP side's own configuration cannot work: every request
-    but /healthz (the process is alive) is a 503 naming the variable, like db.ConfigError."""
-
-    def __init__(self, app: Any, error: db.ConfigError):
-        self.app = app
-        self.variable, self.message = error.variable, str(error).removeprefix(f"{error.variable}: ")
-
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] == "http" and scope["path"] != "/healthz":
-            raise db.ConfigError(self.variable, self.message)  # a fresh one: no traceback piles up
-        await self.app(scope, receive, send)
-
-
-app = TodoApp(routes=routes, lifespan=lifespan)
-
-
 # --- OpenAPI ---------------------------------------------------------------------------
 
 _openapi: bytes | None = None
@@ -1016,6 +974,60 @@ def _build_openapi() -> dict[str, Any]:
                                            "description": "Needed only when the server sets API_TOKEN."}},
         },
     }
+
+
+# --- under Vercel's runtime: no Nagle stall ----------------------------------------------
+
+class RuntimeNoDelay:
+    """TCP_NODELAY on the connections Vercel's runtime serves. Workaround for uvicorn #3149:
+    delete this class once vercel-runtime's vendored uvicorn sets TCP_NODELAY itself.
+
+    vercel_runtime.vc_init binds 127.0.0.1:0 itself (its module-level `sock`) and hands the
+    socket to its uvicorn (`uvicorn_server`) with fd=; uvicorn wraps an fd as AF_UNIX, so
+    neither asyncio nor uvloop sets TCP_NODELAY on the connections it accepts, and each
+    keep-alive response body waits ~40 ms for Nagle's algorithm and the peer's delayed ACK.
+    Linux copies TCP_NODELAY from a listening socket to every connection whose handshake
+    completes after it was set, not to those already queued (both checked). The runtime
+    announces its port before uvicorn runs the lifespan, and the platform connects at once;
+    so lifespan startup fixes the listener, and the first request the connections that
+    uvicorn accepted before that.
+
+    States: `pending` (not under the runtime, or lifespan not run) → `listener_done` (lifespan
+    set it on the listener) → `done` (first request set it on the early connections).
+    """
+
+    def __init__(self) -> None:
+        self.state = "pending"
+
+    def on_listener(self) -> None:
+        runtime = sys.modules.get("vercel_runtime.vc_init")
+        if runtime is None:
+            return
+        listener = getattr(runtime, "sock", None)
+        if not isinstance(listener, socket.socket) or not self._nodelay(listener):
+            log.warning("Vercel runtime: its listening socket was not found; keep-alive responses "
+                        "may stall ~40 ms (uvicorn #3149)")
+            return
+        self.state = "listener_done"
+
+    def on_first_request(self) -> None:
+        self.state = "done"
+        server = getattr(sys.modules.get("vercel_runtime.vc_init"), "uvicorn_server", None)
+        for connection in list(getattr(getattr(server, "server_state", None), "connections", ())):
+            transport = getattr(connection, "transport", None)
+            if transport is not None and (sock := transport.get_extra_info("socket")) is not None:
+                self._nodelay(sock)
+
+    @staticmethod
+    def _nodelay(sock: Any) -> bool:
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            return True
+        except OSError:  # not TCP after all
+            return False
+
+
+runtime_nodelay = RuntimeNoDelay()
 
 
 # --- local runs ------------------------------------------------------------------------
