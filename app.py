@@ -34,10 +34,10 @@ import socket
 import sys
 import time
 import uuid
-from collections.abc import Mapping
-from datetime import datetime, timedelta, timezone
+from collections.abc import AsyncIterator, Mapping
+from datetime import UTC, datetime, timedelta
 from http import HTTPStatus
-from typing import Annotated, Any, AsyncIterator
+from typing import Annotated, Any
 from urllib.parse import unquote_to_bytes, urlencode
 
 import msgspec
@@ -49,6 +49,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import auth
 import db
@@ -63,6 +64,7 @@ IDEMPOTENCY_KEY = "Idempotency-Key"
 
 
 # --- routes ----------------------------------------------------------------------------
+
 
 class TodoCollection(HTTPEndpoint):
     async def get(self, request: Request) -> Response:
@@ -95,10 +97,14 @@ class TodoCollection(HTTPEndpoint):
         # With a key, the row may be one an earlier request stored (a retry): the same todo
         # fields are the same request. A todo changed since (PATCH) no longer shows what it
         # was created with, so it is answered as it is now rather than refused.
-        if key is not None and (todo.title, todo.completed) != (title, new.completed) \
-                and todo.updated_at == todo.created_at:
-            raise unprocessable(IDEMPOTENCY_KEY, "was used for a different todo; "
-                                                 "send a new key for a new todo")
+        if (
+            key is not None
+            and (todo.title, todo.completed) != (title, new.completed)
+            and todo.updated_at == todo.created_at
+        ):
+            raise unprocessable(
+                IDEMPOTENCY_KEY, "was used for a different todo; send a new key for a new todo"
+            )
         return json_response(todo, 201, {"Location": f"/todos/{todo.id}"})
 
 
@@ -177,10 +183,10 @@ class RequestContext:
     but no traceback), and logs one line per request.
     """
 
-    def __init__(self, app: Any):
+    def __init__(self, app: ASGIApp):
         self.app = app
 
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         if runtime_nodelay.state == "listener_done":
@@ -188,12 +194,14 @@ class RequestContext:
         started = time.perf_counter()
         headers = dict(scope["headers"])
         given = headers.get(b"x-request-id", b"").decode("latin-1")
-        request_id = given if SANE_REQUEST_ID.fullmatch(given) else f"{REQUEST_ID_PREFIX}{next(request_numbers):x}"
+        request_id = (
+            given if SANE_REQUEST_ID.fullmatch(given) else f"{REQUEST_ID_PREFIX}{next(request_numbers):x}"
+        )
         request_id_var.set(request_id)
         id_header = (b"x-request-id", request_id.encode())
         status, response_started = 500, False
 
-        async def send_with_id(message: dict) -> None:
+        async def send_with_id(message: Message) -> None:
             nonlocal status, response_started
             if message["type"] == "http.response.start":
                 status, response_started = message["status"], True
@@ -202,8 +210,11 @@ class RequestContext:
 
         try:
             if scope["path"].startswith("/todos") and not bearer_token_ok(headers):
-                error_response = problem(401, "send Authorization: Bearer <API_TOKEN>",
-                                         {"WWW-Authenticate": 'Bearer realm="todos"'})
+                error_response = problem(
+                    401,
+                    "send Authorization: Bearer <API_TOKEN>",
+                    {"WWW-Authenticate": 'Bearer realm="todos"'},
+                )
             else:
                 error_response = None
                 await self.app(scope, receive, send_with_id)
@@ -219,8 +230,9 @@ class RequestContext:
                 await error_response(scope, receive, send_with_id)
         finally:
             if log.isEnabledFor(logging.INFO):
-                request_log.write(scope["method"], scope["path"], status,
-                                  round((time.perf_counter() - started) * 1000, 2))
+                request_log.write(
+                    scope["method"], scope["path"], status, round((time.perf_counter() - started) * 1000, 2)
+                )
 
 
 def bearer_token_ok(headers: dict[bytes, bytes]) -> bool:
@@ -254,17 +266,22 @@ class TodoApp(Starlette):
     for (browsers send none with it). Built on the first request (or lifespan), not at import.
     """
 
-    def build_middleware_stack(self) -> Any:
+    def build_middleware_stack(self) -> ASGIApp:
         try:
             origins = cors_origins(os.environ)
         except db.ConfigError as error:
             return RequestContext(Misconfigured(self.router, error))
-        stack: Any = RequestContext(self.router)
+        stack: ASGIApp = RequestContext(self.router)
         if origins is None:
             return stack  # no CORS layer at all: nothing to pay for
-        return CORSMiddleware(stack, allow_origins=origins, allow_methods=CORS_METHODS,
-                              allow_headers=CORS_REQUEST_HEADERS, expose_headers=CORS_EXPOSED_HEADERS,
-                              max_age=CORS_MAX_AGE)
+        return CORSMiddleware(
+            stack,
+            allow_origins=origins,
+            allow_methods=CORS_METHODS,
+            allow_headers=CORS_REQUEST_HEADERS,
+            expose_headers=CORS_EXPOSED_HEADERS,
+            max_age=CORS_MAX_AGE,
+        )
 
 
 # CORS (opt-in): what a browser page on another origin may send and read. No credentials:
@@ -296,8 +313,11 @@ def cors_origins(env: Mapping[str, str]) -> list[str] | None:
             raise db.ConfigError("CORS_ORIGINS", "* allows every origin; give it alone")
         shape = _origin_shape.fullmatch(origin)
         if shape is None:
-            raise db.ConfigError("CORS_ORIGINS", f"{origin[:100]!r} is not an origin as browsers send it: "
-                                                 "scheme://host[:port] in lower case, with no path or trailing /")
+            raise db.ConfigError(
+                "CORS_ORIGINS",
+                f"{origin[:100]!r} is not an origin as browsers send it: "
+                "scheme://host[:port] in lower case, with no path or trailing /",
+            )
         if shape.group(2) is not None and _default_ports.get(shape.group(1)) == shape.group(2):
             raise db.ConfigError("CORS_ORIGINS", f"{origin[:100]!r}: browsers leave out the default port")
     return origins
@@ -307,11 +327,11 @@ class Misconfigured:
     """In front of the router when the HTTP side's own configuration cannot work: every request
     but /healthz (the process is alive) is a 503 naming the variable, like db.ConfigError."""
 
-    def __init__(self, app: Any, error: db.ConfigError):
+    def __init__(self, app: ASGIApp, error: db.ConfigError):
         self.app = app
         self.variable, self.message = error.variable, str(error).removeprefix(f"{error.variable}: ")
 
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["path"] != "/healthz":
             raise db.ConfigError(self.variable, self.message)  # a fresh one: no traceback piles up
         await self.app(scope, receive, send)
@@ -328,11 +348,17 @@ app = TodoApp(routes=routes, lifespan=lifespan)
 # the OpenAPI document. It spells out str.strip's white space (str.isspace) instead of \s,
 # whose meaning differs between Python and ECMAScript, the dialect of JSON Schema patterns.
 WHITE_SPACE = r"\t-\r\x1c- \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
-TITLE_PATTERN = (rf"^[{WHITE_SPACE}]*[^{WHITE_SPACE}\x00]"
-                 rf"(?:[^\x00]{{0,{MAX_TITLE - 2}}}[^{WHITE_SPACE}\x00])?[{WHITE_SPACE}]*$")
-Title = Annotated[str, Meta(description=f"Trimmed of surrounding white space, then 1–{MAX_TITLE} "
-                                        "characters; no NUL.",
-                            extra_json_schema={"pattern": TITLE_PATTERN})]
+TITLE_PATTERN = (
+    rf"^[{WHITE_SPACE}]*[^{WHITE_SPACE}\x00]"
+    rf"(?:[^\x00]{{0,{MAX_TITLE - 2}}}[^{WHITE_SPACE}\x00])?[{WHITE_SPACE}]*$"
+)
+Title = Annotated[
+    str,
+    Meta(
+        description=f"Trimmed of surrounding white space, then 1–{MAX_TITLE} characters; no NUL.",
+        extra_json_schema={"pattern": TITLE_PATTERN},
+    ),
+]
 
 
 class Todo(Struct):
@@ -345,18 +371,21 @@ class Todo(Struct):
 
 class NewTodo(Struct, forbid_unknown_fields=True):
     """Body of POST /todos."""
+
     title: Title
     completed: bool = False
 
 
 class TodoChanges(Struct, forbid_unknown_fields=True):
     """Body of PATCH /todos/{id}: at least one field."""
+
     title: Title | UnsetType = UNSET
     completed: bool | UnsetType = UNSET
 
 
 class Problem(Struct, kw_only=True):
     """An RFC 9457 problem detail: the body of every error."""
+
     type: str = "about:blank"
     title: str
     status: int
@@ -389,12 +418,14 @@ class ReplacementStatus(Struct):
 
 class IdleReleaseStatus(Struct):
     """On Vercel: idle connections close after this long, and invocations wait for them."""
+
     idle_timeout_seconds: int
     invocations_kept_alive: int
 
 
 class Readiness(Struct, omit_defaults=True):
     """Body of /readyz: never a secret."""
+
     status: str
     database: str
     auth: str | None = None
@@ -407,9 +438,21 @@ class Readiness(Struct, omit_defaults=True):
 
 
 # Every message, by its schema name (OpenAPI's components); the ones clients send.
-MESSAGES: dict[str, type[Struct]] = {cls.__name__: cls for cls in (
-    Todo, NewTodo, TodoChanges, Problem, Health, PoolStatus, TokenStatus, ReplacementStatus,
-    IdleReleaseStatus, Readiness)}
+MESSAGES: dict[str, type[Struct]] = {
+    cls.__name__: cls
+    for cls in (
+        Todo,
+        NewTodo,
+        TodoChanges,
+        Problem,
+        Health,
+        PoolStatus,
+        TokenStatus,
+        ReplacementStatus,
+        IdleReleaseStatus,
+        Readiness,
+    )
+}
 REQUEST_MESSAGES = (NewTodo, TodoChanges)
 
 encoder = msgspec.json.Encoder()
@@ -419,6 +462,7 @@ HEALTHY = encoder.encode(Health(status="ok"))
 
 
 # --- request parsing -------------------------------------------------------------------
+
 
 async def read_body(request: Request) -> bytes:
     """The request body, refusing non-JSON or encoded (415), oversized (413) and stalled (408) bodies."""
@@ -562,7 +606,7 @@ def parse_limit(text: str | None) -> int:
     return int(text)
 
 
-EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 # A cursor is the (created_at, id) of the last todo of a page: its microseconds since 1970
 # as 14 hex digits, then the id's 32. Every string of this shape is a position a listing can
 # start after (14 hex digits reach the year 4253), so the pattern is exactly what is accepted.
@@ -626,7 +670,8 @@ def todo_id(request: Request) -> uuid.UUID:
 
 # --- responses and errors -------------------------------------------------------------
 
-def problem(status: int, detail: str = "", headers: dict[str, str] | None = None) -> Response:
+
+def problem(status: int, detail: str = "", headers: Mapping[str, str] | None = None) -> Response:
     body = Problem(title=HTTPStatus(status).phrase, status=status, detail=detail)
     return Response(encoder.encode(body), status, headers, media_type=PROBLEM_JSON)
 
@@ -718,6 +763,7 @@ class JsonMessages(logging.Filter):
 
 class RequestLine(Struct):
     """The line each request logs; the same fields, in the same order, as log.info would give."""
+
     time: str
     level: str
     logger: str
@@ -744,9 +790,21 @@ class RequestLog:
         self.record_handlers: list[logging.Handler] = []
 
     def write(self, method: str, path: str, status: int, duration_ms: float) -> None:
-        line = auth.redact(encoder.encode(RequestLine(
-            log_time(time.time()), "info", "aurora_todo", "request", request_id_var.get() or "",
-            method, path, status, duration_ms)).decode())
+        line = auth.redact(
+            encoder.encode(
+                RequestLine(
+                    log_time(time.time()),
+                    "info",
+                    "aurora_todo",
+                    "request",
+                    request_id_var.get() or "",
+                    method,
+                    path,
+                    status,
+                    duration_ms,
+                )
+            ).decode()
+        )
         for stream_handler in self.stream_handlers:
             stream_handler.acquire()
             try:
@@ -755,8 +813,15 @@ class RequestLog:
             finally:
                 stream_handler.release()
         if self.record_handlers:
-            record = logging.makeLogRecord({"name": log.name, "msg": line, "levelno": logging.INFO,
-                                            "levelname": "INFO", "json_line": True})
+            record = logging.makeLogRecord(
+                {
+                    "name": log.name,
+                    "msg": line,
+                    "levelno": logging.INFO,
+                    "levelname": "INFO",
+                    "json_line": True,
+                }
+            )
             for record_handler in self.record_handlers:
                 record_handler.handle(record)
 
@@ -773,7 +838,9 @@ def runtime_log_handlers() -> list[logging.Handler]:
 def uvicorn_text_logging() -> bool:
     """Whether uvicorn's default, plain-text logging is installed: uvicorn's command line
     (`uvicorn app:app`) installs it before it imports the app."""
-    return any(type(h.formatter).__module__ == "uvicorn.logging" for h in logging.getLogger("uvicorn").handlers)
+    return any(
+        type(h.formatter).__module__ == "uvicorn.logging" for h in logging.getLogger("uvicorn").handlers
+    )
 
 
 # Logged at LOG_LEVEL. asyncio's: it reports a failed background task of asyncpg's (closing a
@@ -859,7 +926,9 @@ def _mark_presence(components: dict[str, Any]) -> None:
             for field in properties.values():
                 if "default" in field:
                     default = encoder.encode(field.pop("default")).decode()
-                    field["description"] = f"{field.get('description', '')} Optional: {default} when left out.".lstrip()
+                    field["description"] = (
+                        f"{field.get('description', '')} Optional: {default} when left out.".lstrip()
+                    )
         elif struct.__struct_config__.omit_defaults:
             for field in properties.values():
                 field.pop("default", None)
@@ -869,8 +938,9 @@ def _mark_presence(components: dict[str, Any]) -> None:
 
 def _build_openapi() -> dict[str, Any]:
     types = [Todo, list[Todo], NewTodo, TodoChanges, Problem, Health, Readiness]
-    (todo, todo_list, new_todo, changes, problem_schema, health, readiness), components = \
+    (todo, todo_list, new_todo, changes, problem_schema, health, readiness), components = (
         msgspec.json.schema_components(types, ref_template="#/components/schemas/{name}")
+    )
 
     def body(schema: dict, description: str, headers: dict | None = None) -> dict:
         response: dict[str, Any] = {"description": description, "content": {JSON: {"schema": schema}}}
@@ -882,13 +952,23 @@ def _build_openapi() -> dict[str, Any]:
     # schemathesis) can rely on them.
     error_headers = {
         401: {"WWW-Authenticate": {"required": True, "schema": {"type": "string"}, "description": "Bearer"}},
-        405: {"Allow": {"required": True, "schema": {"type": "string"}, "description": "The methods allowed"}},
-        503: {"Retry-After": {"required": True, "schema": {"type": "integer", "minimum": 1},
-                              "description": "Seconds to wait before retrying"}},
+        405: {
+            "Allow": {"required": True, "schema": {"type": "string"}, "description": "The methods allowed"}
+        },
+        503: {
+            "Retry-After": {
+                "required": True,
+                "schema": {"type": "integer", "minimum": 1},
+                "description": "Seconds to wait before retrying",
+            }
+        },
     }
 
     def error(status: int) -> dict:
-        response = {"description": HTTPStatus(status).phrase, "content": {PROBLEM_JSON: {"schema": problem_schema}}}
+        response = {
+            "description": HTTPStatus(status).phrase,
+            "content": {PROBLEM_JSON: {"schema": problem_schema}},
+        }
         if status in error_headers:
             response["headers"] = error_headers[status]
         return response
@@ -900,83 +980,175 @@ def _build_openapi() -> dict[str, Any]:
     # body names at least one field, and a title is held to its rule in the body and the query.
     components["TodoChanges"]["minProperties"] = 1
     _mark_presence(components)
-    id_param = {"name": "todo_id", "in": "path", "required": True, "schema": {"type": "string", "format": "uuid"}}
+    id_param = {
+        "name": "todo_id",
+        "in": "path",
+        "required": True,
+        "schema": {"type": "string", "format": "uuid"},
+    }
     completed_query = {"name": "completed", "in": "query", "required": False, "schema": {"type": "boolean"}}
     idempotency_header = {
-        "name": IDEMPOTENCY_KEY, "in": "header", "required": False,
+        "name": IDEMPOTENCY_KEY,
+        "in": "header",
+        "required": False,
         "description": "draft-ietf-httpapi-idempotency-key-header. Repeating a create with the same key "
-                       "and the same todo answers 201 with the todo the first one stored, and stores "
-                       "nothing new; the same key with a different todo is a 422. Use a fresh random "
-                       "key (a UUID) per todo, and the same key for its retries.",
-        "schema": {"type": "string", "minLength": 1, "maxLength": 255, "pattern": IDEMPOTENCY_KEY_PATTERN}}
+        "and the same todo answers 201 with the todo the first one stored, and stores "
+        "nothing new; the same key with a different todo is a 422. Use a fresh random "
+        "key (a UUID) per todo, and the same key for its retries.",
+        "schema": {"type": "string", "minLength": 1, "maxLength": 255, "pattern": IDEMPOTENCY_KEY_PATTERN},
+    }
+
     # The body is documented as required. Clients of the FastAPI service send none and put
     # the fields in the query string instead; that form is described here, not listed as
     # parameters: "a title in the body or in the query" cannot be said in OpenAPI (parameters
     # are independent of each other), and listing both would allow a request with neither.
     def json_body(schema: dict, query_form: str) -> dict:
-        return {"required": True, "content": {JSON: {"schema": schema}},
-                "description": f"Clients of the FastAPI service may send no body and {query_form} "
-                               "in the query string instead, held to the same rules; given beside a "
-                               "body, those query fields are checked too."}
+        return {
+            "required": True,
+            "content": {JSON: {"schema": schema}},
+            "description": f"Clients of the FastAPI service may send no body and {query_form} "
+            "in the query string instead, held to the same rules; given beside a "
+            "body, those query fields are checked too.",
+        }
+
     location = {"Location": {"required": True, "schema": {"type": "string"}, "description": "/todos/{id}"}}
-    link = {"Link": {"schema": {"type": "string"}, "description": 'RFC 8288 link to the next page: <…>; rel="next"'}}
-    bearer = [{"bearer": []}]
+    link = {
+        "Link": {
+            "schema": {"type": "string"},
+            "description": 'RFC 8288 link to the next page: <…>; rel="next"',
+        }
+    }
+    bearer: list[dict[str, list[str]]] = [{"bearer": []}]
     return {
         "openapi": "3.1.0",
-        "info": {"title": "aurora-todo", "version": "1.0.0",
-                 "description": "A todo API on Aurora PostgreSQL / Aurora DSQL with IAM authentication."},
+        "info": {
+            "title": "aurora-todo",
+            "version": "1.0.0",
+            "description": "A todo API on Aurora PostgreSQL / Aurora DSQL with IAM authentication.",
+        },
         "paths": {
             "/todos": {
-                "get": {"operationId": "listTodos", "summary": "List todos, newest first", "security": bearer,
-                        "parameters": [
-                            {"name": "limit", "in": "query", "required": False,
-                             "schema": {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT, "default": DEFAULT_LIMIT}},
-                            completed_query,
-                            {"name": "cursor", "in": "query", "required": False,
-                             "schema": {"type": "string", "pattern": CURSOR_PATTERN},
-                             "description": "Opaque; from the Link header of the previous page."}],
-                        "responses": {"200": body(todo_list, "A page of todos", link), **errors(422)}},
-                "post": {"operationId": "createTodo", "summary": "Create a todo", "security": bearer,
-                         "parameters": [idempotency_header],
-                         "requestBody": json_body(new_todo, "`title` (and `completed`)"),
-                         "responses": {"201": body(todo, "Created (or, for a repeated Idempotency-Key, "
-                                                         "the todo its first request created)", location),
-                                       **errors(400, 408, 413, 415, 422),
-                                       "422": {**error(422), "description":
-                                               "A field is wrong (the detail names it), or Idempotency-Key "
-                                               "is malformed or was used for a different todo"}}},
+                "get": {
+                    "operationId": "listTodos",
+                    "summary": "List todos, newest first",
+                    "security": bearer,
+                    "parameters": [
+                        {
+                            "name": "limit",
+                            "in": "query",
+                            "required": False,
+                            "schema": {
+                                "type": "integer",
+                                "minimum": 1,
+                                "maximum": MAX_LIMIT,
+                                "default": DEFAULT_LIMIT,
+                            },
+                        },
+                        completed_query,
+                        {
+                            "name": "cursor",
+                            "in": "query",
+                            "required": False,
+                            "schema": {"type": "string", "pattern": CURSOR_PATTERN},
+                            "description": "Opaque; from the Link header of the previous page.",
+                        },
+                    ],
+                    "responses": {"200": body(todo_list, "A page of todos", link), **errors(422)},
+                },
+                "post": {
+                    "operationId": "createTodo",
+                    "summary": "Create a todo",
+                    "security": bearer,
+                    "parameters": [idempotency_header],
+                    "requestBody": json_body(new_todo, "`title` (and `completed`)"),
+                    "responses": {
+                        "201": body(
+                            todo,
+                            "Created (or, for a repeated Idempotency-Key, "
+                            "the todo its first request created)",
+                            location,
+                        ),
+                        **errors(400, 408, 413, 415, 422),
+                        "422": {
+                            **error(422),
+                            "description": "A field is wrong (the detail names it), or Idempotency-Key "
+                            "is malformed or was used for a different todo",
+                        },
+                    },
+                },
             },
             "/todos/{todo_id}": {
-                "get": {"operationId": "getTodo", "summary": "Get one todo", "security": bearer,
-                        "parameters": [id_param],
-                        "responses": {"200": body(todo, "The todo"), **errors(404)}},
-                "patch": {"operationId": "updateTodo", "summary": "Change a todo's title or completion",
-                          "security": bearer, "parameters": [id_param],
-                          "requestBody": json_body(changes, "`title` and/or `completed`"),
-                          "responses": {"200": body(todo, "The updated todo"),
-                                        **errors(400, 404, 408, 413, 415, 422)}},
-                "delete": {"operationId": "deleteTodo", "summary": "Delete a todo", "security": bearer,
-                           "parameters": [id_param],
-                           "responses": {"204": {"description": "Deleted"}, **errors(404)}},
+                "get": {
+                    "operationId": "getTodo",
+                    "summary": "Get one todo",
+                    "security": bearer,
+                    "parameters": [id_param],
+                    "responses": {"200": body(todo, "The todo"), **errors(404)},
+                },
+                "patch": {
+                    "operationId": "updateTodo",
+                    "summary": "Change a todo's title or completion",
+                    "security": bearer,
+                    "parameters": [id_param],
+                    "requestBody": json_body(changes, "`title` and/or `completed`"),
+                    "responses": {
+                        "200": body(todo, "The updated todo"),
+                        **errors(400, 404, 408, 413, 415, 422),
+                    },
+                },
+                "delete": {
+                    "operationId": "deleteTodo",
+                    "summary": "Delete a todo",
+                    "security": bearer,
+                    "parameters": [id_param],
+                    "responses": {"204": {"description": "Deleted"}, **errors(404)},
+                },
             },
-            "/healthz": {"get": {"operationId": "healthz", "summary": "Liveness; never touches the database",
-                                 "responses": {"200": body(health, "Alive")}}},
-            "/readyz": {"get": {"operationId": "readyz", "summary": "Readiness: database, pool and token",
-                                "responses": {"200": body(readiness, "Ready"),
-                                              "503": body(readiness, "Not ready", error_headers[503])}}},
-            "/openapi.json": {"get": {"operationId": "openapi", "summary": "This document",
-                                      "responses": {"200": {"description": "OpenAPI 3.1",
-                                                            "content": {JSON: {"schema": {"type": "object"}}}}}}},
+            "/healthz": {
+                "get": {
+                    "operationId": "healthz",
+                    "summary": "Liveness; never touches the database",
+                    "responses": {"200": body(health, "Alive")},
+                }
+            },
+            "/readyz": {
+                "get": {
+                    "operationId": "readyz",
+                    "summary": "Readiness: database, pool and token",
+                    "responses": {
+                        "200": body(readiness, "Ready"),
+                        "503": body(readiness, "Not ready", error_headers[503]),
+                    },
+                }
+            },
+            "/openapi.json": {
+                "get": {
+                    "operationId": "openapi",
+                    "summary": "This document",
+                    "responses": {
+                        "200": {
+                            "description": "OpenAPI 3.1",
+                            "content": {JSON: {"schema": {"type": "object"}}},
+                        }
+                    },
+                }
+            },
         },
         "components": {
             "schemas": components,
-            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer",
-                                           "description": "Needed only when the server sets API_TOKEN."}},
+            "securitySchemes": {
+                "bearer": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": "Needed only when the server sets API_TOKEN.",
+                }
+            },
         },
     }
 
 
 # --- under Vercel's runtime: no Nagle stall ----------------------------------------------
+
 
 class RuntimeNoDelay:
     """TCP_NODELAY on the connections Vercel's runtime serves. Workaround for uvicorn #3149:
@@ -1005,8 +1177,10 @@ class RuntimeNoDelay:
             return
         listener = getattr(runtime, "sock", None)
         if not isinstance(listener, socket.socket) or not self._nodelay(listener):
-            log.warning("Vercel runtime: its listening socket was not found; keep-alive responses "
-                        "may stall ~40 ms (uvicorn #3149)")
+            log.warning(
+                "Vercel runtime: its listening socket was not found; keep-alive responses "
+                "may stall ~40 ms (uvicorn #3149)"
+            )
             return
         self.state = "listener_done"
 
@@ -1032,6 +1206,7 @@ runtime_nodelay = RuntimeNoDelay()
 
 # --- local runs ------------------------------------------------------------------------
 
+
 def main() -> None:
     """Serve on 127.0.0.1:$PORT; with no database configured, on an embedded PostgreSQL."""
     import uvicorn
@@ -1040,8 +1215,14 @@ def main() -> None:
     if not db.database_configured():
         db.use_embedded_postgres()
         log.info("using the embedded PostgreSQL under .data/postgres")
-    uvicorn.run(app, host=os.environ.get("HOST", "127.0.0.1"), port=int(os.environ.get("PORT", "8000")),
-                log_config=None, log_level=log_level(), access_log=False)
+    uvicorn.run(
+        app,
+        host=os.environ.get("HOST", "127.0.0.1"),
+        port=int(os.environ.get("PORT", "8000")),
+        log_config=None,
+        log_level=log_level(),
+        access_log=False,
+    )
 
 
 # `uvicorn app:app` installed its plain-text logging before importing this module, and logs
