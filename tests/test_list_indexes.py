@@ -22,6 +22,7 @@ from typing import Any
 
 import asyncpg
 import httpx
+import pytest
 
 import db
 from dsql_support import dsql_environment, dsql_stand_in
@@ -200,6 +201,7 @@ def list_every_shape(client: httpx.Client) -> None:
         assert second.json() and second.json()[0]["created_at"] <= first.json()[-1]["created_at"]
 
 
+@pytest.mark.slow  # two services
 def test_an_existing_table_gets_the_new_index_on_first_use_once(postgres_url: str):
     url = create_database(postgres_url)
     try:
@@ -241,6 +243,7 @@ def test_migrate_adds_the_new_index_to_an_existing_table_once(postgres_url: str)
         drop_database(postgres_url, url)
 
 
+@pytest.mark.slow  # the DSQL stand-in and a service
 def test_on_dsql_an_existing_table_gets_the_new_index_by_create_index_async(
     fresh_sts: Sts, embedded_postgres: str
 ):
