@@ -36,10 +36,12 @@ PLAN_MODES = ("force_custom_plan", "force_generic_plan")
 
 
 def seed(total: int) -> str:
-    """`total` todos a second apart; of the newest 1,000, every tenth is open (100 open)."""
+    """`total` todos a second apart; of the newest 1,000, every tenth is open (100 open). Ids
+    ascend with the row, so that the primary key's index is appended to: seconds, not tens."""
     return f"""
     INSERT INTO todos (id, title, completed, created_at, updated_at)
-    SELECT md5('todo ' || i)::uuid, 'todo number ' || i, NOT (i > {total} - 1000 AND i % 10 = 0), t, t
+    SELECT ('00000000-0000-4000-8000-' || lpad(to_hex(i), 12, '0'))::uuid, 'todo number ' || i,
+           NOT (i > {total} - 1000 AND i % 10 = 0), t, t
     FROM generate_series(1, {total}) AS i,
          LATERAL (SELECT timestamptz '2026-01-01' + i * interval '1 second') AS s(t)
     """
