@@ -128,6 +128,8 @@ def sts() -> Iterator[Sts]:
 def fresh_sts(sts: Sts) -> Sts:
     """The module's STS with its record cleared and every fault switched off."""
     sts.web_identity_tokens.clear()
+    sts.presented.clear()
+    sts.refused.clear()
     sts.credential_lifetime, sts.delay = None, 0.0
     sts.outage, sts.attempts = False, 0
     return sts

@@ -10,18 +10,16 @@ before a database, the service's environment for it, and the soak that drives it
 
 from __future__ import annotations
 
-import base64
 import concurrent.futures
-import json
 import threading
 import time
-import uuid
 from contextlib import contextmanager
 from urllib.parse import urlsplit
 
 import httpx
 
 from standins.aurora_gateway import AuroraGateway, moto_credentials_lookup, parse_upstream_url
+from standins.oidc_issuer import ISSUER
 from standins.sts import Sts
 from support import LiveServer, clean_environment, run_sql
 
@@ -30,12 +28,8 @@ REGION = "us-east-1"
 
 
 def oidc_token(lifetime: float = 3600, subject: str = "owner:acme:project:todo:environment:production") -> str:
-    """A JWT shaped like Vercel's OIDC token (moto does not verify its signature)."""
-    def part(data: dict) -> str:
-        return base64.urlsafe_b64encode(json.dumps(data).encode()).rstrip(b"=").decode()
-    claims = {"iss": "https://oidc.vercel.com/acme", "aud": "https://vercel.com/acme", "sub": subject,
-              "iat": int(time.time()), "exp": int(time.time() + lifetime)}
-    return f"{part({'alg': 'RS256', 'typ': 'JWT', 'kid': 'k1'})}.{part(claims)}.{uuid.uuid4().hex}{uuid.uuid4().hex}"
+    """A token as Vercel's platform mints it, signed by the issuer STS trusts (standins/oidc_issuer.py)."""
+    return ISSUER.token(lifetime, subject)
 
 
 @contextmanager

@@ -7,8 +7,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from moto.server import ThreadedMotoServer
+from moto.sts.exceptions import STSClientError
 from moto.sts.responses import TokenResponse
 
+from standins.oidc_issuer import ISSUER, claims_of
 from support import free_port
 
 OUTAGE_ERROR = ('<ErrorResponse xmlns="https://sts.amazonaws.com/doc/2011-06-15/"><Error><Type>Receiver</Type>'
@@ -21,15 +23,20 @@ class Sts:
 
     `credential_lifetime` shortens the credentials moto issues; `delay` makes STS slow;
     `stop()` / `start()` take it down and bring it back on the same port; while `outage` is
-    set it answers every call 503 ServiceUnavailable. `attempts` counts every HTTP request
-    for AssumeRoleWithWebIdentity, answered or refused; `web_identity_tokens` holds the
-    token of each call that issued credentials.
+    set it answers every call 503 ServiceUnavailable. Like real STS, it refuses a web identity
+    token that the issuer (standins/oidc_issuer.py) did not sign (InvalidIdentityToken) or
+    that has expired (ExpiredTokenException). `attempts` counts every HTTP request for
+    AssumeRoleWithWebIdentity, answered or refused; `presented` holds the token of each
+    call STS looked at, `refused` those it refused, `web_identity_tokens` those it issued
+    credentials for.
     """
 
     def __init__(self) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.web_identity_tokens: list[str] = []
+        self.presented: list[str] = []
+        self.refused: list[str] = []
         self.credential_lifetime: int | None = None
         self.delay = 0.0
         self.outage = False
@@ -75,7 +82,15 @@ def recording_sts() -> Iterator[Sts]:
         recorder.attempts += 1
         if recorder.outage:
             return 503, {}, OUTAGE_ERROR
-        recorder.web_identity_tokens.append(self._get_param("WebIdentityToken"))
+        token = self._get_param("WebIdentityToken")
+        recorder.presented.append(token)
+        if not ISSUER.signed(token):
+            recorder.refused.append(token)
+            raise STSClientError("InvalidIdentityToken", "The web identity token signature is not valid")
+        if claims_of(token)["exp"] <= time.time():
+            recorder.refused.append(token)
+            raise STSClientError("ExpiredTokenException", "Token expired")
+        recorder.web_identity_tokens.append(token)
         time.sleep(recorder.delay)
         return original_response(self)
 
