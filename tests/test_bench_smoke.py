@@ -111,6 +111,8 @@ def test_scale_table_runs_alone_and_keeps_its_section_when_the_full_report_is_re
             "1",
             "--scale-requests",
             "10",
+            "--database",
+            "aurora_bench_quick",
             "--out",
             str(out),
         ],
