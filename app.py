@@ -429,7 +429,7 @@ class Readiness(Struct, omit_defaults=True):
     status: str
     database: str
     auth: str | None = None
-    state: str | None = None  # the pool's lifecycle: empty, connecting, serving, backing off
+    state: str | None = None  # db.PoolState: empty, connecting, serving, backing off, retrying
     detail: str | None = None
     pool: PoolStatus | None = None
     token: TokenStatus | None = None

