@@ -1,29 +1,32 @@
-"""Where database credentials come from: AWS credentials and IAM tokens for Aurora and DSQL.
+"""Where database credentials come from: AWS credentials, and IAM tokens for Aurora and DSQL.
 
-What lives here:
-- `TokenSigner`: signs an IAM auth token for the configured endpoint — botocore's `rds`
-  `generate_db_auth_token` for Aurora PostgreSQL, the DSQL admin token for user `admin`
-  and the role token for any other user. botocore is imported and its session built once,
-  in a worker thread: the import costs ~150 ms on a cold start, and botocore may refresh
-  credentials (an STS call) synchronously when they are read. Nothing here blocks the event
-  loop. No rds/dsql client is built: signing needs only a request signer (cheap, one per token).
+What lives here, in reading order:
+- IAM tokens: `TokenSigner.token()` signs one for the configured endpoint (botocore's `rds`
+  `generate_db_auth_token` for Aurora PostgreSQL; for DSQL the admin token for user `admin`,
+  else the role token) with one snapshot of the credentials, so that a token costs at most
+  one credential refresh. `Token` says when the credentials that signed it expire. No rds or
+  dsql client is built: signing needs only a request signer (`_SigningClient`).
 - Credentials: with `AWS_ROLE_ARN`, a Vercel OIDC token is exchanged with STS
   `AssumeRoleWithWebIdentity` (`_VercelWebIdentityProvider`, botocore's own fetcher), and
   botocore reuses the credentials until shortly before they expire (`AWS_ENDPOINT_URL_STS`
-  is honoured by botocore). botocore's own retries are off (db.py's backoff is the retry),
-  and each token is signed with one snapshot of the credentials, so it costs at most one
-  refresh. Without a role, boto3's default chain.
-- `OidcTokens`: which OIDC token STS sees. A request's `x-vercel-oidc-token` header is
+  is honoured by botocore). botocore's own retries are off: db.py's backoff is the retry.
+  Without a role, boto3's default chain.
+- OIDC tokens (`OidcTokens`): which one STS sees. A request's `x-vercel-oidc-token` header is
   untrusted input (Vercel's runtime lets a client's own header win over the platform's):
   it becomes a candidate only when it is a well-formed, unexpired JWT with the issuer,
   audience and subject the deployment expects, and candidates are ordered by their own
   `iat`. A token STS rejects is never presented again, and the same refresh falls back at
   once to the last token STS accepted (while unexpired) or to the SDK's own sources.
-- `redact`: every secret this process owns (database password, IAM tokens, STS keys, the
-  OIDC tokens STS accepted) is registered here and scrubbed from any text bound for a log
-  or a response; what a client sent is never registered, so no client can push them out.
+- Secrets (`redact`): every secret this process owns (database password, IAM tokens, STS
+  keys, the OIDC tokens STS accepted) is registered here and scrubbed from any text bound
+  for a log or a response; what a client sent is never registered, so no client can push
+  them out.
 
-What does not: the pool and when tokens are needed (db.py), HTTP (app.py).
+Nothing here blocks the event loop: botocore is imported and its session built once, in a
+worker thread (the import is a large part of a cold start: bench/RESULTS.md), and credentials,
+which botocore may refresh with an STS call when they are read, are read there too.
+
+What does not live here: the pool and when it needs a token (db.py), HTTP (app.py).
 """
 
 from __future__ import annotations
@@ -48,22 +51,10 @@ import msgspec
 if TYPE_CHECKING:
     from db import Settings
 
-ROLE_SESSION_NAME = "aurora-todo"
-OIDC_HEADER = "x-vercel-oidc-token"
-# One HTTP request per STS call, bounded: a down or black-holed STS fails the attempt fast
-# and db.py's backoff decides when to try again (botocore would retry twice more, at once).
-STS_CLIENT_OPTIONS = {"retries": {"total_max_attempts": 1}, "connect_timeout": 2, "read_timeout": 5}
-# What STS answers when it refuses the token itself (not when it is down): that token is
-# never presented again, and the same refresh falls back to a trusted one.
-STS_REJECTIONS = frozenset(
-    {
-        "InvalidIdentityToken",
-        "ExpiredTokenException",
-        "IDPRejectedClaim",
-        "AccessDenied",
-        "AccessDeniedException",
-    }
-)
+OIDC_HEADER = "x-vercel-oidc-token"  # where Vercel's runtime puts a request's OIDC token
+
+
+# --- IAM tokens --------------------------------------------------------------------------
 
 
 class Token(NamedTuple):
@@ -79,7 +70,8 @@ class Token(NamedTuple):
 
 
 class TokenSigner:
-    """Signs IAM database tokens for one endpoint; see the module docstring."""
+    """Signs IAM database tokens for one endpoint, and offers each request's OIDC header to
+    `OidcTokens` (`observe_request`)."""
 
     def __init__(self, settings: Settings):
         self.settings = settings
@@ -187,7 +179,7 @@ class _SigningClient:
 
     They are the functions behind `rds.generate_db_auth_token` and the dsql client's
     `generate_db_connect_(admin_)auth_token`. Building the client itself would load the
-    service's whole API model (~30 ms of a cold start) only to sign one URL.
+    service's whole API model, on a cold start, only to sign one URL.
     """
 
     def __init__(self, core: Any, service: str, region: str | None, credentials: Any):
@@ -198,6 +190,25 @@ class _SigningClient:
         self._request_signer = RequestSigner(
             ServiceId(service), region, service, "v4", credentials, core.get_component("event_emitter")
         )
+
+
+# --- credentials: Vercel OIDC token → STS ------------------------------------------------
+
+ROLE_SESSION_NAME = "aurora-todo"
+# One HTTP request per STS call, bounded: a down or black-holed STS fails the attempt fast
+# and db.py's backoff decides when to try again (botocore would retry twice more, at once).
+STS_CLIENT_OPTIONS = {"retries": {"total_max_attempts": 1}, "connect_timeout": 2, "read_timeout": 5}
+# What STS answers when it refuses the token itself (not when it is down): that token is
+# never presented again, and the same refresh falls back to a trusted one.
+STS_REJECTIONS = frozenset(
+    {
+        "InvalidIdentityToken",
+        "ExpiredTokenException",
+        "IDPRejectedClaim",
+        "AccessDenied",
+        "AccessDeniedException",
+    }
+)
 
 
 class _VercelWebIdentityProvider:
@@ -268,7 +279,7 @@ class _VercelWebIdentityProvider:
         return credentials
 
 
-# --- OIDC tokens: which one STS sees ----------------------------------------------------
+# --- OIDC tokens: which one STS sees ------------------------------------------------------
 
 VERCEL_ISSUER = "https://oidc.vercel.com"
 # Vercel's subject: owner:<team slug>:project:<project name>:environment:<environment>.
@@ -511,7 +522,7 @@ def _sdk_oidc_token() -> str | None:
         return None
 
 
-# --- secrets never leave the process ------------------------------------------------
+# --- secrets never leave the process --------------------------------------------------------
 
 # The service's own secrets, newest last: only this process adds to it (never what a client
 # sent), so the ones in use are always here; the oldest, long expired, make room.
