@@ -38,7 +38,7 @@ from collections.abc import AsyncIterator, Mapping
 from datetime import UTC, datetime, timedelta
 from http import HTTPStatus
 from typing import Annotated, Any
-from urllib.parse import unquote_to_bytes, urlencode
+from urllib.parse import quote, unquote_to_bytes, urlencode
 
 import msgspec
 from msgspec import UNSET, Meta, Struct, UnsetType
@@ -79,7 +79,7 @@ class TodoCollection(HTTPEndpoint):
             next_query = {"limit": limit, "cursor": encode_cursor(todos[-1])}
             if completed is not None:
                 next_query["completed"] = "true" if completed else "false"
-            headers = {"Link": f'</todos?{urlencode(next_query)}>; rel="next"'}
+            headers = {"Link": f'<{prefix(request)}/todos?{urlencode(next_query)}>; rel="next"'}
         return json_response(todos, headers=headers)
 
     async def post(self, request: Request) -> Response:
@@ -105,7 +105,7 @@ class TodoCollection(HTTPEndpoint):
             raise unprocessable(
                 IDEMPOTENCY_KEY, "was used for a different todo; send a new key for a new todo"
             )
-        return json_response(todo, 201, {"Location": f"/todos/{todo.id}"})
+        return json_response(todo, 201, {"Location": f"{prefix(request)}/todos/{todo.id}"})
 
 
 class TodoItem(HTTPEndpoint):
@@ -153,7 +153,7 @@ async def readyz(request: Request) -> Response:
 
 
 async def openapi(request: Request) -> Response:
-    return Response(openapi_document(), media_type=JSON)
+    return Response(openapi_document(prefix(request)), media_type=JSON)
 
 
 routes = [
@@ -192,6 +192,9 @@ class RequestContext:
         if runtime_nodelay.state == "listener_done":
             runtime_nodelay.on_first_request()
         started = time.perf_counter()
+        path = scope["path"]
+        if scope.get("root_path"):
+            scope, path = under_prefix(scope)
         headers = dict(scope["headers"])
         given = headers.get(b"x-request-id", b"").decode("latin-1")
         request_id = (
@@ -209,7 +212,7 @@ class RequestContext:
             await send(message)
 
         try:
-            if scope["path"].startswith("/todos") and not bearer_token_ok(headers):
+            if path.startswith("/todos") and not bearer_token_ok(headers):
                 error_response = problem(
                     401,
                     "send Authorization: Bearer <API_TOKEN>",
@@ -233,6 +236,37 @@ class RequestContext:
                 request_log.write(
                     scope["method"], scope["path"], status, round((time.perf_counter() - started) * 1000, 2)
                 )
+
+
+def under_prefix(scope: Scope) -> tuple[Scope, str]:
+    """A request under a path prefix (the ASGI root_path): its scope in Starlette's convention,
+    and the path the routes match.
+
+    Starlette (since 0.33) and `uvicorn --root-path` keep the prefix in `path` as well as in
+    `root_path`; Vercel's runtime, stripping its service route prefix, takes it out of `path`
+    and `raw_path`. Put back, the router, redirects and `request.url` see one convention, and
+    every URL built from `root_path` (prefix()) carries the prefix exactly once. A stripped
+    path that itself starts with the prefix (/api/api/…) reads as unstripped, as Starlette's
+    router reads it too.
+    """
+    root_path, path = scope["root_path"].rstrip("/"), scope["path"]
+    if path == root_path or path.startswith(f"{root_path}/"):
+        route_path = path[len(root_path) :] or "/"
+        return (scope if root_path == scope["root_path"] else {**scope, "root_path": root_path}), route_path
+    scope = {**scope, "root_path": root_path, "path": root_path + path}
+    if (raw_path := scope.get("raw_path")) is not None:
+        scope["raw_path"] = quote(root_path).encode("ascii") + raw_path
+    return scope, path
+
+
+def prefix(request: Request) -> str:
+    """The path prefix the service is mounted under (ASGI root_path, set by under_prefix), or "".
+
+    What Starlette's url_for puts before a route's path too (request.base_url); url_for itself
+    is not used because it makes an absolute URL (scheme and host, which Location and Link
+    leave out) and costs more per request than the rest of building the response header.
+    """
+    return request.scope.get("root_path", "")
 
 
 def bearer_token_ok(headers: dict[bytes, bytes]) -> bool:
@@ -332,7 +366,7 @@ class Misconfigured:
         self.variable, self.message = error.variable, str(error).removeprefix(f"{error.variable}: ")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"] != "/healthz":
+        if scope["type"] == "http" and scope["path"] != f"{scope.get('root_path', '')}/healthz":
             raise db.ConfigError(self.variable, self.message)  # a fresh one: no traceback piles up
         await self.app(scope, receive, send)
 
@@ -899,15 +933,18 @@ def configure_logging() -> None:
 
 # --- OpenAPI ---------------------------------------------------------------------------
 
-_openapi: bytes | None = None
+_openapi: dict[str, bytes] = {}  # by path prefix: a server is mounted under one or two
 
 
-def openapi_document() -> bytes:
-    """OpenAPI 3.1 for every route, built on first use from the Structs above."""
-    global _openapi
-    if _openapi is None:
-        _openapi = encoder.encode(_build_openapi())
-    return _openapi
+def openapi_document(prefix: str = "") -> bytes:
+    """OpenAPI 3.1 for every route, built on first use from the Structs above; under a path
+    prefix, its `servers` tells clients that prefix."""
+    document = _openapi.get(prefix)
+    if document is None:
+        document = encoder.encode(_build_openapi(prefix))
+        if len(_openapi) < 4:
+            _openapi[prefix] = document
+    return document
 
 
 def _mark_presence(components: dict[str, Any]) -> None:
@@ -936,7 +973,7 @@ def _mark_presence(components: dict[str, Any]) -> None:
             schema["required"] = list(properties)
 
 
-def _build_openapi() -> dict[str, Any]:
+def _build_openapi(prefix: str = "") -> dict[str, Any]:
     types = [Todo, list[Todo], NewTodo, TodoChanges, Problem, Health, Readiness]
     (todo, todo_list, new_todo, changes, problem_schema, health, readiness), components = (
         msgspec.json.schema_components(types, ref_template="#/components/schemas/{name}")
@@ -1011,7 +1048,9 @@ def _build_openapi() -> dict[str, Any]:
             "body, those query fields are checked too.",
         }
 
-    location = {"Location": {"required": True, "schema": {"type": "string"}, "description": "/todos/{id}"}}
+    location = {
+        "Location": {"required": True, "schema": {"type": "string"}, "description": f"{prefix}/todos/{{id}}"}
+    }
     link = {
         "Link": {
             "schema": {"type": "string"},
@@ -1026,6 +1065,7 @@ def _build_openapi() -> dict[str, Any]:
             "version": "1.0.0",
             "description": "A todo API on Aurora PostgreSQL / Aurora DSQL with IAM authentication.",
         },
+        **({"servers": [{"url": prefix}]} if prefix else {}),
         "paths": {
             "/todos": {
                 "get": {
