@@ -1357,9 +1357,11 @@ def write_report(results: dict, args: argparse.Namespace, out_dir: Path) -> Path
               "- The reference imports boto3 inside its lifespan, only in IAM mode (a top-level import, as "
               "in most copies of the snippet, would add boto3's import time to its password-mode cold start).",
               "- Function environments: project `requirements.txt`; reference "
-              "`bench/requirements-reference.txt` (fastapi, asyncpg, boto3: what its snippet imports); ceiling "
-              "`bench/requirements-ceiling.txt` (asyncpg, msgspec); each plus vercel-runtime and nothing else, "
-              "so the runtime's uvicorn picks uvloop/httptools only for the project. The plain-uvicorn table "
+              "`bench/requirements-reference.txt` (fastapi, asyncpg, boto3: what its snippet imports, and the "
+              "`vercel` SDK its instructions list); ceiling `bench/requirements-ceiling.txt` (asyncpg, msgspec, "
+              "`vercel`, uvloop, httptools: the least a process on the runtime can do); each plus vercel-runtime "
+              "and nothing else. Every target has the `vercel` SDK: without it the runtime pays five failed "
+              "imports per request (README, \"Served by Vercel's runtime\"). The plain-uvicorn table "
               "gives every target the same loop and parser, so it isolates what the app itself costs.",
               "- Through the runtime every target is wrapped by tests/serving_probe.py (one path comparison "
               "per request) so that the loop/parser column is asked of the measured process itself.",
