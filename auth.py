@@ -16,7 +16,8 @@ What lives here, in reading order:
   it becomes a candidate only when it is a well-formed, unexpired JWT with the issuer,
   audience and subject the deployment expects, and candidates are ordered by their own
   `iat`. A token STS rejects is never presented again, and the same refresh falls back at
-  once to the last token STS accepted (while unexpired) or to the SDK's own sources.
+  once to a trusted token. Once STS has rejected a header token, `IssuerKeys` fetches the
+  issuer's published keys and every header token must carry a valid signature too.
 - Secrets (`redact`): every secret this process owns (database password, IAM tokens, STS
   keys, the OIDC tokens STS accepted) is registered here and scrubbed from any text bound
   for a log or a response; what a client sent is never registered, so no client can push
@@ -288,11 +289,18 @@ OIDC_MAX_LENGTH = 8192  # Vercel's tokens are about 1 KiB; anything far longer i
 OIDC_MAX_LIFETIME = 24 * 3600.0  # an `exp` further away than this is not a Vercel token
 OIDC_CLOCK_SKEW = 60.0  # an `iat` this far ahead of this clock is still believed
 REJECTED_REMEMBERED = 1024  # one per refresh at most: hours of rejections, in ~1 MiB
+RECENT_REMEMBERED = 64  # distinct header tokens kept, to find the platform's among forgeries
+# Vercel's issuers (global and team); only theirs have keys fetched, from `<iss>/.well-known/jwks`.
+VERCEL_ISSUERS = re.compile(r"https://oidc\.vercel\.com(?:/[A-Za-z0-9_-]+)?")
+JWKS_TIMEOUT = 2.0  # one fetch of the key set; a slow one fails and verification waits
+JWKS_REFETCH = 60.0  # after a failed fetch, or a token whose key the set lacks
+JWKS_MAX_BYTES = 1 << 20
 _BASE64URL = re.compile(r"[A-Za-z0-9_-]+")
 
 
 class _JwtHeader(msgspec.Struct):
     alg: str
+    kid: str | None = None
 
 
 class _JwtClaims(msgspec.Struct):
@@ -318,6 +326,7 @@ class OidcToken(NamedTuple):
     iat: float
     exp: float
     project_id: str | None
+    kid: str | None
 
     @classmethod
     def parse(cls, raw: str) -> OidcToken | None:
@@ -337,7 +346,9 @@ class OidcToken(NamedTuple):
             return None
         if not (math.isfinite(claims.iat) and math.isfinite(claims.exp)):
             return None
-        return cls(raw, claims.iss, claims.aud, claims.sub, claims.iat, claims.exp, claims.project_id)
+        return cls(
+            raw, claims.iss, claims.aud, claims.sub, claims.iat, claims.exp, claims.project_id, header.kid
+        )
 
     @property
     def order(self) -> tuple[float, float]:
@@ -357,6 +368,67 @@ def _unbase64(part: str) -> bytes:
     return base64.urlsafe_b64decode(part + "=" * (-len(part) % 4))
 
 
+class IssuerKeys:
+    """The issuer's published signing keys (its JWKS), fetched when first needed and cached.
+
+    Needed once STS has rejected a header token (someone is sending forgeries): from then on
+    a header token is a candidate only with a valid RS256 signature by one of these keys
+    (PyJWT checks it). Only Vercel's issuers have their keys fetched, from the issuer the
+    claims policy already pinned to Vercel's host; a failed fetch, or a token whose `kid`
+    the set lacks (a rotation), allows the next fetch JWKS_REFETCH later. Fetching happens
+    in botocore's refresh (a worker thread), never on the event loop.
+    """
+
+    def __init__(self, fetch: Callable[[str], bytes]):
+        self._fetch = fetch
+        self._keys: dict[str, Any] | None = None  # kid -> PyJWK
+        self._fetched_at = -math.inf  # time.monotonic() of the last fetch, successful or not
+        self.wanted = False  # a fetch would help: set by a rejection or an unknown kid
+
+    @property
+    def loaded(self) -> bool:
+        return self._keys is not None
+
+    def load(self, issuer: str) -> bool:
+        """Fetch `issuer`'s key set if allowed now; whether keys are loaded."""
+        if not VERCEL_ISSUERS.fullmatch(issuer) or time.monotonic() - self._fetched_at < JWKS_REFETCH:
+            return self.loaded
+        self._fetched_at = time.monotonic()
+        self.wanted = False
+        try:
+            import jwt
+
+            keyset = jwt.PyJWKSet.from_dict(msgspec.json.decode(self._fetch(f"{issuer}/.well-known/jwks")))
+        except Exception:  # unreachable or malformed: STS still checks every token it is shown
+            return self.loaded
+        self._keys = {key.key_id: key for key in keyset.keys if key.key_id and key.key_type == "RSA"}
+        return True
+
+    def signed(self, token: OidcToken) -> bool | None:
+        """Whether one of the keys signed `token`; None while no keys are loaded."""
+        if self._keys is None:
+            return None
+        key = self._keys.get(token.kid) if token.kid else None
+        if key is None:
+            self.wanted = True
+            return False
+        import jwt
+
+        try:
+            jwt.PyJWS().decode(token.raw, key=key.key, algorithms=["RS256"])
+        except jwt.InvalidTokenError:
+            return False
+        return True
+
+
+def _fetch_jwks(url: str) -> bytes:
+    import urllib.request
+
+    with urllib.request.urlopen(url, timeout=JWKS_TIMEOUT) as response:
+        body: bytes = response.read(JWKS_MAX_BYTES)
+        return body
+
+
 class OidcTokens:
     """Which OIDC token the next STS call presents, and what STS made of the last ones.
 
@@ -365,11 +437,13 @@ class OidcTokens:
     any request so that no request header reaches them). Untrusted: every request's header.
     A header token becomes the candidate (`_candidate`) only when it parses, is `fresh`,
     is newer by its own `iat` than both the accepted token and the current candidate, was
-    never rejected, and has the claims the deployment expects (`_expected`): the issuer,
+    never rejected, has the claims the deployment expects (`_expected`): the issuer,
     audience and subject of the token STS last accepted; before any, those of
     `VERCEL_OIDC_TOKEN`; without it, Vercel's shapes for the deployment's environment and
-    project (`_vercel_shaped`). The one candidate is presented first; if STS rejects it,
-    the refresh falls back to the accepted token, then to the SDK's own sources.
+    project (`_vercel_shaped`), and, once STS has rejected a header token, a valid
+    signature by the issuer's published keys (`IssuerKeys`). The candidate is presented
+    first; if STS rejects it, the same refresh presents the newest signed header token seen
+    lately (`_recent`) once the keys are loaded, else the accepted token, else the SDK's own.
 
     `observe` runs on the event loop, the rest in botocore's refresh (a worker thread):
     one lock, held for microseconds.
@@ -381,16 +455,20 @@ class OidcTokens:
         environment: str | None,
         project_id: str | None,
         sdk_token: Callable[[], str | None],
+        fetch_jwks: Callable[[str], bytes] = _fetch_jwks,
     ):
         self._baseline = OidcToken.parse(baseline) if baseline else None
         self._environment = environment
         self._project_id = project_id
         self._sdk_token = sdk_token
+        self.keys = IssuerKeys(fetch_jwks)
         self._lock = threading.Lock()
         self._accepted: OidcToken | None = None
         self._candidate: OidcToken | None = None
+        self._recent: dict[str, OidcToken] = {}  # insertion-ordered, oldest first
         self._rejected: set[str] = set()
         self._rejected_order: deque[str] = deque()
+        self._forged_issuer: str | None = None  # the issuer a rejected header token named
         self._last_seen: str | None = None  # most requests carry what the previous one did
 
     @classmethod
@@ -414,15 +492,22 @@ class OidcTokens:
         if token is None or not token.fresh(time.time()):
             return
         with self._lock:
-            newest = max(
-                (t for t in (self._accepted, self._candidate) if t is not None),
-                key=lambda t: t.order,
-                default=None,
-            )
-            if (newest is not None and token.order <= newest.order) or raw in self._rejected:
+            if raw in self._rejected or not self._expected(token):
                 return
-            if self._expected(token):
-                self._candidate = token
+            self._recent.pop(raw, None)
+            self._recent[raw] = token
+            if len(self._recent) > RECENT_REMEMBERED:
+                del self._recent[next(iter(self._recent))]
+            if not self._newest(token):
+                return
+        if self.keys.signed(token) is not False:
+            with self._lock:
+                if self._newest(token):
+                    self._candidate = token
+
+    def _newest(self, token: OidcToken) -> bool:
+        """Newer than the accepted token and the candidate (under the lock)."""
+        return all(token.order > other.order for other in (self._accepted, self._candidate) if other)
 
     def _expected(self, token: OidcToken) -> bool:
         reference = self._accepted or self._baseline
@@ -450,11 +535,13 @@ class OidcTokens:
     def first(self) -> str:
         """The token to present: the candidate, else the accepted one while unexpired, else
         the SDK's own."""
+        self._verify_when_needed()
+        now = time.time()
         with self._lock:
             candidate, accepted = self._candidate, self._accepted
-        if candidate is not None and candidate.exp > time.time():
+        if candidate is not None and candidate.exp > now:
             return candidate.raw
-        if accepted is not None and accepted.exp > time.time():
+        if accepted is not None and accepted.exp > now:
             return accepted.raw
         token = self._sdk_token()
         if token is None or self._was_rejected(token):
@@ -466,16 +553,53 @@ class OidcTokens:
         return token
 
     def fallback(self, rejected: str) -> str | None:
-        """After STS rejected `rejected`: the accepted token while unexpired, else the SDK's
-        own, unless that is what was rejected; None when nothing trusted is left."""
+        """After STS rejected `rejected`: the newest signed header token (once the keys are
+        loaded), else the accepted token while unexpired, else the SDK's own, never what
+        was rejected; None when nothing trusted is left."""
+        self._verify_when_needed()
+        now = time.time()
         with self._lock:
-            accepted = self._accepted
-        if accepted is not None and accepted.raw != rejected and accepted.exp > time.time():
+            candidate, accepted = self._candidate, self._accepted
+        # Only a signed candidate: an unverified one may be the next forgery, come in meanwhile.
+        if (
+            candidate is not None
+            and candidate.raw != rejected
+            and candidate.exp > now
+            and self.keys.signed(candidate)
+        ):
+            return candidate.raw
+        if accepted is not None and accepted.raw != rejected and accepted.exp > now:
             return accepted.raw
         token = self._sdk_token()
         if token is None or token == rejected or self._was_rejected(token):
             return None
         return token
+
+    def _verify_when_needed(self) -> None:
+        """Once a forgery was seen: load the keys, and choose the candidate again among the
+        header tokens seen lately, by signature (a worker thread: this may fetch)."""
+        if not self.keys.wanted:
+            return
+        with self._lock:
+            reference = self._accepted or self._baseline
+        issuer = reference.iss if reference is not None else self._forged_issuer
+        if issuer is None or not self.keys.load(issuer):
+            return
+        with self._lock:
+            recent = sorted(self._recent.values(), key=lambda t: t.order, reverse=True)
+        now = time.time()
+        signed = next(
+            (
+                token
+                for token in recent
+                if token.exp > now and not self._was_rejected(token.raw) and self.keys.signed(token)
+            ),
+            None,
+        )
+        with self._lock:
+            accepted_order = self._accepted.order if self._accepted else None
+            newer = signed is not None and (accepted_order is None or signed.order > accepted_order)
+            self._candidate = signed if newer else None
 
     def _was_rejected(self, raw: str) -> bool:
         with self._lock:
@@ -494,12 +618,16 @@ class OidcTokens:
                     self._candidate = None
 
     def rejected(self, raw: str) -> None:
-        """STS rejected `raw`: never present it again."""
+        """STS rejected `raw`: never present it again; a header token's rejection means
+        forgeries are about, so signatures are checked from now on."""
         with self._lock:
             if self._candidate is not None and self._candidate.raw == raw:
+                self._forged_issuer = self._candidate.iss
                 self._candidate = None
+                self.keys.wanted = not self.keys.loaded or self.keys.wanted
             if self._accepted is not None and self._accepted.raw == raw:
                 self._accepted = None
+            self._recent.pop(raw, None)
             if raw not in self._rejected:
                 self._rejected.add(raw)
                 self._rejected_order.append(raw)

@@ -14,6 +14,7 @@ needs STS, and the platform's token rotates every 3 s.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import sys
@@ -35,9 +36,10 @@ except ImportError as error:
 
 from iam_support import REGION, ROLE_ARN  # noqa: E402
 from standins.aurora_gateway import AuroraGateway, moto_credentials_lookup, parse_upstream_url  # noqa: E402
-from standins.oidc_issuer import ISSUER, forged_token  # noqa: E402
+from standins.oidc_issuer import ISSUER, IssuerHost, claims_of, forged_token  # noqa: E402
 from standins.sts import Sts  # noqa: E402
 from standins.vercel_harness import VercelRuntime  # noqa: E402
+from support import free_port  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -47,9 +49,16 @@ HONEST_RATE, ATTACK_RATE = 8, 40  # requests per second
 
 
 @contextmanager
-def vercel_service(database_url: str, sts: Sts) -> Iterator[tuple[VercelRuntime, AuroraGateway]]:
-    """The service in IAM mode under Vercel's runtime, Aurora's IAM front door before it."""
+def vercel_service(
+    database_url: str, sts: Sts, keys: IssuerHost | None = None
+) -> Iterator[tuple[VercelRuntime, AuroraGateway]]:
+    """The service in IAM mode under Vercel's runtime, Aurora's IAM front door before it.
+
+    With `keys`, Vercel's key set is reachable (the issuer stand-in, through a proxy);
+    without, the proxy is a closed port: the service cannot fetch it, as if offline.
+    """
     host, port = parse_upstream_url(database_url)
+    offline = {"HTTPS_PROXY": f"http://127.0.0.1:{free_port()}", "NO_PROXY": "127.0.0.1,localhost"}
     with AuroraGateway(
         host, port, max_token_age=TTL, region=REGION, mode="iam", credentials_lookup=moto_credentials_lookup()
     ) as gateway:
@@ -67,6 +76,7 @@ def vercel_service(database_url: str, sts: Sts) -> Iterator[tuple[VercelRuntime,
             "DB_POOL_MIN": "1",
             "DB_POOL_MAX": "6",
             "LOG_LEVEL": "info",
+            **(keys.environment() if keys is not None else offline),
         }
         with VercelRuntime(env=env) as runtime:
             yield runtime, gateway
@@ -112,16 +122,25 @@ def paced(rate: float, until: float, send: Callable[[], None]) -> None:
         time.sleep(max(0.0, next_at - time.monotonic()))
 
 
+@pytest.mark.parametrize("key_set", ["reachable", "unreachable"])
 def test_forged_header_tokens_at_five_times_the_honest_rate_cost_no_honest_request(
-    fresh_sts: Sts, embedded_database: str
+    fresh_sts: Sts, embedded_database: str, key_set: str
 ):
+    """Whether or not the service can fetch the issuer's keys, forgeries cost no honest
+    request, no replacement, and never two STS calls for one token. With the keys, one
+    forgery reaches STS (it is what makes the service fetch them) and the platform's newer
+    tokens are adopted during the attack; without, each forgery that is the newest token when
+    a replacement starts reaches STS once, and the refresh falls back at once."""
     fresh_sts.credential_lifetime = 15  # inside botocore's mandatory refresh window
     platform = Platform()
     forged: list[str] = []
     honest: list[int] = []
     lock = threading.Lock()
-    with vercel_service(embedded_database, fresh_sts) as (runtime, gateway):
+    with contextlib.ExitStack() as stack:
+        keys = stack.enter_context(IssuerHost()) if key_set == "reachable" else None
+        runtime, gateway = stack.enter_context(vercel_service(embedded_database, fresh_sts, keys))
         assert runtime.request("GET", "/todos", oidc_token=platform.current).status == 200
+        attack_started = time.time()
         start = time.monotonic()
         since = len(runtime.logs)
         attack_for = 10.0
@@ -176,6 +195,16 @@ def test_forged_header_tokens_at_five_times_the_honest_rate_cost_no_honest_reque
         new_tokens = everything.count("pool created") + everything.count("pool replaced")
         assert fresh_sts.attempts <= 2 * new_tokens, f"{fresh_sts.attempts} STS calls for {new_tokens} tokens"
         assert gateway.refused == []
+        if keys is not None:
+            assert len(forged_presented) == 1
+            assert keys.fetched == ["/acme/.well-known/jwks"]
+            # The platform kept rotating its token, and the service kept up despite the forgeries.
+            adopted = {
+                token
+                for token in fresh_sts.web_identity_tokens
+                if claims_of(token)["iat"] >= attack_started - 1
+            }
+            assert len(adopted) >= 2, f"{len(adopted)} platform tokens adopted during the attack"
 
 
 def test_a_validly_signed_token_of_another_project_is_never_presented(fresh_sts: Sts, embedded_database: str):

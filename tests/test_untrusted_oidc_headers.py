@@ -13,11 +13,15 @@ import json
 import time
 
 import pytest
-from standins.oidc_issuer import ISSUER, SUBJECT, forged_token
 
 import auth
+from standins.oidc_issuer import ISSUER, SUBJECT, Issuer, forged_token, jwks
 
 SDK_TOKEN = ISSUER.token(lifetime=3600, issued_at=time.time() - 600)
+
+
+def offline(url: str) -> bytes:
+    raise OSError("no network in this test")
 
 
 def book(
@@ -25,8 +29,21 @@ def book(
     environment: str | None = "production",
     project_id: str | None = None,
     baseline: str | None = None,
+    fetch_jwks=offline,
 ) -> auth.OidcTokens:
-    return auth.OidcTokens(baseline, environment, project_id, lambda: sdk_token)
+    return auth.OidcTokens(baseline, environment, project_id, lambda: sdk_token, fetch_jwks)
+
+
+class KeySet:
+    """The issuer's JWKS endpoint, as the service fetches it: records every URL asked for."""
+
+    def __init__(self, *issuers: Issuer) -> None:
+        self.issuers = issuers or (ISSUER,)
+        self.fetched: list[str] = []
+
+    def __call__(self, url: str) -> bytes:
+        self.fetched.append(url)
+        return jwks(*self.issuers)
 
 
 def unsigned(header: object, claims: object, signature: str = "c2lnbmF0dXJlLXNpZ25hdHVyZQ") -> str:
@@ -242,3 +259,98 @@ def test_a_flood_of_client_tokens_cannot_push_the_services_secrets_out_of_redact
     scrubbed = auth.redact(" ".join([*own, adopted, "fine"]))
     assert [secret for secret in [*own, adopted] if secret in scrubbed] == []
     assert scrubbed.endswith("fine")
+
+
+def test_after_a_rejection_only_signed_header_tokens_are_candidates_and_the_platforms_is_presented():
+    keys = KeySet()
+    tokens = book(fetch_jwks=keys)
+    accepted = ISSUER.token(issued_at=time.time() - 120)
+    tokens.accepted(accepted)
+    platform = ISSUER.token(issued_at=time.time() - 30)
+    tokens.observe(platform)
+    forged = forged_token()  # newer than the platform's token: it is the candidate
+    tokens.observe(forged)
+    assert tokens.first() == forged and keys.fetched == []  # nothing fetched before it is needed
+    tokens.rejected(forged)
+    # The same refresh: the key set is fetched once, and the platform's token, signed, is next.
+    assert tokens.fallback(forged) == platform
+    assert keys.fetched == ["https://oidc.vercel.com/acme/.well-known/jwks"]
+    tokens.accepted(platform)
+    for _ in range(50):  # newer forgeries: never candidates now
+        tokens.observe(forged_token(lifetime=7200))
+    newer = ISSUER.token(lifetime=7200, issued_at=time.time() + 1)
+    tokens.observe(newer)
+    assert tokens.first() == newer and len(keys.fetched) == 1
+
+
+def test_a_cold_instance_attacked_before_any_acceptance_recovers_in_the_same_refresh():
+    keys = KeySet()
+    tokens = book(sdk_token=None, fetch_jwks=keys)
+    platform = ISSUER.token(issued_at=time.time() - 30)
+    tokens.observe(platform)
+    forged = forged_token()
+    tokens.observe(forged)
+    assert tokens.first() == forged
+    tokens.rejected(forged)
+    assert tokens.fallback(forged) == platform
+
+
+def test_when_the_key_set_cannot_be_fetched_a_rejection_still_falls_back_and_the_fetch_waits():
+    fetched: list[str] = []
+
+    def unreachable(url: str) -> bytes:
+        fetched.append(url)
+        raise OSError("unreachable")
+
+    tokens = book(fetch_jwks=unreachable)
+    accepted = ISSUER.token(issued_at=time.time() - 60)
+    tokens.accepted(accepted)
+    for _ in range(3):
+        forged = forged_token(lifetime=3000 + len(fetched) + _)
+        tokens.observe(forged)
+        assert tokens.first() == forged  # unverifiable: still a candidate, STS decides
+        tokens.rejected(forged)
+        assert tokens.fallback(forged) == accepted
+    assert len(fetched) == 1  # retried only after auth.JWKS_REFETCH
+
+
+def test_keys_are_fetched_only_from_vercels_issuer():
+    keys = KeySet()
+    baseline = ISSUER.token(iss="https://token.example.com/acme")
+    tokens = book(baseline=baseline, fetch_jwks=keys)
+    forged = forged_token(iss="https://token.example.com/acme")
+    tokens.observe(forged)
+    assert tokens.first() == forged
+    tokens.rejected(forged)
+    assert tokens.fallback(forged) == SDK_TOKEN and keys.fetched == []
+
+
+def test_a_token_signed_by_a_rotated_key_is_a_candidate_once_the_key_set_is_fetched_again(monkeypatch):
+    rotated = Issuer("vercel-oidc-2")
+    keys = KeySet()
+    tokens = book(fetch_jwks=keys)
+    tokens.accepted(ISSUER.token(issued_at=time.time() - 120))
+    forged = forged_token()
+    tokens.observe(forged)
+    tokens.first()
+    tokens.rejected(forged)
+    tokens.fallback(forged)  # loads the key set: ISSUER's key only
+    new_key_token = rotated.token(issued_at=time.time() + 1)
+    tokens.observe(new_key_token)
+    assert tokens.first() != new_key_token  # its kid is not in the set: not yet
+    keys.issuers = (ISSUER, rotated)
+    monkeypatch.setattr(auth, "JWKS_REFETCH", 0.0)
+    tokens.keys.wanted = True  # as the unknown kid left it; the refetch waited JWKS_REFETCH
+    assert tokens.first() == new_key_token and len(keys.fetched) == 2
+
+
+def test_a_forgery_that_arrives_during_a_refresh_is_never_its_fallback():
+    tokens = book()  # the key set cannot be fetched: header tokens stay unverified
+    accepted = ISSUER.token(issued_at=time.time() - 60)
+    tokens.accepted(accepted)
+    forged = forged_token(lifetime=3000)
+    tokens.observe(forged)
+    assert tokens.first() == forged
+    tokens.rejected(forged)
+    tokens.observe(forged_token(lifetime=3001))  # the next forgery, while STS was answering
+    assert tokens.fallback(forged) == accepted

@@ -11,7 +11,14 @@ credentials.
 from __future__ import annotations
 
 import base64
+import datetime
 import json
+import os
+import re
+import shutil
+import socketserver
+import ssl
+import tempfile
 import threading
 import time
 import uuid
@@ -78,6 +85,22 @@ class Issuer:
         signature = self.key.sign(signing_input.encode(), padding.PKCS1v15(), hashes.SHA256())
         return f"{signing_input}.{_b64(signature)}"
 
+    def jwk(self) -> dict[str, str]:
+        """The public half of the key as the issuer publishes it in its JWKS."""
+        numbers = self.key.public_key().public_numbers()
+
+        def uint(value: int) -> str:
+            return _b64(value.to_bytes((value.bit_length() + 7) // 8, "big"))
+
+        return {
+            "kty": "RSA",
+            "use": "sig",
+            "alg": "RS256",
+            "kid": self.kid,
+            "n": uint(numbers.n),
+            "e": uint(numbers.e),
+        }
+
     def signed(self, token: str) -> bool:
         """Whether this issuer's key made `token`'s signature (what STS checks via the JWKS)."""
         try:
@@ -91,6 +114,13 @@ class Issuer:
 
 
 ISSUER = Issuer("vercel-oidc-1")
+
+
+def jwks(*issuers: Issuer) -> bytes:
+    """The key set published at https://oidc.vercel.com/<team>/.well-known/jwks (`ISSUER`'s)."""
+    return json.dumps({"keys": [issuer.jwk() for issuer in issuers or (ISSUER,)]}).encode()
+
+
 # Same kid, same claims, another key: everything a client can put in a header but the signature.
 _FORGER = Issuer("vercel-oidc-1")
 
@@ -104,3 +134,141 @@ def forged_token(
 ) -> str:
     """A token with the platform's shape and claims, signed by a key the issuer never published."""
     return _FORGER.token(lifetime, subject, team, issued_at, **claims)
+
+
+class IssuerHost:
+    """`https://oidc.vercel.com` on loopback, for a service that reaches it through a proxy.
+
+    A CONNECT proxy that accepts tunnels to oidc.vercel.com:443 only, ends TLS there with a
+    certificate from a CA of its own, and answers `GET /<team>/.well-known/jwks` (and the
+    global `/.well-known/jwks`) with `jwks(*issuers)`. `environment()` is what a process
+    needs to be routed here: HTTPS_PROXY, NO_PROXY for loopback, and SSL_CERT_FILE naming the
+    CA. `fetched` records each path asked for.
+    """
+
+    def __init__(self, *issuers: Issuer) -> None:
+        self.issuers = issuers or (ISSUER,)
+        self.fetched: list[str] = []
+        self._directory = tempfile.mkdtemp(prefix="oidc-host-")
+        self.ca_file, cert_file, key_file = _tls_files(self._directory, "oidc.vercel.com")
+        self._tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self._tls.load_cert_chain(cert_file, key_file)
+        self._server = socketserver.ThreadingTCPServer(
+            ("127.0.0.1", 0), self._handler(), bind_and_activate=True
+        )
+        self._server.daemon_threads = True
+        self.port = self._server.server_address[1]
+
+    def environment(self) -> dict[str, str]:
+        return {
+            "HTTPS_PROXY": f"http://127.0.0.1:{self.port}",
+            "NO_PROXY": "127.0.0.1,localhost",
+            "SSL_CERT_FILE": self.ca_file,
+        }
+
+    def __enter__(self) -> IssuerHost:
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        shutil.rmtree(self._directory, ignore_errors=True)
+
+    def _handler(self) -> type[socketserver.StreamRequestHandler]:
+        host = self
+
+        class Tunnel(socketserver.StreamRequestHandler):
+            def handle(self) -> None:
+                connect = self.rfile.readline()
+                while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                    pass
+                if not connect.startswith(b"CONNECT oidc.vercel.com:443 "):
+                    self.wfile.write(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n\r\n")
+                    return
+                self.wfile.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
+                self.wfile.flush()
+                with (
+                    host._tls.wrap_socket(self.connection, server_side=True) as tls,
+                    tls.makefile("rb") as reader,
+                ):
+                    request = reader.readline().split()
+                    while reader.readline() not in (b"\r\n", b"\n", b""):
+                        pass
+                    path = request[1].decode() if len(request) > 1 else ""
+                    host.fetched.append(path)
+                    found = re.fullmatch(r"(/[A-Za-z0-9_-]+)?/\.well-known/jwks", path)
+                    body = jwks(*host.issuers) if found else b"{}"
+                    status = b"200 OK" if found else b"404 Not Found"
+                    tls.sendall(
+                        b"HTTP/1.1 "
+                        + status
+                        + b"\r\nContent-Type: application/json\r\nContent-Length: "
+                        + str(len(body)).encode()
+                        + b"\r\nConnection: close\r\n\r\n"
+                        + body
+                    )
+
+        return Tunnel
+
+
+def _tls_files(directory: str, hostname: str) -> tuple[str, str, str]:
+    """A CA, and a certificate it signed for `hostname`; their paths (CA, certificate, key)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.UTC)
+
+    def certificate(subject: str, issuer: str, public_key: Any, signer: Any, ca: bool) -> x509.Certificate:
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+            .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer)]))
+            .public_key(public_key)
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=ca, path_length=0 if ca else None), critical=True)
+        )
+        if ca:
+            builder = builder.add_extension(
+                x509.KeyUsage(
+                    digital_signature=True,
+                    key_cert_sign=True,
+                    crl_sign=True,
+                    content_commitment=False,
+                    key_encipherment=False,
+                    data_encipherment=False,
+                    key_agreement=False,
+                    encipher_only=False,
+                    decipher_only=False,
+                ),
+                critical=True,
+            )
+        else:
+            builder = builder.add_extension(
+                x509.SubjectAlternativeName([x509.DNSName(hostname)]), critical=False
+            )
+        return builder.sign(signer, hashes.SHA256())
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = certificate("oidc issuer stand-in CA", "oidc issuer stand-in CA", ca_key.public_key(), ca_key, True)
+    key = ec.generate_private_key(ec.SECP256R1())
+    leaf = certificate(hostname, "oidc issuer stand-in CA", key.public_key(), ca_key, False)
+    paths = tuple(os.path.join(directory, name) for name in ("ca.pem", "server.pem", "server.key"))
+    for path, data in zip(
+        paths,
+        (
+            ca.public_bytes(serialization.Encoding.PEM),
+            leaf.public_bytes(serialization.Encoding.PEM),
+            key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            ),
+        ),
+        strict=True,
+    ):
+        with open(path, "wb") as file:
+            file.write(data)
+    return paths[0], paths[1], paths[2]
