@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from dsql_support import SCHEMA, dsql_service, ensure_role  # noqa: E402
+from standins.function_env import REPO_ROOT, function_env, requirement_lines  # noqa: E402
 from standins.network_namespace import (  # noqa: E402
     NamespacePostgres,
     NetworkNamespace,
@@ -41,6 +42,7 @@ from standins.network_namespace import (  # noqa: E402
     unavailable_reason,
 )
 from standins.sts import Sts, recording_sts  # noqa: E402
+from standins.vercel_harness import BUILDER_RUNTIME, RuntimeVariant, hive_unavailable  # noqa: E402
 from support import LiveServer, clean_environment, create_database, drop_database, run_sql  # noqa: E402
 
 
@@ -181,6 +183,15 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             deselected.setdefault(reason, []).append(item)
         else:
             kept.append(item)
+    for item in list(kept):  # a Hive variant of a Vercel-runtime test needs its mount namespace
+        callspec = getattr(item, "callspec", None)
+        variant = callspec.params.get("vercel_runtime") if callspec is not None else None
+        if isinstance(variant, RuntimeVariant) and variant.hive:
+            if "hive" not in reasons:
+                reasons["hive"] = hive_unavailable()
+            if reasons["hive"]:
+                deselected.setdefault(reasons["hive"], []).append(item)
+                kept.remove(item)
     if deselected:
         items[:] = kept
         reporter = config.pluginmanager.get_plugin("terminalreporter")
@@ -221,6 +232,24 @@ def typescript_toolchain() -> Path:
         )
         stamp.write_text(wanted)
     return TYPESCRIPT_CACHE
+
+
+# --- Vercel's runtime: which version, in which mode ---------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def vercel_runtime(request: pytest.FixtureRequest) -> RuntimeVariant:
+    """The vercel-runtime a module serves the app with: the builder's pin, unless the module
+    parametrises it (indirect) over standins.vercel_harness.RUNTIME_VARIANTS. A Hive variant
+    is deselected where its mount namespace cannot be made."""
+    return getattr(request, "param", BUILDER_RUNTIME)
+
+
+@pytest.fixture(scope="module")
+def function_python(vercel_runtime: RuntimeVariant) -> Path:
+    """The interpreter of a function environment: requirements.txt and that vercel-runtime,
+    nothing else, as Vercel builds it (built once, then cached under .cache/)."""
+    return function_env(requirement_lines(REPO_ROOT / "requirements.txt"), runtime=vercel_runtime.version)
 
 
 # --- a network of the test's own, where packets can be dropped --------------------------------

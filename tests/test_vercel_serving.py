@@ -12,7 +12,16 @@ else, cached under .cache/) and serve app.py from it through `vercel_runtime.vc_
    in app.py): a run of requests on one connection has a median far below the ~40 ms a
    stall costs;
 3. log records reach the platform through the runtime's logging with their level, as one
-   JSON object per line carrying the request id.
+   JSON object per line carrying the request id;
+4. from vercel-runtime 0.23.3 the runtime sets TCP_NODELAY itself (it hands uvicorn its socket
+   with sockets=, not fd=), and RuntimeNoDelay is harmless there: it can go once the builder
+   installs 0.23.3 or later;
+5. on Hive (0.24's mode with the IPC socket at /opt/vercel/ipc.sock), `server-started` waits
+   for lifespan startup and a failed startup is fatal: the app's startup does no I/O, so even
+   a configuration that cannot work starts, and answers with its 503.
+
+Each runs on the builder's pin (0.23.2) and on the newest release, in both of its modes where
+they differ (standins/vercel_harness.py: RUNTIME_VARIANTS).
 """
 
 from __future__ import annotations
@@ -31,16 +40,26 @@ import pytest
 if sys.version_info < (3, 12):
     pytest.skip("vercel-runtime needs Python >= 3.12", allow_module_level=True)
 
-from standins.function_env import REPO_ROOT, function_env, installed, requirement_lines  # noqa: E402
-from standins.vercel_harness import VercelRuntime  # noqa: E402
+from standins.function_env import REPO_ROOT, installed, requirement_lines  # noqa: E402
+from standins.vercel_harness import (  # noqa: E402
+    BUILDER_RUNTIME,
+    RUNTIME_VARIANTS,
+    RuntimeVariant,
+    VercelRuntime,
+)
+
+pytestmark = pytest.mark.slow  # a function environment and Vercel's runtime per test
 
 PROBE = {"SERVING_PROBE_TARGET": "app.py:app"}
+EVERY_RUNTIME = pytest.mark.parametrize("vercel_runtime", RUNTIME_VARIANTS, indirect=True, ids=str)
+# Where Hive's mode changes nothing the test looks at (the accept path, the socket options).
+EVERY_VERSION = pytest.mark.parametrize(
+    "vercel_runtime", [v for v in RUNTIME_VARIANTS if not v.hive], indirect=True, ids=str
+)
 
 
-@pytest.fixture(scope="module")
-def function_python():
-    """The interpreter of requirements.txt + vercel-runtime (built once, then cached)."""
-    return function_env(requirement_lines(REPO_ROOT / "requirements.txt"))
+def serve(vercel_runtime: RuntimeVariant, function_python, entrypoint: str, **env: str) -> VercelRuntime:
+    return VercelRuntime(entrypoint, python=str(function_python), env=env, hive=vercel_runtime.hive)
 
 
 def pins() -> dict[str, str]:
@@ -58,16 +77,23 @@ def test_requirements_pin_every_package_of_the_function_environment(function_pyt
     for direct in ("starlette", "uvicorn", "asyncpg", "boto3", "vercel", "msgspec", "uvloop", "httptools"):
         assert direct in wanted, f"{direct} is not pinned in requirements.txt"
     # Everything installed is pinned, at that version (pip/setuptools are the venv's own).
-    unpinned = {name: v for name, v in have.items()
-                if name not in wanted and name not in ("vercel-runtime", "pip", "setuptools")}
+    unpinned = {
+        name: v
+        for name, v in have.items()
+        if name not in wanted and name not in ("vercel-runtime", "pip", "setuptools")
+    }
     assert not unpinned, f"installed but not pinned in requirements.txt: {unpinned}"
     wrong = {name: (have[name], v) for name, v in wanted.items() if name in have and have[name] != v}
     assert not wrong, f"installed version differs from the pin: {wrong}"
 
 
-def test_app_served_by_the_runtime_runs_uvloop_and_httptools(function_python, database_url) -> None:
-    with VercelRuntime("tests/serving_probe.py", python=str(function_python),
-                       env={**PROBE, "DATABASE_URL": database_url}) as runtime:
+@EVERY_RUNTIME
+def test_app_served_by_the_runtime_runs_uvloop_and_httptools(
+    vercel_runtime, function_python, database_url
+) -> None:
+    with serve(
+        vercel_runtime, function_python, "tests/serving_probe.py", **PROBE, DATABASE_URL=database_url
+    ) as runtime:
         serving = runtime.request("GET", "/_probe/serving").json()
         assert (serving["loop"], serving["http"]) == ("uvloop", "httptools"), serving
         # and it is the app, complete: every runtime dependency it needs is in the environment
@@ -78,7 +104,10 @@ def test_app_served_by_the_runtime_runs_uvloop_and_httptools(function_python, da
 
 # --- 2. no Nagle stall ---------------------------------------------------------------------
 
-def keep_alive_latencies(runtime: VercelRuntime, connection: http.client.HTTPConnection, count: int) -> list[float]:
+
+def keep_alive_latencies(
+    runtime: VercelRuntime, connection: http.client.HTTPConnection, count: int
+) -> list[float]:
     latencies = []
     for _ in range(count):
         started = time.perf_counter()
@@ -88,15 +117,20 @@ def keep_alive_latencies(runtime: VercelRuntime, connection: http.client.HTTPCon
     return latencies
 
 
-def test_keep_alive_requests_are_not_stalled_by_nagle(function_python) -> None:
+@EVERY_VERSION
+def test_keep_alive_requests_are_not_stalled_by_nagle(vercel_runtime, function_python) -> None:
     """~44 ms per request without TCP_NODELAY (Nagle + delayed ACK); well under 20 ms with it.
 
     Two connections: one opened as soon as the runtime announced its port, while the app's
     lifespan startup is held back (its handshake completes before the app can touch the
-    listening socket, as the platform's first connection does), and one opened after.
+    listening socket, as the platform's first connection does), and one opened after. Where the
+    runtime sets TCP_NODELAY itself, RuntimeNoDelay sets it again: no stall, no warning.
     """
-    runtime = VercelRuntime("tests/serving_probe.py", python=str(function_python),
-                            env={**PROBE, "SERVING_PROBE_STARTUP_DELAY": "1.0"})
+    runtime = VercelRuntime(
+        "tests/serving_probe.py",
+        python=str(function_python),
+        env={**PROBE, "SERVING_PROBE_STARTUP_DELAY": "1.0"},
+    )
     starting = threading.Thread(target=runtime.start)
     starting.start()
     try:
@@ -112,8 +146,11 @@ def test_keep_alive_requests_are_not_stalled_by_nagle(function_python) -> None:
             latencies = keep_alive_latencies(runtime, connection, 30)
             assert statistics.median(latencies[1:]) < 20, (
                 f"{name} connection: keep-alive median {statistics.median(latencies[1:]):.1f} ms "
-                f"(Nagle stall?): {[round(x, 1) for x in latencies]}")
+                f"(Nagle stall?): {[round(x, 1) for x in latencies]}"
+            )
+            assert runtime.request("GET", "/_probe/serving", connection=connection).json()["nodelay"] is True
             connection.close()
+        assert "listening socket was not found" not in runtime.output()
     finally:
         starting.join(60)
         runtime.stop()
@@ -121,9 +158,14 @@ def test_keep_alive_requests_are_not_stalled_by_nagle(function_python) -> None:
 
 # --- 3. logs through the runtime's logging, with their level ------------------------------
 
-def test_logs_reach_the_platform_as_json_lines_with_level_and_request_id(function_python, database_url) -> None:
-    with VercelRuntime("app.py", python=str(function_python),
-                       env={"DATABASE_URL": database_url, "LOG_LEVEL": "info"}) as runtime:
+
+@EVERY_RUNTIME
+def test_logs_reach_the_platform_as_json_lines_with_level_and_request_id(
+    vercel_runtime, function_python, database_url
+) -> None:
+    with serve(
+        vercel_runtime, function_python, "app.py", DATABASE_URL=database_url, LOG_LEVEL="info"
+    ) as runtime:
         created = runtime.request("POST", "/todos", {"X-Request-ID": "log-check-1"}, json={"title": "logged"})
         assert created.status == 201, created.text
         # uvicorn's own warning for a request it cannot parse, on a raw connection
@@ -149,10 +191,78 @@ def test_logs_reach_the_platform_as_json_lines_with_level_and_request_id(functio
         assert log.level == {"warning": "warn", "critical": "fatal"}.get(entry["level"], entry["level"]), log
         entries.append((log, entry))
 
-    request_lines = [(log, e) for log, e in entries if e["message"] == "request" and e.get("request_id") == "log-check-1"]
+    request_lines = [
+        (log, e) for log, e in entries if e["message"] == "request" and e.get("request_id") == "log-check-1"
+    ]
     assert len(request_lines) == 1, entries
     log, line = request_lines[0]
     assert (log.level, line["method"], line["path"], line["status"]) == ("info", "POST", "/todos", 201)
     assert log.invocation_id == created.invocation_id  # attributed to its invocation
     invalid = [(log, e) for log, e in entries if e["message"].startswith("Invalid HTTP request")]
     assert invalid and invalid[0][0].level == "warn" and invalid[0][1]["logger"] == "uvicorn.error", entries
+
+
+# --- 4. TCP_NODELAY: set by the runtime itself from 0.23.3 -------------------------------------
+
+
+@EVERY_VERSION
+def test_the_runtime_sets_tcp_nodelay_itself_from_0_23_3(vercel_runtime, function_python) -> None:
+    """With no app behind the probe (so RuntimeNoDelay plays no part), a keep-alive connection
+    has TCP_NODELAY exactly when the runtime is 0.23.3 or later; before, only RuntimeNoDelay
+    sets it (test 2 proves the stall it prevents)."""
+    with serve(vercel_runtime, function_python, "tests/serving_probe.py") as runtime:
+        connection = runtime.connect()
+        nodelay = runtime.request("GET", "/_probe/serving", connection=connection).json()["nodelay"]
+        connection.close()
+    version = tuple(int(part) for part in vercel_runtime.version.split("."))
+    assert nodelay is (version >= (0, 23, 3)), (vercel_runtime, nodelay)
+
+
+# --- 5. Hive: server-started after lifespan startup, and a startup that cannot fail ------------
+
+
+@pytest.mark.parametrize(
+    "vercel_runtime",
+    [v for v in RUNTIME_VARIANTS if v.version != BUILDER_RUNTIME.version],
+    indirect=True,
+    ids=str,
+)
+def test_on_hive_the_port_is_announced_after_lifespan_startup(vercel_runtime, function_python) -> None:
+    """The app's startup held back by two seconds: on Hive, the app answers as soon as the runtime
+    announced its port; elsewhere the port is announced first and the app answers only after."""
+    runtime = serve(
+        vercel_runtime, function_python, "tests/serving_probe.py", **PROBE, SERVING_PROBE_STARTUP_DELAY="2.0"
+    )
+    starting = threading.Thread(target=runtime.start)
+    starting.start()
+    try:
+        deadline = time.monotonic() + 60
+        while runtime.port is None:
+            assert time.monotonic() < deadline and starting.is_alive(), "the runtime never announced its port"
+            time.sleep(0.002)
+        announced = time.monotonic()
+        starting.join(60)
+        answered = time.monotonic() - announced  # start() returns once a ping is answered
+        assert runtime.returncode is None and runtime.request("GET", "/healthz").status == 200
+    finally:
+        starting.join(60)
+        runtime.stop()
+    if vercel_runtime.hive:
+        assert answered < 1.0, answered
+    else:
+        assert answered > 1.5, answered
+
+
+@EVERY_RUNTIME
+def test_a_configuration_that_cannot_work_still_starts_and_answers_503(
+    vercel_runtime, function_python
+) -> None:
+    """On Hive a failed lifespan startup kills the instance: the app's startup reads no
+    configuration and does no I/O, so a broken one is a 503 naming the variable, and /healthz
+    is 200, on every runtime."""
+    with serve(vercel_runtime, function_python, "app.py", CORS_ORIGINS="https://a.example/") as runtime:
+        assert runtime.request("GET", "/healthz").status == 200
+        todos = runtime.request("GET", "/todos")
+        assert runtime.returncode is None
+    assert todos.status == 503 and todos.header("content-type") == "application/problem+json", todos.text
+    assert "CORS_ORIGINS" in todos.json()["detail"]

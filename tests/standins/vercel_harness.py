@@ -19,6 +19,12 @@ platform side is not public, but the runtime's half of the contract is:
   to that port.  The proxy adds `x-vercel-internal-*` headers: invocation id,
   request id, span/trace ids, deadline and the OIDC token; the runtime strips
   all of them and re-adds the token as the public `x-vercel-oidc-token`.
+* Since 0.24, when the IPC socket is at `/opt/vercel/ipc.sock` (Vercel's newer
+  host, "Hive"), the runtime sends `server-started` only once lifespan startup has
+  finished, and a failed startup is fatal; elsewhere it still announces the port
+  first.  `hive=True` plays that host: the runtime runs in a private mount
+  namespace of its own where the harness's socket directory is mounted on
+  /opt/vercel, so parallel runs never share the path (needs root).
 * `vercel.functions.wait_until()` lands in a per-request collector; after the
   app returns, the runtime awaits everything registered and only then sends
   the `end` message.  So "end arrived" means "wait_until work finished".
@@ -57,6 +63,47 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 # The version `vercel` CLI 64 pins for production builds; tests should run
 # against the same code the platform bundles.
 RUNTIME_PIN = "0.23.2"
+# The newest on PyPI: the builder moves to it without asking, so the serving tests run on it too.
+NEWEST_RUNTIME = "0.24.1"
+HIVE_IPC_PATH = "/opt/vercel/ipc.sock"
+
+
+@dataclass(frozen=True)
+class RuntimeVariant:
+    """A vercel-runtime version, and whether it runs as on Hive (IPC at HIVE_IPC_PATH)."""
+
+    version: str
+    hive: bool = False
+
+    def __str__(self) -> str:
+        return f"runtime-{self.version}{'-hive' if self.hive else ''}"
+
+
+BUILDER_RUNTIME = RuntimeVariant(RUNTIME_PIN)
+# The builder's pin, and the newest in both of its modes.
+RUNTIME_VARIANTS = [
+    BUILDER_RUNTIME,
+    RuntimeVariant(NEWEST_RUNTIME),
+    RuntimeVariant(NEWEST_RUNTIME, hive=True),
+]
+
+
+def hive_unavailable() -> str | None:
+    """Why `hive=True` cannot run here, or None: it needs root and unshare(1) for a private
+    mount namespace, and a directory /opt/vercel to mount over (made here if missing)."""
+    if os.geteuid() != 0:
+        return "playing Vercel's Hive host needs root (a private mount namespace on /opt/vercel)"
+    if shutil.which("unshare") is None:
+        return "no unshare(1) on PATH (util-linux)"
+    try:
+        os.makedirs(os.path.dirname(HIVE_IPC_PATH), exist_ok=True)
+    except OSError as error:
+        return f"cannot make {os.path.dirname(HIVE_IPC_PATH)}: {error}"
+    probe = subprocess.run(["unshare", "--mount", "--propagation", "private", "true"], capture_output=True)
+    if probe.returncode != 0:
+        return f"unshare --mount failed: {probe.stderr.decode(errors='replace').strip()}"
+    return None
+
 
 # Header names are the runtime's own constants (vercel_runtime.headers,
 # vercel_runtime.deadline, vc_init.ASGIMiddleware).
@@ -70,8 +117,14 @@ PING_PATH = "/_vercel/ping"
 
 # Vercel region -> AWS region the function runs in; Lambda exports it as
 # AWS_REGION/AWS_DEFAULT_REGION, which boto3 (and so auth.py) will see.
-_AWS_REGION_OF = {"iad1": "us-east-1", "cle1": "us-east-2", "pdx1": "us-west-2",
-                  "sfo1": "us-west-1", "fra1": "eu-central-1", "dub1": "eu-west-1"}
+_AWS_REGION_OF = {
+    "iad1": "us-east-1",
+    "cle1": "us-east-2",
+    "pdx1": "us-west-2",
+    "sfo1": "us-west-1",
+    "fra1": "eu-central-1",
+    "dub1": "eu-west-1",
+}
 
 
 @dataclass(frozen=True)
@@ -133,6 +186,8 @@ class VercelRuntime:
     the way it would in production.  With `record=False` (for load tests)
     messages after `server-started` are counted by type, not kept.
     `ready_poll` is the interval of the readiness ping during start().
+    With `hive=True` the runtime finds its IPC socket at HIVE_IPC_PATH (see the module
+    docstring) and announces its port only after lifespan startup.
     """
 
     def __init__(
@@ -150,6 +205,7 @@ class VercelRuntime:
         start_timeout: float = 30.0,
         record: bool = True,
         ready_poll: float = 0.05,
+        hive: bool = False,
     ) -> None:
         self.cwd = Path(cwd).resolve()
         self.entrypoint = entrypoint
@@ -163,6 +219,7 @@ class VercelRuntime:
         self._inherit_env = inherit_env
         self.record = record
         self.ready_poll = ready_poll
+        self.hive = hive
         self.counts: dict[str, int] = {}  # messages by type, with record=False
         self.launched_at: float | None = None  # time.perf_counter() just before the process launch
 
@@ -190,10 +247,14 @@ class VercelRuntime:
         """The subprocess environment (less VERCEL_IPC_PATH): a Vercel function's, plus `env`."""
         module = self.entrypoint.removesuffix(".py").replace("/", ".")
         module = module.removesuffix(".__init__")
-        base = dict(os.environ) if self._inherit_env else {
-            "PATH": os.environ.get("PATH", "/usr/local/bin:/usr/bin:/bin"),
-            "LANG": "en_US.UTF-8",
-        }
+        base = (
+            dict(os.environ)
+            if self._inherit_env
+            else {
+                "PATH": os.environ.get("PATH", "/usr/local/bin:/usr/bin:/bin"),
+                "LANG": "en_US.UTF-8",
+            }
+        )
         aws_region = _AWS_REGION_OF.get(self.region, "us-east-1")
         env = {
             **base,
@@ -221,9 +282,25 @@ class VercelRuntime:
             raise RuntimeError("already started")
         # AF_UNIX paths are limited to ~108 bytes, so keep it short and in /tmp.
         self._tmpdir = tempfile.mkdtemp(prefix="vcipc-", dir="/tmp")
-        env = {**self.build_env(), "VERCEL_IPC_PATH": os.path.join(self._tmpdir, "ipc.sock")}
+        socket_path = os.path.join(self._tmpdir, "ipc.sock")
+        env = {**self.build_env(), "VERCEL_IPC_PATH": HIVE_IPC_PATH if self.hive else socket_path}
+        command = [self.python, "-c", "import vercel_runtime.vc_init"]
+        if self.hive:
+            # The same socket, seen at Hive's path inside a mount namespace of the runtime's own.
+            command = [
+                "unshare",
+                "--mount",
+                "--propagation",
+                "private",
+                "--",
+                "sh",
+                "-c",
+                'mount --bind "$0" /opt/vercel && exec "$@"',
+                self._tmpdir,
+                *command,
+            ]
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        listener.bind(env["VERCEL_IPC_PATH"])
+        listener.bind(socket_path)
         listener.listen(1)
         # The runtime connects once, at import time, and silently drops every
         # message if that fails, so the listener must exist before it starts.
@@ -233,7 +310,7 @@ class VercelRuntime:
         boot_ms = str(int(time.monotonic() * 1000))
         self.launched_at = time.perf_counter()
         self.proc = subprocess.Popen(
-            [self.python, "-c", "import vercel_runtime.vc_init"],
+            command,
             cwd=self.cwd,
             env={**env, "__VC_PY_BOOT_START_MS": boot_ms},
             stdin=subprocess.DEVNULL,
@@ -261,10 +338,10 @@ class VercelRuntime:
         return self
 
     def _wait_until_serving(self) -> None:
-        # server-started is sent *before* uvicorn runs the lifespan startup;
-        # the port already listens, so connections queue in the backlog.  A
-        # ping is answered only once startup finished, as the platform's
-        # readiness probe would be.
+        # server-started is sent *before* uvicorn runs the lifespan startup
+        # (except on Hive, from 0.24); the port already listens, so
+        # connections queue in the backlog.  A ping is answered only once
+        # startup finished, as the platform's readiness probe would be.
         deadline = time.monotonic() + self.start_timeout
         while True:
             conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=self.start_timeout)
@@ -341,7 +418,9 @@ class VercelRuntime:
                     end = data.rfind(b"\0") + 1
                     done, buf = data[:end], data[end:]
                     for kind in ("log", "handler-started", "end"):
-                        self.counts[kind] = self.counts.get(kind, 0) + done.count(b'{"type": "%s"' % kind.encode())
+                        self.counts[kind] = self.counts.get(kind, 0) + done.count(
+                            b'{"type": "%s"' % kind.encode()
+                        )
                     continue
                 buf += chunk
                 *frames, buf = buf.split(b"\0")
@@ -366,9 +445,7 @@ class VercelRuntime:
         with self._c.cond:
             return list(self._c.messages)
 
-    def wait_for(
-        self, predicate: Callable[[dict[str, Any]], bool], timeout: float = 10.0
-    ) -> dict[str, Any]:
+    def wait_for(self, predicate: Callable[[dict[str, Any]], bool], timeout: float = 10.0) -> dict[str, Any]:
         """The first IPC message matching `predicate`, waiting up to `timeout`."""
         end = time.monotonic() + timeout
         with self._c.cond:
@@ -394,8 +471,7 @@ class VercelRuntime:
         logs as "wait_until task failed").
         """
         return self.wait_for(
-            lambda m: m["type"] == "end"
-            and m["payload"]["context"]["invocationId"] == invocation_id,
+            lambda m: m["type"] == "end" and m["payload"]["context"]["invocationId"] == invocation_id,
             timeout,
         )
 
@@ -414,7 +490,8 @@ class VercelRuntime:
 
     def unended(self) -> set[str]:
         """Invocations that started but whose `end` has not arrived."""
-        started, ended = set(), set()
+        started: set[str] = set()
+        ended: set[str] = set()
         for m in self.messages:
             if m["type"] in ("handler-started", "end"):
                 inv = m["payload"]["context"]["invocationId"]
@@ -456,8 +533,9 @@ class VercelRuntime:
         return "".join(log.text for log in self.logs) + self.stdout + self.stderr
 
     def _failure(self, what: str) -> str:
-        errors = [m["payload"].get("message", "") for m in self.messages
-                  if m["type"] == "unrecoverable-error"]
+        errors = [
+            m["payload"].get("message", "") for m in self.messages if m["type"] == "unrecoverable-error"
+        ]
         return (
             f"{what} (exit code {self.returncode})\n"
             + "".join(f"unrecoverable-error: {e}\n" for e in errors)
@@ -526,7 +604,10 @@ class VercelRuntime:
         put(INTERNAL_REQUEST_ID, str(request_id))
         put(INTERNAL_SPAN_ID, secrets.token_hex(8))
         put(INTERNAL_TRACE_ID, secrets.token_hex(16))
-        put(INTERNAL_DEADLINE, deadline.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"))
+        put(
+            INTERNAL_DEADLINE,
+            deadline.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+        )
         if oidc_token is not None:
             put(INTERNAL_OIDC_TOKEN, oidc_token)
 
@@ -559,8 +640,9 @@ class VercelRuntime:
         """A keep-alive connection to the function's port, for `request(connection=…)`."""
         if self.port is None:
             raise RuntimeError("runtime not started")
-        conn = http.client.HTTPConnection("127.0.0.1", self.port,
-                                          timeout=timeout if timeout is not None else self.max_duration + 5)
+        conn = http.client.HTTPConnection(
+            "127.0.0.1", self.port, timeout=timeout if timeout is not None else self.max_duration + 5
+        )
         conn.connect()
         return conn
 
