@@ -1192,10 +1192,12 @@ def _build_openapi(prefix: str = "") -> dict[str, Any]:
 
 class RuntimeNoDelay:
     """TCP_NODELAY on the connections Vercel's runtime serves. Workaround for uvicorn #3149:
-    delete this class once vercel-runtime's vendored uvicorn sets TCP_NODELAY itself.
+    delete this class once Vercel's builder installs vercel-runtime 0.23.3 or later, which
+    hands uvicorn its socket with sockets= and so gets TCP_NODELAY on every connection (where
+    it does, this sets it a second time, harmlessly).
 
-    vercel_runtime.vc_init binds 127.0.0.1:0 itself (its module-level `sock`) and hands the
-    socket to its uvicorn (`uvicorn_server`) with fd=; uvicorn wraps an fd as AF_UNIX, so
+    vercel_runtime.vc_init (up to 0.23.2) binds 127.0.0.1:0 itself (its module-level `sock`)
+    and hands the socket to its uvicorn (`uvicorn_server`) with fd=; uvicorn wraps an fd as AF_UNIX, so
     neither asyncio nor uvloop sets TCP_NODELAY on the connections it accepts, and each
     keep-alive response body waits ~40 ms for Nagle's algorithm and the peer's delayed ACK.
     Linux copies TCP_NODELAY from a listening socket to every connection whose handshake
