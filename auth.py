@@ -288,7 +288,7 @@ VERCEL_SUBJECT = re.compile(r"owner:([A-Za-z0-9_-]+):project:([^:]+):environment
 OIDC_MAX_LENGTH = 8192  # Vercel's tokens are about 1 KiB; anything far longer is not one
 OIDC_MAX_LIFETIME = 24 * 3600.0  # an `exp` further away than this is not a Vercel token
 OIDC_CLOCK_SKEW = 60.0  # an `iat` this far ahead of this clock is still believed
-REJECTED_REMEMBERED = 1024  # one per refresh at most: hours of rejections, in ~1 MiB
+REJECTED_REMEMBERED = 1024  # at most one per refresh: hours of them
 RECENT_REMEMBERED = 64  # distinct header tokens kept, to find the platform's among forgeries
 # Vercel's issuers (global and team); only theirs have keys fetched, from `<iss>/.well-known/jwks`.
 VERCEL_ISSUERS = re.compile(r"https://oidc\.vercel\.com(?:/[A-Za-z0-9_-]+)?")
@@ -585,8 +585,12 @@ class OidcTokens:
         issuer = reference.iss if reference is not None else self._forged_issuer
         if issuer is None or not self.keys.load(issuer):
             return
-        with self._lock:
-            recent = sorted(self._recent.values(), key=lambda t: t.order, reverse=True)
+        with self._lock:  # the expected claims may have changed since they were seen
+            recent = sorted(
+                (token for token in self._recent.values() if self._expected(token)),
+                key=lambda t: t.order,
+                reverse=True,
+            )
         now = time.time()
         signed = next(
             (

@@ -354,3 +354,19 @@ def test_a_forgery_that_arrives_during_a_refresh_is_never_its_fallback():
     tokens.rejected(forged)
     tokens.observe(forged_token(lifetime=3001))  # the next forgery, while STS was answering
     assert tokens.fallback(forged) == accepted
+
+
+def test_a_signed_token_of_another_project_seen_before_the_first_acceptance_is_never_the_fallback():
+    keys = KeySet()
+    tokens = book(fetch_jwks=keys)
+    # Before any acceptance only Vercel's shapes are known: another project's token fits them.
+    other = ISSUER.token(
+        subject="owner:acme:project:billing:environment:production", issued_at=time.time() - 5
+    )
+    tokens.observe(other)
+    tokens.accepted(ISSUER.token(issued_at=time.time() - 120))  # this deployment's: now the reference
+    forged = forged_token()
+    tokens.observe(forged)
+    assert tokens.first() == forged
+    tokens.rejected(forged)
+    assert tokens.fallback(forged) != other
