@@ -932,132 +932,27 @@ def configure_logging() -> None:
 
 
 # --- OpenAPI ---------------------------------------------------------------------------
+#
+# Built once, on first use: the schemas come from the Structs (msgspec), the paths from
+# openapi_paths() below. The document is as strict as the API, so that every request it
+# allows is accepted, and it says which fields a message always has in the way that client
+# generators read (openapi-typescript among them).
 
 _openapi: dict[str, bytes] = {}  # by path prefix: a server is mounted under one or two
 
 
 def openapi_document(prefix: str = "") -> bytes:
-    """OpenAPI 3.1 for every route, built on first use from the Structs above; under a path
+    """OpenAPI 3.1 for every route, built on first use from the Structs; under a path
     prefix, its `servers` tells clients that prefix."""
     document = _openapi.get(prefix)
     if document is None:
-        document = encoder.encode(_build_openapi(prefix))
+        document = encoder.encode(build_openapi(prefix))
         if len(_openapi) < 4:
             _openapi[prefix] = document
     return document
 
 
-def _mark_presence(components: dict[str, Any]) -> None:
-    """Say through `required` alone which fields a message always has, as generators read it.
-
-    msgspec lists a field with a default as optional and gives its `default`; openapi-typescript
-    (with its default `defaultNonNullable`) makes every property with a default required, and
-    other generators make it optional. So: in a request body a default goes into the
-    description (the client may omit the field); in a response every field that is always
-    sent is required, and one that is left out when it has its default (omit_defaults) has no
-    `default`, so that it is optional everywhere.
-    """
-    for name, schema in components.items():
-        struct, properties = MESSAGES[name], schema["properties"]
-        if struct in REQUEST_MESSAGES:
-            for field in properties.values():
-                if "default" in field:
-                    default = encoder.encode(field.pop("default")).decode()
-                    field["description"] = (
-                        f"{field.get('description', '')} Optional: {default} when left out.".lstrip()
-                    )
-        elif struct.__struct_config__.omit_defaults:
-            for field in properties.values():
-                field.pop("default", None)
-        else:
-            schema["required"] = list(properties)
-
-
-def _build_openapi(prefix: str = "") -> dict[str, Any]:
-    types = [Todo, list[Todo], NewTodo, TodoChanges, Problem, Health, Readiness]
-    (todo, todo_list, new_todo, changes, problem_schema, health, readiness), components = (
-        msgspec.json.schema_components(types, ref_template="#/components/schemas/{name}")
-    )
-
-    def body(schema: dict, description: str, headers: dict | None = None) -> dict:
-        response: dict[str, Any] = {"description": description, "content": {JSON: {"schema": schema}}}
-        if headers:
-            response["headers"] = headers
-        return response
-
-    # The headers the SPEC promises with these errors; documented, so that clients (and
-    # schemathesis) can rely on them.
-    error_headers = {
-        401: {"WWW-Authenticate": {"required": True, "schema": {"type": "string"}, "description": "Bearer"}},
-        405: {
-            "Allow": {"required": True, "schema": {"type": "string"}, "description": "The methods allowed"}
-        },
-        503: {
-            "Retry-After": {
-                "required": True,
-                "schema": {"type": "integer", "minimum": 1},
-                "description": "Seconds to wait before retrying",
-            }
-        },
-    }
-
-    def error(status: int) -> dict:
-        response = {
-            "description": HTTPStatus(status).phrase,
-            "content": {PROBLEM_JSON: {"schema": problem_schema}},
-        }
-        if status in error_headers:
-            response["headers"] = error_headers[status]
-        return response
-
-    def errors(*statuses: int) -> dict:
-        return {str(s): error(s) for s in sorted({*statuses, 401, 405, 500, 503})}
-
-    # As strict as the API, so that every request the document allows is accepted: a PATCH
-    # body names at least one field, and a title is held to its rule in the body and the query.
-    components["TodoChanges"]["minProperties"] = 1
-    _mark_presence(components)
-    id_param = {
-        "name": "todo_id",
-        "in": "path",
-        "required": True,
-        "schema": {"type": "string", "format": "uuid"},
-    }
-    completed_query = {"name": "completed", "in": "query", "required": False, "schema": {"type": "boolean"}}
-    idempotency_header = {
-        "name": IDEMPOTENCY_KEY,
-        "in": "header",
-        "required": False,
-        "description": "draft-ietf-httpapi-idempotency-key-header. Repeating a create with the same key "
-        "and the same todo answers 201 with the todo the first one stored, and stores "
-        "nothing new; the same key with a different todo is a 422. Use a fresh random "
-        "key (a UUID) per todo, and the same key for its retries.",
-        "schema": {"type": "string", "minLength": 1, "maxLength": 255, "pattern": IDEMPOTENCY_KEY_PATTERN},
-    }
-
-    # The body is documented as required. Clients of the FastAPI service send none and put
-    # the fields in the query string instead; that form is described here, not listed as
-    # parameters: "a title in the body or in the query" cannot be said in OpenAPI (parameters
-    # are independent of each other), and listing both would allow a request with neither.
-    def json_body(schema: dict, query_form: str) -> dict:
-        return {
-            "required": True,
-            "content": {JSON: {"schema": schema}},
-            "description": f"Clients of the FastAPI service may send no body and {query_form} "
-            "in the query string instead, held to the same rules; given beside a "
-            "body, those query fields are checked too.",
-        }
-
-    location = {
-        "Location": {"required": True, "schema": {"type": "string"}, "description": f"{prefix}/todos/{{id}}"}
-    }
-    link = {
-        "Link": {
-            "schema": {"type": "string"},
-            "description": 'RFC 8288 link to the next page: <…>; rel="next"',
-        }
-    }
-    bearer: list[dict[str, list[str]]] = [{"bearer": []}]
+def build_openapi(prefix: str = "") -> dict[str, Any]:
     return {
         "openapi": "3.1.0",
         "info": {
@@ -1066,116 +961,9 @@ def _build_openapi(prefix: str = "") -> dict[str, Any]:
             "description": "A todo API on Aurora PostgreSQL / Aurora DSQL with IAM authentication.",
         },
         **({"servers": [{"url": prefix}]} if prefix else {}),
-        "paths": {
-            "/todos": {
-                "get": {
-                    "operationId": "listTodos",
-                    "summary": "List todos, newest first",
-                    "security": bearer,
-                    "parameters": [
-                        {
-                            "name": "limit",
-                            "in": "query",
-                            "required": False,
-                            "schema": {
-                                "type": "integer",
-                                "minimum": 1,
-                                "maximum": MAX_LIMIT,
-                                "default": DEFAULT_LIMIT,
-                            },
-                        },
-                        completed_query,
-                        {
-                            "name": "cursor",
-                            "in": "query",
-                            "required": False,
-                            "schema": {"type": "string", "pattern": CURSOR_PATTERN},
-                            "description": "Opaque; from the Link header of the previous page.",
-                        },
-                    ],
-                    "responses": {"200": body(todo_list, "A page of todos", link), **errors(422)},
-                },
-                "post": {
-                    "operationId": "createTodo",
-                    "summary": "Create a todo",
-                    "security": bearer,
-                    "parameters": [idempotency_header],
-                    "requestBody": json_body(new_todo, "`title` (and `completed`)"),
-                    "responses": {
-                        "201": body(
-                            todo,
-                            "Created (or, for a repeated Idempotency-Key, "
-                            "the todo its first request created)",
-                            location,
-                        ),
-                        **errors(400, 408, 413, 415, 422),
-                        "422": {
-                            **error(422),
-                            "description": "A field is wrong (the detail names it), or Idempotency-Key "
-                            "is malformed or was used for a different todo",
-                        },
-                    },
-                },
-            },
-            "/todos/{todo_id}": {
-                "get": {
-                    "operationId": "getTodo",
-                    "summary": "Get one todo",
-                    "security": bearer,
-                    "parameters": [id_param],
-                    "responses": {"200": body(todo, "The todo"), **errors(404)},
-                },
-                "patch": {
-                    "operationId": "updateTodo",
-                    "summary": "Change a todo's title or completion",
-                    "security": bearer,
-                    "parameters": [id_param],
-                    "requestBody": json_body(changes, "`title` and/or `completed`"),
-                    "responses": {
-                        "200": body(todo, "The updated todo"),
-                        **errors(400, 404, 408, 413, 415, 422),
-                    },
-                },
-                "delete": {
-                    "operationId": "deleteTodo",
-                    "summary": "Delete a todo",
-                    "security": bearer,
-                    "parameters": [id_param],
-                    "responses": {"204": {"description": "Deleted"}, **errors(404)},
-                },
-            },
-            "/healthz": {
-                "get": {
-                    "operationId": "healthz",
-                    "summary": "Liveness; never touches the database",
-                    "responses": {"200": body(health, "Alive")},
-                }
-            },
-            "/readyz": {
-                "get": {
-                    "operationId": "readyz",
-                    "summary": "Readiness: database, pool and token",
-                    "responses": {
-                        "200": body(readiness, "Ready"),
-                        "503": body(readiness, "Not ready", error_headers[503]),
-                    },
-                }
-            },
-            "/openapi.json": {
-                "get": {
-                    "operationId": "openapi",
-                    "summary": "This document",
-                    "responses": {
-                        "200": {
-                            "description": "OpenAPI 3.1",
-                            "content": {JSON: {"schema": {"type": "object"}}},
-                        }
-                    },
-                }
-            },
-        },
+        "paths": openapi_paths(prefix),
         "components": {
-            "schemas": components,
+            "schemas": openapi_schemas(),
             "securitySchemes": {
                 "bearer": {
                     "type": "http",
@@ -1185,6 +973,246 @@ def _build_openapi(prefix: str = "") -> dict[str, Any]:
             },
         },
     }
+
+
+def openapi_paths(prefix: str) -> dict[str, Any]:
+    todo, todos = ref("Todo"), {"type": "array", "items": ref("Todo")}
+    location = {
+        "Location": {"required": True, "schema": {"type": "string"}, "description": f"{prefix}/todos/{{id}}"}
+    }
+    body_errors = (400, 408, 413, 415, 422)  # a request with a body: malformed, slow, big, not JSON, wrong
+    return {
+        "/todos": {
+            "get": operation(
+                "listTodos",
+                "List todos, newest first",
+                {"200": json_response_spec("A page of todos", todos, LINK_HEADER), **problems(422)},
+                parameters=[LIMIT_QUERY, COMPLETED_QUERY, CURSOR_QUERY],
+            ),
+            "post": operation(
+                "createTodo",
+                "Create a todo",
+                {
+                    "201": json_response_spec(
+                        "Created (or, for a repeated Idempotency-Key, the todo its first request created)",
+                        todo,
+                        location,
+                    ),
+                    **problems(
+                        *body_errors,
+                        described={
+                            422: "A field is wrong (the detail names it), or Idempotency-Key "
+                            "is malformed or was used for a different todo"
+                        },
+                    ),
+                },
+                parameters=[IDEMPOTENCY_KEY_HEADER],
+                request_body=json_body_spec(ref("NewTodo"), "`title` (and `completed`)"),
+            ),
+        },
+        "/todos/{todo_id}": {
+            "get": operation(
+                "getTodo",
+                "Get one todo",
+                {"200": json_response_spec("The todo", todo), **problems(404)},
+                parameters=[TODO_ID_PATH],
+            ),
+            "patch": operation(
+                "updateTodo",
+                "Change a todo's title or completion",
+                {"200": json_response_spec("The updated todo", todo), **problems(404, *body_errors)},
+                parameters=[TODO_ID_PATH],
+                request_body=json_body_spec(ref("TodoChanges"), "`title` and/or `completed`"),
+            ),
+            "delete": operation(
+                "deleteTodo",
+                "Delete a todo",
+                {"204": {"description": "Deleted"}, **problems(404)},
+                parameters=[TODO_ID_PATH],
+            ),
+        },
+        "/healthz": {
+            "get": operation(
+                "healthz",
+                "Liveness; never touches the database",
+                {"200": json_response_spec("Alive", ref("Health"))},
+                secured=False,
+            )
+        },
+        "/readyz": {
+            "get": operation(
+                "readyz",
+                "Readiness: database, pool and token",
+                {
+                    "200": json_response_spec("Ready", ref("Readiness")),
+                    "503": json_response_spec("Not ready", ref("Readiness"), ERROR_HEADERS[503]),
+                },
+                secured=False,
+            )
+        },
+        "/openapi.json": {
+            "get": operation(
+                "openapi",
+                "This document",
+                {"200": json_response_spec("OpenAPI 3.1", {"type": "object"})},
+                secured=False,
+            )
+        },
+    }
+
+
+def openapi_schemas() -> dict[str, Any]:
+    """The Structs' JSON Schemas, held to what the API checks beyond their types."""
+    named_in_paths = (Todo, NewTodo, TodoChanges, Problem, Health, Readiness)  # msgspec adds what they hold
+    _, schemas = msgspec.json.schema_components(named_in_paths, ref_template=REF_TEMPLATE)
+    schemas["TodoChanges"]["minProperties"] = 1  # a PATCH body names at least one field
+    for name, schema in schemas.items():
+        mark_presence(MESSAGES[name], schema)
+    return schemas
+
+
+def mark_presence(struct: type[Struct], schema: dict[str, Any]) -> None:
+    """Say through `required` alone which fields a message always has, as generators read it.
+
+    msgspec lists a field with a default as optional and gives its `default`; openapi-typescript
+    (with its default `defaultNonNullable`) makes every property with a default required, and
+    other generators make it optional. So: in a request body a default goes into the
+    description (the client may omit the field); in a response every field that is always
+    sent is required, and one that is left out when it has its default (omit_defaults) has no
+    `default`, so that it is optional everywhere.
+    """
+    properties = schema["properties"]
+    if struct in REQUEST_MESSAGES:
+        for field in properties.values():
+            if "default" in field:
+                default = encoder.encode(field.pop("default")).decode()
+                field["description"] = (
+                    f"{field.get('description', '')} Optional: {default} when left out.".lstrip()
+                )
+    elif struct.__struct_config__.omit_defaults:
+        for field in properties.values():
+            field.pop("default", None)
+    else:
+        schema["required"] = list(properties)
+
+
+REF_TEMPLATE = "#/components/schemas/{name}"
+
+
+def ref(name: str) -> dict[str, str]:
+    return {"$ref": REF_TEMPLATE.format(name=name)}
+
+
+def operation(
+    operation_id: str,
+    summary: str,
+    responses: dict[str, Any],
+    *,
+    parameters: list[dict[str, Any]] | None = None,
+    request_body: dict[str, Any] | None = None,
+    secured: bool = True,
+) -> dict[str, Any]:
+    """One operation; `secured`: it needs the bearer token when the server sets API_TOKEN."""
+    spec: dict[str, Any] = {"operationId": operation_id, "summary": summary}
+    if secured:
+        spec["security"] = [{"bearer": []}]
+    if parameters:
+        spec["parameters"] = parameters
+    if request_body:
+        spec["requestBody"] = request_body
+    spec["responses"] = responses
+    return spec
+
+
+def json_response_spec(
+    description: str, schema: dict[str, Any], headers: dict[str, Any] | None = None
+) -> dict:
+    response: dict[str, Any] = {"description": description, "content": {JSON: {"schema": schema}}}
+    if headers:
+        response["headers"] = headers
+    return response
+
+
+def json_body_spec(schema: dict[str, Any], query_form: str) -> dict[str, Any]:
+    """A required JSON body. Clients of the FastAPI service send none and put the fields in the
+    query string instead; that form is described, not listed as parameters: "a title in the
+    body or in the query" cannot be said in OpenAPI (parameters are independent of each
+    other), and listing both would allow a request with neither."""
+    return {
+        "required": True,
+        "content": {JSON: {"schema": schema}},
+        "description": f"Clients of the FastAPI service may send no body and {query_form} "
+        "in the query string instead, held to the same rules; given beside a "
+        "body, those query fields are checked too.",
+    }
+
+
+# What any /todos request may get besides its own errors: no or a wrong bearer token, a
+# method the path does not have, an unexpected error, the database unavailable.
+TODOS_PROBLEMS = (401, 405, 500, 503)
+
+
+def problems(*statuses: int, described: dict[int, str] | None = None) -> dict[str, Any]:
+    """problem+json responses for these statuses and TODOS_PROBLEMS, with the headers the
+    SPEC promises beside them; `described` replaces a status's generic description."""
+    responses = {}
+    for status in sorted({*statuses, *TODOS_PROBLEMS}):
+        response: dict[str, Any] = {
+            "description": (described or {}).get(status, HTTPStatus(status).phrase),
+            "content": {PROBLEM_JSON: {"schema": ref("Problem")}},
+        }
+        if status in ERROR_HEADERS:
+            response["headers"] = ERROR_HEADERS[status]
+        responses[str(status)] = response
+    return responses
+
+
+# The headers the SPEC promises with these errors; documented, so that clients (and
+# schemathesis) can rely on them.
+ERROR_HEADERS: dict[int, dict[str, Any]] = {
+    401: {"WWW-Authenticate": {"required": True, "schema": {"type": "string"}, "description": "Bearer"}},
+    405: {"Allow": {"required": True, "schema": {"type": "string"}, "description": "The methods allowed"}},
+    503: {
+        "Retry-After": {
+            "required": True,
+            "schema": {"type": "integer", "minimum": 1},
+            "description": "Seconds to wait before retrying",
+        }
+    },
+}
+LINK_HEADER = {
+    "Link": {"schema": {"type": "string"}, "description": 'RFC 8288 link to the next page: <…>; rel="next"'}
+}
+TODO_ID_PATH = {
+    "name": "todo_id",
+    "in": "path",
+    "required": True,
+    "schema": {"type": "string", "format": "uuid"},
+}
+LIMIT_QUERY = {
+    "name": "limit",
+    "in": "query",
+    "required": False,
+    "schema": {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT, "default": DEFAULT_LIMIT},
+}
+COMPLETED_QUERY = {"name": "completed", "in": "query", "required": False, "schema": {"type": "boolean"}}
+CURSOR_QUERY = {
+    "name": "cursor",
+    "in": "query",
+    "required": False,
+    "schema": {"type": "string", "pattern": CURSOR_PATTERN},
+    "description": "Opaque; from the Link header of the previous page.",
+}
+IDEMPOTENCY_KEY_HEADER = {
+    "name": IDEMPOTENCY_KEY,
+    "in": "header",
+    "required": False,
+    "description": "draft-ietf-httpapi-idempotency-key-header. Repeating a create with the same key "
+    "and the same todo answers 201 with the todo the first one stored, and stores "
+    "nothing new; the same key with a different todo is a 422. Use a fresh random "
+    "key (a UUID) per todo, and the same key for its retries.",
+    "schema": {"type": "string", "minLength": 1, "maxLength": 255, "pattern": IDEMPOTENCY_KEY_PATTERN},
+}
 
 
 # --- under Vercel's runtime: no Nagle stall ----------------------------------------------
