@@ -37,7 +37,7 @@ import uuid
 from collections.abc import AsyncIterator, Mapping
 from datetime import UTC, datetime, timedelta
 from http import HTTPStatus
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 from urllib.parse import quote, unquote_to_bytes, urlencode
 
 import msgspec
@@ -84,13 +84,7 @@ class TodoCollection(HTTPEndpoint):
 
     async def post(self, request: Request) -> Response:
         key = idempotency_key(request)
-        body = await read_body(request)
-        query = query_fields(request)
-        if body:
-            new = decode(body, new_todo_decoder)
-            from_query(query, TodoChanges)  # a title or completed in the query is held to its rules too
-        else:  # clients of the FastAPI service: POST /todos?title=…
-            new = from_query(query, NewTodo)
+        new = await read_message(request, new_todo_decoder)
         title = clean_title(new.title)
         row = await db.create_todo(uuid.uuid4() if key is None else keyed_todo_id(key), title, new.completed)
         todo = Todo(*row)
@@ -117,13 +111,7 @@ class TodoItem(HTTPEndpoint):
 
     async def patch(self, request: Request) -> Response:
         wanted = todo_id(request)
-        body = await read_body(request)
-        query = query_fields(request)
-        if body:
-            changes = decode(body, todo_changes_decoder)
-            from_query(query, TodoChanges)  # a title or completed in the query is held to its rules too
-        else:  # clients of the FastAPI service: PATCH /todos/{id}?completed=true
-            changes = from_query(query, TodoChanges)
+        changes = await read_message(request, todo_changes_decoder)
         if changes.title is UNSET and changes.completed is UNSET:
             raise unprocessable("body", "give at least one of title, completed")
         title = None if changes.title is UNSET else clean_title(changes.title)
@@ -490,12 +478,26 @@ MESSAGES: dict[str, type[Struct]] = {
 REQUEST_MESSAGES = (NewTodo, TodoChanges)
 
 encoder = msgspec.json.Encoder()
+BodyT = TypeVar("BodyT", NewTodo, TodoChanges)  # what a POST or PATCH sends
 new_todo_decoder = msgspec.json.Decoder(NewTodo)
 todo_changes_decoder = msgspec.json.Decoder(TodoChanges)
 HEALTHY = encoder.encode(Health(status="ok"))
 
 
 # --- request parsing -------------------------------------------------------------------
+
+
+async def read_message(request: Request, decoder: msgspec.json.Decoder[BodyT]) -> BodyT:
+    """The request's JSON body as the decoder's Struct; with no body, the same fields from the
+    query string (clients of the FastAPI service: POST /todos?title=…, PATCH /todos/{id}?completed=true).
+    Given beside a body, a title or completed in the query is held to its rules too."""
+    body = await read_body(request)
+    query = query_fields(request)
+    if not body:
+        return from_query(query, decoder.type)
+    message = decode(body, decoder)
+    from_query(query, TodoChanges)
+    return message
 
 
 async def read_body(request: Request) -> bytes:
@@ -535,7 +537,7 @@ async def read_body(request: Request) -> bytes:
     return bytes(body)
 
 
-def decode(body: bytes, decoder: msgspec.json.Decoder) -> Any:
+def decode(body: bytes, decoder: msgspec.json.Decoder[BodyT]) -> BodyT:
     try:
         return decoder.decode(body)
     except msgspec.ValidationError as error:
@@ -582,7 +584,7 @@ def query_fields(request: Request) -> dict[str, str]:
     return fields
 
 
-def from_query(query: dict[str, str], struct_type: type) -> Any:
+def from_query(query: dict[str, str], struct_type: type[BodyT]) -> BodyT:
     """A body Struct from `?title=…&completed=…`, held to the same rules as a JSON body."""
     fields: dict[str, Any] = {}
     if "title" in query:
