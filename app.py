@@ -37,6 +37,7 @@ import uuid
 from collections.abc import AsyncIterator, Mapping
 from datetime import UTC, datetime, timedelta
 from http import HTTPStatus
+from types import ModuleType
 from typing import Annotated, Any, TypeVar
 from urllib.parse import quote, unquote_to_bytes, urlencode
 
@@ -865,10 +866,13 @@ class RequestLog:
 request_log = RequestLog()
 
 
+VERCEL_RUNTIME = "vercel_runtime.vc_init"  # the module that serves the app on Vercel
+
+
 def runtime_log_handlers() -> list[logging.Handler]:
     """The handlers Vercel's runtime put on the root logger (they carry each record's level to
     the platform over its IPC socket); none when the app is not served by that runtime."""
-    return [h for h in logging.getLogger().handlers if type(h).__module__ == "vercel_runtime.vc_init"]
+    return [h for h in logging.getLogger().handlers if type(h).__module__ == VERCEL_RUNTIME]
 
 
 def uvicorn_text_logging() -> bool:
@@ -1244,7 +1248,7 @@ class RuntimeNoDelay:
         self.state = "pending"
 
     def on_listener(self) -> None:
-        runtime = sys.modules.get("vercel_runtime.vc_init")
+        runtime = serving_runtime()
         if runtime is None:
             return
         listener = getattr(runtime, "sock", None)
@@ -1258,7 +1262,7 @@ class RuntimeNoDelay:
 
     def on_first_request(self) -> None:
         self.state = "done"
-        server = getattr(sys.modules.get("vercel_runtime.vc_init"), "uvicorn_server", None)
+        server = getattr(serving_runtime(), "uvicorn_server", None)
         for connection in list(getattr(getattr(server, "server_state", None), "connections", ())):
             transport = getattr(connection, "transport", None)
             if transport is not None and (sock := transport.get_extra_info("socket")) is not None:
@@ -1274,6 +1278,12 @@ class RuntimeNoDelay:
 
 
 runtime_nodelay = RuntimeNoDelay()
+
+
+def serving_runtime() -> ModuleType | None:
+    """vercel_runtime.vc_init when it is the server running this app, else None. A different
+    fact from db.on_vercel() (is this deployment on Vercel?): which server serves the app."""
+    return sys.modules.get(VERCEL_RUNTIME)
 
 
 # --- local runs ------------------------------------------------------------------------
