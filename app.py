@@ -283,10 +283,10 @@ class TodoApp(Starlette):
 
     Starlette wraps the router in ServerErrorMiddleware and ExceptionMiddleware; here
     RequestContext already renders every error and the 500, so those two layers only cost
-    time (about a tenth of a request's CPU, measured with bench/profile.py). CORS goes
-    outside RequestContext: its errors (401, 422, 503, 500) carry the CORS headers too, so a
-    page can read their detail, and a preflight is answered before the bearer token is asked
-    for (browsers send none with it). Built on the first request (or lifespan), not at import.
+    time (README, "Benchmarks", says how much). CORS goes outside RequestContext: its errors
+    (401, 422, 503, 500) carry the CORS headers too, so a page can read their detail, and a
+    preflight is answered before the bearer token is asked for (browsers send none with it).
+    Built on the first request (or lifespan), not at import.
     """
 
     def build_middleware_stack(self) -> ASGIApp:
@@ -816,8 +816,8 @@ class RequestLog:
     """Writes the request line straight to the handlers `configure_logging` chose.
 
     `log.info("request", extra=…)` walks the logger tree, builds a dict of the record's
-    attributes and formats it: measured with bench/run.py, that was 10–15 % of a request's
-    server CPU. Here one Struct is encoded, redacted, and handed to each handler under its
+    attributes and formats it, for every request (README, "A cheap request line", counts the
+    difference). Here one Struct is encoded, redacted, and handed to each handler under its
     lock: to our stderr stream, or as a ready record to the runtime's handler (still its
     logging, so the platform gets the level). Logger-level filters do not see it.
     """
@@ -1233,7 +1233,7 @@ class RuntimeNoDelay:
     vercel_runtime.vc_init (up to 0.23.2) binds 127.0.0.1:0 itself (its module-level `sock`)
     and hands the socket to its uvicorn (`uvicorn_server`) with fd=; uvicorn wraps an fd as AF_UNIX, so
     neither asyncio nor uvloop sets TCP_NODELAY on the connections it accepts, and each
-    keep-alive response body waits ~40 ms for Nagle's algorithm and the peer's delayed ACK.
+    keep-alive response body waits for Nagle's algorithm and the peer's delayed ACK.
     Linux copies TCP_NODELAY from a listening socket to every connection whose handshake
     completes after it was set, not to those already queued (both checked). The runtime
     announces its port before uvicorn runs the lifespan, and the platform connects at once;
@@ -1255,7 +1255,7 @@ class RuntimeNoDelay:
         if not isinstance(listener, socket.socket) or not self._nodelay(listener):
             log.warning(
                 "Vercel runtime: its listening socket was not found; keep-alive responses "
-                "may stall ~40 ms (uvicorn #3149)"
+                "may wait for Nagle's algorithm (uvicorn #3149)"
             )
             return
         self.state = "listener_done"
