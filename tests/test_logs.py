@@ -11,15 +11,18 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import httpx
 import pytest
+
 from support import ROOT, LiveServer, clean_environment, free_port
 
 
@@ -122,17 +125,19 @@ def test_a_python_warning_is_a_json_line() -> None:
 
 
 @pytest.mark.slow
-def test_python_app_py_on_the_embedded_database_logs_json_from_its_first_line(tmp_path: Path) -> None:
+def test_python_app_py_on_the_embedded_database_logs_json_from_its_first_line() -> None:
     """`python app.py` with no database configured first starts the embedded PostgreSQL (under
     ./.data), on the way to which platformdirs warns when XDG_RUNTIME_DIR is unset
     (RuntimeDirWarning); that warning is a JSON line too, like every line up to "Uvicorn running"."""
     env = clean_environment(PORT=str(free_port()), LOG_LEVEL="info", PYTHONUNBUFFERED="1")
     env.pop("XDG_RUNTIME_DIR", None)
-    log_path = tmp_path / "app.log"
+    # Not under pytest's tmp_path: a concurrent pytest run deletes older session folders.
+    workdir = Path(tempfile.mkdtemp(prefix="aurora-todo-app-py-"))
+    log_path = workdir / "app.log"
     with log_path.open("w") as log_file:
         process = subprocess.Popen(
             [sys.executable, str(ROOT / "app.py")],
-            cwd=tmp_path,
+            cwd=workdir,
             env=env,
             stdout=log_file,
             stderr=subprocess.STDOUT,
@@ -145,8 +150,9 @@ def test_python_app_py_on_the_embedded_database_logs_json_from_its_first_line(tm
     finally:
         process.send_signal(signal.SIGINT)  # as Ctrl-C: the embedded PostgreSQL stops at exit
         process.wait(30)
-        stop_leftover_postgres(tmp_path / ".data" / "postgres")
-    text = log_path.read_text()
+        stop_leftover_postgres(workdir / ".data" / "postgres")
+        text = log_path.read_text()
+        shutil.rmtree(workdir, ignore_errors=True)
     entries = []
     for line in filter(str.strip, text.splitlines()):
         try:
