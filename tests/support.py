@@ -1,7 +1,11 @@
-"""Test support: real PostgreSQL databases and the service as a real process.
+"""Test support: real PostgreSQL databases, the service in this process or as a real process.
 
 - `run_sql(url, *statements)` runs SQL on a database, from sync tests.
 - `create_database(admin_url)` makes a fresh, empty database and returns its URL.
+- `InProcess(env)` serves the app in this process (Starlette's TestClient: httpx over ASGI,
+  lifespan run) with exactly that environment; `logs()` reads the JSON lines it wrote.
+- `assert_problem(response, status, field)` and `create_todo(client, title)`: the checks and
+  the step most HTTP tests share.
 - `LiveServer` starts `python app.py` (uvicorn) in a subprocess with a chosen environment,
   waits for /healthz, and keeps its stderr (the JSON logs) for tests to read;
   `unhandled(server)` is what it logged as an error.
@@ -12,7 +16,9 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import json
+import logging
 import os
 import signal
 import socket
@@ -27,6 +33,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import httpx
+from starlette.testclient import TestClient
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -61,6 +68,28 @@ def drop_database(admin_url: str, url: str) -> None:
     run_sql(admin_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
+PROBLEM = "application/problem+json"
+
+
+def assert_problem(response: httpx.Response, status: int, field: str | None = None) -> dict:
+    """A problem+json error (RFC 9457) with this status, naming `field` in its detail."""
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == PROBLEM
+    body = response.json()
+    assert body["status"] == status and body["type"] == "about:blank" and body["title"]
+    if field is not None:
+        assert field in body["detail"], body
+    assert "Traceback" not in response.text
+    return body
+
+
+def create_todo(client: httpx.Client, title: str, **fields: object) -> dict:
+    """POST /todos, which must answer 201; the todo."""
+    response = client.post("/todos", json={"title": title, **fields})
+    assert response.status_code == 201, response.text
+    return response.json()
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -81,6 +110,79 @@ def wait_until_serving(client: httpx.Client, within: float, why: str, path: str 
     while client.get(path).status_code != 200:
         assert time.monotonic() < deadline, why
         time.sleep(0.2)
+
+
+class InProcess(TestClient):
+    """The app served in this process with exactly `env` as its environment, as a context
+    manager: entering runs the lifespan (logging set up, nothing connected), leaving closes the
+    pool. Requests go through httpx into the ASGI app, without sockets or a subprocess, so a
+    test costs what its requests cost. Each has a pool lifecycle of its own (`db.lifecycle`,
+    swapped in while it serves), so one may be opened while another is open.
+
+    What a process must prove (its own stderr, signals, uvicorn's parser, `python app.py`)
+    stays with `LiveServer`.
+    """
+
+    def __init__(self, env: dict[str, str]):
+        import app
+
+        self.env = env
+        self._saved_environment: dict[str, str] = {}
+        self._saved_logging: list[tuple[logging.Logger, list[logging.Handler], bool, int]] = []
+        self._saved_request_log: tuple[list, list] = ([], [])
+        self._saved_lifecycle: object = None
+        self._log_buffer = io.StringIO()
+        # A fresh TodoApp: its middleware stack (CORS_ORIGINS) is built from this environment.
+        super().__init__(app.TodoApp(routes=app.routes, lifespan=app.lifespan),
+                         base_url="http://127.0.0.1:8000", raise_server_exceptions=False)
+
+    def __enter__(self) -> InProcess:
+        import app
+        import db
+
+        self._saved_lifecycle = db.lifecycle
+        db.lifecycle = db.PoolLifecycle()
+        self._saved_environment = dict(os.environ)
+        os.environ.clear()
+        os.environ.update(self.env)
+        self._saved_logging = [(logger, logger.handlers[:], logger.propagate, logger.level)
+                               for logger in map(logging.getLogger, (*app.JSON_LOGGERS, *app.UVICORN_LOGGERS))]
+        self._saved_request_log = (app.request_log.stream_handlers, app.request_log.record_handlers)
+        try:
+            super().__enter__()
+        except BaseException:
+            self._restore()
+            raise
+        # The lifespan's configure_logging() made one stderr handler: keep its lines here.
+        for handler in app.request_log.stream_handlers:
+            handler.setStream(self._log_buffer)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            super().__exit__(*exc)
+        finally:
+            self._restore()
+
+    def _restore(self) -> None:
+        import app
+        import db
+
+        db.lifecycle = self._saved_lifecycle
+        app.request_log.stream_handlers, app.request_log.record_handlers = self._saved_request_log
+        os.environ.clear()
+        os.environ.update(self._saved_environment)
+        for logger, handlers, propagate, level in self._saved_logging:
+            logger.handlers[:], logger.propagate = handlers, propagate
+            logger.setLevel(level)
+        logging.captureWarnings(False)
+
+    def logs_text(self) -> str:
+        return self._log_buffer.getvalue()
+
+    def logs(self) -> list[dict]:
+        """Every log line, parsed; a line that is not one JSON object fails the test."""
+        return [json.loads(line) for line in self.logs_text().splitlines() if line.strip()]
 
 
 class LiveServer:
@@ -141,7 +243,7 @@ class LiveServer:
         self.stop()
 
 
-def unhandled(server: LiveServer) -> list[dict]:
+def unhandled(server: LiveServer | InProcess) -> list[dict]:
     """The log entries of errors: any error or critical line, and every "unhandled error"."""
     return [e for e in server.logs() if e["level"] in ("error", "critical") or e["message"] == "unhandled error"]
 

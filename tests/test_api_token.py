@@ -9,9 +9,7 @@ import json
 import uuid
 from urllib.parse import urlsplit
 
-import httpx
-
-from support import LiveServer, clean_environment
+from support import InProcess, clean_environment
 
 
 def test_api_token_guards_every_todos_route_and_method(embedded_database: str):
@@ -21,7 +19,7 @@ def test_api_token_guards_every_todos_route_and_method(embedded_database: str):
     parts = urlsplit(embedded_database)
     url = parts._replace(netloc=f"postgres:{database_password}@{parts.netloc.split('@')[-1]}").geturl()
     env = clean_environment(DATABASE_URL=url, API_TOKEN=token)
-    with LiveServer(env) as server, httpx.Client(base_url=server.url, timeout=15) as client:
+    with InProcess(env) as client:
         good = {"Authorization": f"Bearer {token}"}
         todo = client.post("/todos", json={"title": "guarded"}, headers=good).json()
         paths = ["/todos", "/todos/", f"/todos/{todo['id']}", f"/todos/{uuid.uuid4()}", "/todos/not-a-uuid",
@@ -52,7 +50,7 @@ def test_api_token_guards_every_todos_route_and_method(embedded_database: str):
             response = client.get(path)
             assert response.status_code == 200, path
             texts.append(response.text + json.dumps(dict(response.headers)))
-        texts.append(server.logs_text())
+        texts.append(client.logs_text())
         for text in texts:
             assert token not in text and database_password not in text
 

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # a short round of the whole benchmark
+
 ROOT = Path(__file__).resolve().parent.parent
 
 if sys.version_info < (3, 12):  # every target is served through Vercel's runtime too

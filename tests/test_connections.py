@@ -22,8 +22,11 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit, urlunsplit
 
 import httpx
+import pytest
 
 from support import LiveServer, clean_environment, create_database, drop_database, run_sql, wait_until_serving
+
+pytestmark = pytest.mark.slow  # a failover and a fleet, under load
 
 PROBLEM = "application/problem+json"
 

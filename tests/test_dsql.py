@@ -44,6 +44,7 @@ def test_other_errors_are_not_conflicts(error):
 
 # --- the soak across replacements, as admin and as a role, conflicts injected ------------
 
+@pytest.mark.slow  # a soak across token lifetimes
 @pytest.mark.parametrize("role", [False, True], ids=["admin", "role"])
 def test_soak_across_replacements_with_conflicts_loses_nothing(fresh_sts: Sts, embedded_postgres: str, role: bool):
     ttl, duration, workers = 3, 12.0, 8
@@ -69,6 +70,7 @@ def test_soak_across_replacements_with_conflicts_loses_nothing(fresh_sts: Sts, e
 
 # --- tokens, TLS, connection limits ----------------------------------------------------
 
+@pytest.mark.slow  # runs past the credentials' expiry
 def test_pool_never_outlives_the_credentials_that_signed_its_token(fresh_sts: Sts, embedded_database: str):
     # DSQL accepts this TTL, but the credentials that sign the token last 8 s: a token is
     # worthless once they expire, so the pool must be replaced before then.
@@ -90,6 +92,7 @@ def test_pool_never_outlives_the_credentials_that_signed_its_token(fresh_sts: St
             assert gateway.refused == [], gateway.refused
 
 
+@pytest.mark.slow  # a process behind the stand-in
 def test_certificate_that_does_not_verify_is_a_503_naming_PGSSLROOTCERT(fresh_sts: Sts, embedded_database: str):
     with dsql_stand_in(embedded_database, conflict_rate=0.0) as gateway:
         # No CA bundle: verify-full against the system trust store, which lacks the stand-in's CA.
@@ -103,6 +106,7 @@ def test_certificate_that_does_not_verify_is_a_503_naming_PGSSLROOTCERT(fresh_st
         assert gateway.accepted == []  # no token was ever presented to an unverified server
 
 
+@pytest.mark.slow  # a connection rate, waited out
 def test_new_connections_refused_by_rate_are_waited_for_not_failed(fresh_sts: Sts, embedded_database: str):
     # 2 new connections a second: a burst of requests that needs more connections meets 53400.
     with dsql_stand_in(embedded_database, conflict_rate=0.0, connection_rate=2.0, connection_burst=2) as gateway:
@@ -118,6 +122,7 @@ def test_new_connections_refused_by_rate_are_waited_for_not_failed(fresh_sts: St
             assert retried
 
 
+@pytest.mark.slow  # connections aged out, for seconds
 def test_connections_closed_at_their_maximum_age_cost_no_request(fresh_sts: Sts, embedded_database: str):
     with dsql_stand_in(embedded_database, conflict_rate=0.0, max_connection_age=1.5) as gateway:
         env = dsql_environment(gateway, fresh_sts, embedded_database, user="admin")
@@ -130,6 +135,7 @@ def test_connections_closed_at_their_maximum_age_cost_no_request(fresh_sts: Sts,
         assert gateway.aged_out >= 2
 
 
+@pytest.mark.slow  # a process behind the stand-in
 def test_a_role_without_its_schema_gets_a_503_naming_DB_SCHEMA(fresh_sts: Sts, embedded_postgres: str):
     url = create_database(embedded_postgres)
     ensure_role(embedded_postgres)

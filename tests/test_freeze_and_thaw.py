@@ -8,6 +8,7 @@ import signal
 import time
 
 import httpx
+import pytest
 
 from iam_support import (
     aurora,
@@ -16,6 +17,8 @@ from iam_support import (
 )
 from standins.sts import Sts
 from support import LiveServer
+
+pytestmark = pytest.mark.slow  # freezes a process past its token's life and past the thaw gap
 
 
 def test_thawed_instance_serves_its_first_request(fresh_sts: Sts, embedded_database: str):

@@ -1,16 +1,18 @@
-"""Generated requests against the service as a real process: nothing answers 5xx or off the document.
+"""Generated requests: nothing answers 5xx or off the document.
 
-- schemathesis reads the live /openapi.json and sends a few hundred generated requests to
+- schemathesis (against the service as a real process: its command line needs a URL) reads
+  the live /openapi.json and sends a few hundred generated requests to
   every operation (valid and invalid ones, plus stateful create → get → patch → delete
   sequences), checking that nothing answers 5xx and every response matches the documented
   status codes, content types, headers and schemas.
-- hypothesis drives single parameters harder than a schema can say: a cursor is a page
+- hypothesis (against the service in this process) drives single parameters harder than a
+  schema can say: a cursor is a page
   exactly when it has the documented shape, else a 422 (never a 500), any title the database can store
   round-trips exactly, `limit` accepts exactly 1–100, any non-UUID id is a 404, and any body
   that is not JSON is a 415.
 
 Both are deterministic (schemathesis' deterministic mode, hypothesis' `derandomize`), so CI
-sees the same cases on every run. The server runs with API_TOKEN set, so schemathesis also
+sees the same cases on every run. The service runs with API_TOKEN set, so schemathesis also
 checks that every /todos operation refuses a request without the token.
 """
 
@@ -22,17 +24,15 @@ import re
 import subprocess
 import sys
 import tempfile
-import uuid
 from pathlib import Path
 from urllib.parse import quote
 
-import httpx
 import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from hypothesis.configuration import set_hypothesis_home_dir
 
-from support import LiveServer, clean_environment
+from support import InProcess, LiveServer, clean_environment
 
 API_TOKEN = "property-test-token-0123456789"
 PROBLEM = "application/problem+json"
@@ -56,19 +56,22 @@ def guarded_server(database_url: str):
 
 
 @pytest.fixture(scope="module")
-def client(guarded_server: LiveServer):
-    with httpx.Client(base_url=guarded_server.url, timeout=15,
-                      headers={"Authorization": f"Bearer {API_TOKEN}"}) as http:
+def client(embedded_database: str):
+    """The service in this process on a fresh database, with API_TOKEN set and sent."""
+    env = clean_environment(DATABASE_URL=embedded_database, API_TOKEN=API_TOKEN, LOG_LEVEL="warning")
+    with InProcess(env) as http:
+        http.headers["Authorization"] = f"Bearer {API_TOKEN}"
         yield http
 
 
-def no_server_errors(live: LiveServer) -> None:
+def no_server_errors(live: LiveServer | InProcess) -> None:
     errors = [entry for entry in live.logs() if entry["level"] in ("error", "critical")]
     assert errors == [], errors
 
 
 # --- schemathesis ------------------------------------------------------------------------
 
+@pytest.mark.slow  # a few hundred requests over HTTP to a process
 def test_schemathesis_finds_no_5xx_and_no_undocumented_response(guarded_server: LiveServer, tmp_path):
     command = [
         sys.executable, "-m", "schemathesis.cli", "run", f"{guarded_server.url}/openapi.json",
@@ -111,7 +114,7 @@ near_cursors = st.one_of(
 
 @deterministic(250)
 @given(cursor=st.text(max_size=150))
-def test_any_cursor_the_api_did_not_hand_out_is_422(client: httpx.Client, cursor: str):
+def test_any_cursor_the_api_did_not_hand_out_is_422(client: InProcess, cursor: str):
     assume(not handed_out_shape(cursor))
     response = client.get("/todos", params={"cursor": cursor})
     assert response.status_code == 422, (cursor, response.text)
@@ -121,7 +124,7 @@ def test_any_cursor_the_api_did_not_hand_out_is_422(client: httpx.Client, cursor
 
 @deterministic(250)
 @given(cursor=near_cursors)
-def test_a_cursor_is_a_page_exactly_when_it_has_the_documented_shape(client: httpx.Client, cursor: str):
+def test_a_cursor_is_a_page_exactly_when_it_has_the_documented_shape(client: InProcess, cursor: str):
     response = client.get("/todos", params={"cursor": cursor, "limit": 2})
     if handed_out_shape(cursor):  # the OpenAPI pattern: any such position is a page
         assert response.status_code == 200 and isinstance(response.json(), list), (cursor, response.text)
@@ -129,7 +132,7 @@ def test_a_cursor_is_a_page_exactly_when_it_has_the_documented_shape(client: htt
         assert response.status_code == 422 and "cursor" in response.json()["detail"], (cursor, response.text)
 
 
-def test_real_cursors_still_page(client: httpx.Client):
+def test_real_cursors_still_page(client: InProcess):
     """The properties above would also hold for an API that refused every cursor."""
     for i in range(3):
         assert client.post("/todos", json={"title": f"page {i}"}).status_code == 201
@@ -159,7 +162,7 @@ def storable(title: str) -> bool:
 
 @deterministic(400)
 @given(title=titles)
-def test_any_title_the_database_can_store_round_trips_exactly(client: httpx.Client, title: str):
+def test_any_title_the_database_can_store_round_trips_exactly(client: InProcess, title: str):
     # json.dumps escapes a lone surrogate as \udXXX; httpx's encoder would refuse it.
     body = json.dumps({"title": title}).encode()
     created = client.post("/todos", content=body, headers={"content-type": "application/json"})
@@ -191,7 +194,7 @@ limits = st.one_of(
 
 @deterministic(200)
 @given(limit=limits)
-def test_limit_is_a_whole_number_from_1_to_100(client: httpx.Client, limit: str):
+def test_limit_is_a_whole_number_from_1_to_100(client: InProcess, limit: str):
     response = client.get("/todos", params={"limit": limit})
     if re.fullmatch(r"[0-9]+", limit) and 1 <= int(limit) <= 100:
         assert response.status_code == 200, (limit, response.text)
@@ -204,7 +207,7 @@ def test_limit_is_a_whole_number_from_1_to_100(client: httpx.Client, limit: str)
 @deterministic(150)
 @given(todo_id=st.one_of(st.text(min_size=1, max_size=60), st.uuids().map(str),
                          st.uuids().map(lambda u: u.hex.upper()), st.uuids().map(lambda u: f"{{{u}}}")))
-def test_any_id_that_names_no_todo_is_404(client: httpx.Client, todo_id: str):
+def test_any_id_that_names_no_todo_is_404(client: InProcess, todo_id: str):
     assume(todo_id not in (".", "..") and todo_id.strip())
     path = "/todos/" + quote(todo_id, safe="")
     for response in (client.get(path), client.delete(path),
@@ -223,7 +226,7 @@ media_types = st.one_of(
 
 @deterministic(120)
 @given(media_type=media_types)
-def test_only_json_bodies_are_read(client: httpx.Client, media_type: str):
+def test_only_json_bodies_are_read(client: InProcess, media_type: str):
     headers = {"content-type": media_type} if media_type else {}
     response = client.post("/todos", content=b'{"title": "typed"}', headers=headers)
     base = media_type.split(";", 1)[0].strip().lower()
@@ -234,5 +237,5 @@ def test_only_json_bodies_are_read(client: httpx.Client, media_type: str):
         assert response.headers["content-type"] == PROBLEM
 
 
-def test_no_generated_request_made_the_server_log_an_error(guarded_server: LiveServer):
-    no_server_errors(guarded_server)
+def test_no_generated_request_made_the_service_log_an_error(client: InProcess):
+    no_server_errors(client)

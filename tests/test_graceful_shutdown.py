@@ -7,6 +7,7 @@ import signal
 import time
 
 import httpx
+import pytest
 
 from support import (
     LiveServer,
@@ -18,6 +19,8 @@ from support import (
     unhandled,
     waiting_on_lock,
 )
+
+pytestmark = pytest.mark.slow  # a process signalled with requests in flight
 
 
 def test_sigterm_lets_requests_in_flight_finish_then_closes_the_pool(embedded_postgres: str):

@@ -1,8 +1,9 @@
 """Hostile input: whatever a client sends, no 5xx, a problem+json error, nothing stored.
 
-The service runs as a real process (`LiveServer`) on the embedded PostgreSQL. Each test
-counts the rows before and after, so a refused request that wrote anyway is caught, and the
-server's log is checked for unhandled errors at the end.
+The service runs in this process (`app_client`) on the embedded PostgreSQL, and, for what
+uvicorn's own HTTP parsers see (framing, header floods over raw sockets), as a real process.
+Each test counts the rows before and after, so a refused request that wrote anyway is
+caught, and the service's log is checked for unhandled errors at the end.
 
 - invalid UTF-8: in a JSON body (400), in a query value (422 naming the field), and titles
   trimmed before their length is checked;
@@ -25,23 +26,15 @@ from collections import Counter
 import httpx
 import pytest
 
-from support import LiveServer, clean_environment, run_sql
+from support import InProcess, LiveServer, clean_environment, run_sql
 
 JSON = "application/json"
 PROBLEM = "application/problem+json"
 
 
 @pytest.fixture(scope="module")
-def live(embedded_database: str):
-    with LiveServer(clean_environment(DATABASE_URL=embedded_database)) as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
-def http(live: LiveServer):
-    with httpx.Client(base_url=live.url, timeout=15) as client:
-        assert client.get("/todos").status_code == 200  # pool and schema ready
-        yield client
+def http(app_client: InProcess) -> InProcess:
+    return app_client
 
 
 @pytest.fixture
@@ -66,7 +59,7 @@ def assert_problem(response: httpx.Response, status: int, field: str | None = No
     return body
 
 
-def unhandled(server: LiveServer) -> list[dict]:
+def unhandled(server: LiveServer | InProcess) -> list[dict]:
     return [e for e in server.logs() if e["level"] in ("error", "critical")]
 
 
@@ -260,6 +253,7 @@ def parser_server(request, embedded_database: str):
         yield request.param, server
 
 
+@pytest.mark.slow  # a process per parser, frames over raw sockets
 def test_malformed_framing_is_refused_or_served_never_a_5xx(parser_server, embedded_database):
     parser, server = parser_server
     titles = Counter(t for (t,) in run_sql(embedded_database, "SELECT title FROM todos"))
@@ -407,6 +401,7 @@ def test_odd_titles_in_the_query_are_refused_and_store_nothing(http, embedded_da
 
 # --- header floods ------------------------------------------------------------------------------
 
+@pytest.mark.slow  # a process per parser, megabytes of headers over raw sockets
 def test_header_floods_get_an_answer_never_a_5xx(parser_server, embedded_database):
     parser, live = parser_server
     before = rows(embedded_database)
@@ -444,5 +439,5 @@ def test_header_floods_get_an_answer_never_a_5xx(parser_server, embedded_databas
     assert answers["2000 small headers"] == 201
 
 
-def test_no_request_here_made_the_server_log_an_error(live: LiveServer, http):
-    assert unhandled(live) == []
+def test_no_request_here_made_the_service_log_an_error(http: InProcess):
+    assert unhandled(http) == []

@@ -31,6 +31,8 @@ from iam_support import (
 from standins.sts import Sts
 from support import LiveServer, create_database, drop_database, wait_until_serving
 
+pytestmark = pytest.mark.slow  # soaks and STS outages across token lifetimes
+
 # --- 1. soak ----------------------------------------------------------------------------
 
 def test_soak_across_many_replacements_loses_nothing(fresh_sts: Sts, embedded_database: str):

@@ -27,7 +27,7 @@ import pytest
 import db
 from dsql_support import dsql_environment, dsql_stand_in
 from standins.sts import Sts
-from support import ROOT, LiveServer, clean_environment, create_database, drop_database, run_sql
+from support import ROOT, InProcess, LiveServer, clean_environment, create_database, drop_database, run_sql
 
 TOTAL, OPEN = 200_000, 100
 PAGE = 50  # the service asks for one row more than it shows: that row tells a next page exists
@@ -203,21 +203,20 @@ def list_every_shape(client: httpx.Client) -> None:
         assert second.json() and second.json()[0]["created_at"] <= first.json()[-1]["created_at"]
 
 
-@pytest.mark.slow  # two services
 def test_an_existing_table_gets_the_new_index_on_first_use_once(postgres_url: str):
     url = create_database(postgres_url)
     try:
         old_schema(url, 2_000)
         assert indexes_of(url) == {"todos_newest_first"}
         env = clean_environment(DATABASE_URL=url)
-        with LiveServer(env) as live, httpx.Client(base_url=live.url, timeout=15) as client:
+        with InProcess(env) as client:
             list_every_shape(client)
-            assert [e["message"] for e in live.logs()].count("schema applied") == 1
+            assert [e["message"] for e in client.logs()].count("schema applied") == 1
         assert indexes_of(url) == set(INDEXES)
         # The next process's one check finds everything: it creates nothing.
-        with LiveServer(env) as live, httpx.Client(base_url=live.url, timeout=15) as client:
+        with InProcess(env) as client:
             assert client.get("/todos?completed=false").status_code == 200
-            assert "schema applied" not in [e["message"] for e in live.logs()]
+            assert "schema applied" not in [e["message"] for e in client.logs()]
     finally:
         drop_database(postgres_url, url)
 

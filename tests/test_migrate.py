@@ -20,7 +20,7 @@ from dsql_support import (
     migrate_as_admin,
 )
 from standins.sts import Sts
-from support import ROOT, LiveServer, clean_environment, create_database, drop_database, run_sql
+from support import ROOT, InProcess, LiveServer, clean_environment, create_database, drop_database, run_sql
 
 
 def migrate(url: str) -> subprocess.CompletedProcess:
@@ -44,10 +44,9 @@ def test_schema_applies_twice_without_harm(postgres_url: str):
             "todos_pkey": "(id)", "todos_newest_first": "(created_at, id)",
             "todos_by_completed": "(completed, created_at, id)"}
         # A service starting on the migrated database checks once and serves.
-        with LiveServer(clean_environment(DATABASE_URL=url)) as live:
-            import httpx
-            assert httpx.post(live.url + "/todos", json={"title": "after migrate"}).status_code == 201
-            assert not any(e["message"] == "schema applied" for e in live.logs())
+        with InProcess(clean_environment(DATABASE_URL=url)) as client:
+            assert client.post("/todos", json={"title": "after migrate"}).status_code == 201
+            assert not any(e["message"] == "schema applied" for e in client.logs())
     finally:
         drop_database(postgres_url, url)
 
@@ -68,6 +67,7 @@ def test_migrate_reports_bad_configuration():
     assert result.returncode == 1 and "DB_AUTH" in result.stderr
 
 
+@pytest.mark.slow  # migrate twice and a process, through STS and the DSQL stand-in
 @pytest.mark.parametrize("role", [None, ROLE], ids=["admin-public", "role-own-schema"])
 def test_migrate_on_dsql_as_admin_then_serve(fresh_sts: Sts, embedded_postgres: str, role: str | None):
     """The README's DSQL order: as admin, migrate (schema, table, CREATE INDEX ASYNC, one DDL

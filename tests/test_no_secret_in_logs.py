@@ -10,8 +10,11 @@ import time
 import uuid
 
 import httpx
+import pytest
 
 from support import LiveServer, create_database, drop_database, run_sql
+
+pytestmark = pytest.mark.slow  # a whole IAM session through STS and the Aurora stand-in
 
 JSON = "application/json"
 PROBLEM = "application/problem+json"

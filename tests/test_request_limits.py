@@ -17,6 +17,8 @@ import pytest
 from raw_http import RawResponse, closed_by_server, connect, read_response, request_head
 from support import LiveServer, clean_environment, unhandled
 
+pytestmark = pytest.mark.slow  # bodies that trickle and stall over raw sockets, past the read timeout
+
 JSON = "application/json"
 PROBLEM = "application/problem+json"
 SUCCESS = {200, 201, 204}

@@ -19,6 +19,8 @@ from standins.aurora_gateway import AuroraGateway, moto_credentials_lookup, pars
 from standins.sts import Sts
 from support import LiveServer, clean_environment, create_database, drop_database, run_sql
 
+pytestmark = pytest.mark.slow  # processes under contended writes, through the stand-in
+
 
 @pytest.mark.parametrize("mode", ["password", "dsql"])
 def test_conflicting_patches_all_succeed_through_retries(fresh_sts: Sts, embedded_postgres: str, mode: str):

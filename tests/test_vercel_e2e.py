@@ -36,10 +36,11 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
@@ -58,6 +59,8 @@ from standins.aurora_gateway import AuroraGateway  # noqa: E402
 from standins.sts import Sts  # noqa: E402
 from standins.vercel_harness import Response, VercelRuntime  # noqa: E402
 from support import create_database, drop_database, run_sql  # noqa: E402
+
+pytestmark = pytest.mark.slow  # Vercel's runtime end to end, with token lifetimes and idle timeouts
 
 PROBLEM = "application/problem+json"
 SECRET_SHAPES = ("X-Amz-Signature", "X-Amz-Security-Token", "Amz-Credential", "Action=connect")

@@ -27,6 +27,8 @@ from standins.aurora_gateway import (
     upstream_postgres,
 )
 
+pytestmark = pytest.mark.slow  # the Aurora stand-in's own tests (token ages and expiry, waited out)
+
 REGION = "us-east-1"
 AKID, SECRET, SESSION = "ASIATESTGATEWAY00001", "s3cr3t/with+special=chars", "session/token+=="
 CREDS = {AKID: (SECRET, SESSION)}

@@ -27,7 +27,7 @@ AKID, SECRET = "AKIATESTDSQLSTANDIN1", "dsql-stand-in-secret"
 ROLE = "todo_dsql_role"  # a real role upstream: PostgreSQL enforces its grants too
 SCHEMA = "todo_space"
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.slow]  # the DSQL stand-in's own tests (connection rates and ages, waited out)
 
 
 def token(user: str) -> str:

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # the Vercel harness's own tests (a runtime process per test)
+
 if sys.version_info < (3, 12):
     pytest.skip("vercel-runtime needs Python >= 3.12", allow_module_level=True)
 # Only the package root: importing vercel_runtime.vc_init would start a server.
