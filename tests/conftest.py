@@ -59,8 +59,13 @@ def embedded_postgres() -> Iterator[str]:
     # A throwaway cluster: commits skip fsync (no test here is about surviving a crash of the
     # test's own PostgreSQL; outages use clusters of their own), and it stops at once, with no
     # shutdown checkpoint (SIGQUIT: PostgreSQL's immediate shutdown).
-    run_sql(url, "ALTER SYSTEM SET fsync = off", "ALTER SYSTEM SET synchronous_commit = off",
-            "ALTER SYSTEM SET full_page_writes = off", "SELECT pg_reload_conf()")
+    run_sql(
+        url,
+        "ALTER SYSTEM SET fsync = off",
+        "ALTER SYSTEM SET synchronous_commit = off",
+        "ALTER SYSTEM SET full_page_writes = off",
+        "SELECT pg_reload_conf()",
+    )
     yield url
     stop_immediately(Path(pgdata))
     server.cleanup()
@@ -122,6 +127,7 @@ def app_client(embedded_database: str) -> Iterator[InProcess]:
 #
 # and uses `api` (a client of the service), `server` (the service as a process) and
 # `database_url`. Every test in such a module must use one of them.
+
 
 @pytest.fixture(scope="module")
 def backend(request: pytest.FixtureRequest) -> str:
@@ -225,8 +231,10 @@ def unavailable_server(item: pytest.Item) -> str | None:
     """Why the server this variant of a test runs on is not here, if it is not."""
     params = getattr(getattr(item, "callspec", None), "params", {})
     if "machine" in (params.get("postgres_url"), params.get("backend")) and not machine_postgres():
-        return ("TEST_DATABASE_URL is not set: no machine PostgreSQL "
-                "(.ci/run sets it when 127.0.0.1:5432 answers)")
+        return (
+            "TEST_DATABASE_URL is not set: no machine PostgreSQL "
+            "(.ci/run sets it when 127.0.0.1:5432 answers)"
+        )
     return None
 
 

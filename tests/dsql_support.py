@@ -37,32 +37,59 @@ SERVERS = [
 CONFLICT_RATE = 0.1  # of writes that fail with OC000, as under real contention
 
 
-def dsql_environment(gateway: DsqlGateway, sts: Sts, database_url: str, *, user: str,
-                     schema: str | None = None, ttl: int = 900, **overrides: str) -> dict[str, str]:
+def dsql_environment(
+    gateway: DsqlGateway,
+    sts: Sts,
+    database_url: str,
+    *,
+    user: str,
+    schema: str | None = None,
+    ttl: int = 900,
+    **overrides: str,
+) -> dict[str, str]:
     """The service's environment for DSQL behind the stand-in; `overrides` win."""
     settings = dict(
-        PGHOST="127.0.0.1", PGPORT=str(gateway.port), PGUSER=user,
-        PGDATABASE=urlsplit(database_url).path.lstrip("/"), DB_AUTH="dsql", AWS_REGION=REGION,
-        AWS_ROLE_ARN=ROLE_ARN, AWS_ENDPOINT_URL_STS=sts.url, AWS_EC2_METADATA_DISABLED="true",
-        VERCEL_OIDC_TOKEN=oidc_token(), PGSSLROOTCERT=gateway.ca_file, DB_TOKEN_TTL=str(ttl),
-        DB_POOL_MIN="1", DB_POOL_MAX="6", LOG_LEVEL="info")
+        PGHOST="127.0.0.1",
+        PGPORT=str(gateway.port),
+        PGUSER=user,
+        PGDATABASE=urlsplit(database_url).path.lstrip("/"),
+        DB_AUTH="dsql",
+        AWS_REGION=REGION,
+        AWS_ROLE_ARN=ROLE_ARN,
+        AWS_ENDPOINT_URL_STS=sts.url,
+        AWS_EC2_METADATA_DISABLED="true",
+        VERCEL_OIDC_TOKEN=oidc_token(),
+        PGSSLROOTCERT=gateway.ca_file,
+        DB_TOKEN_TTL=str(ttl),
+        DB_POOL_MIN="1",
+        DB_POOL_MAX="6",
+        LOG_LEVEL="info",
+    )
     if schema:
         settings["DB_SCHEMA"] = schema
     return clean_environment(**{**settings, **overrides})
 
 
-def migrate_as_admin(gateway: DsqlGateway, sts: Sts, database_url: str, schema: str | None,
-                     role: str | None = None) -> subprocess.CompletedProcess:
+def migrate_as_admin(
+    gateway: DsqlGateway, sts: Sts, database_url: str, schema: str | None, role: str | None = None
+) -> subprocess.CompletedProcess:
     """`python db.py migrate [role]` as DSQL's admin, through the stand-in."""
     env = dsql_environment(gateway, sts, database_url, user="admin", schema=schema)
-    return subprocess.run([sys.executable, str(ROOT / "db.py"), "migrate", *([role] if role else [])],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "db.py"), "migrate", *([role] if role else [])],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 def ensure_role(admin_url: str, role: str = ROLE) -> None:
     """A login role upstream (cluster-wide), as `CREATE ROLE … WITH LOGIN` makes on DSQL."""
-    run_sql(admin_url, f"DO $$ BEGIN CREATE ROLE {role} LOGIN; "
-                       "EXCEPTION WHEN duplicate_object THEN NULL; END $$")
+    run_sql(
+        admin_url, f"DO $$ BEGIN CREATE ROLE {role} LOGIN; EXCEPTION WHEN duplicate_object THEN NULL; END $$"
+    )
 
 
 def grant_printed(database_url: str, output: str) -> list[str]:
@@ -75,8 +102,12 @@ def grant_printed(database_url: str, output: str) -> list[str]:
 @contextmanager
 def dsql_stand_in(database_url: str, **options) -> Iterator[DsqlGateway]:
     options = {"conflict_rate": CONFLICT_RATE, "seed": 11, **options}
-    gateway = DsqlGateway(*parse_upstream_url(database_url), region=REGION,
-                          credentials_lookup=moto_credentials_lookup(), **options).start()
+    gateway = DsqlGateway(
+        *parse_upstream_url(database_url),
+        region=REGION,
+        credentials_lookup=moto_credentials_lookup(),
+        **options,
+    ).start()
     try:
         yield gateway
     finally:
@@ -85,8 +116,15 @@ def dsql_stand_in(database_url: str, **options) -> Iterator[DsqlGateway]:
 
 
 @contextmanager
-def dsql_service(database_url: str, sts: Sts, *, role: bool, ttl: int = 900,
-                 gateway_options: dict | None = None, **overrides: str) -> Iterator[tuple[LiveServer, DsqlGateway]]:
+def dsql_service(
+    database_url: str,
+    sts: Sts,
+    *,
+    role: bool,
+    ttl: int = 900,
+    gateway_options: dict | None = None,
+    **overrides: str,
+) -> Iterator[tuple[LiveServer, DsqlGateway]]:
     """The service in DSQL mode behind the stand-in; see the module docstring."""
     with dsql_stand_in(database_url, **(gateway_options or {})) as gateway:
         if role:

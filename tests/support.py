@@ -40,6 +40,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def run_sql(url: str, *statements: str) -> list:
     """Run statements in order on one connection; the rows of the last one."""
+
     async def run() -> list:
         connection = await asyncpg.connect(url)
         try:
@@ -49,6 +50,7 @@ def run_sql(url: str, *statements: str) -> list:
             return result
         finally:
             await connection.close()
+
     return asyncio.run(run())
 
 
@@ -98,8 +100,11 @@ def free_port() -> int:
 
 def clean_environment(**overrides: str) -> dict[str, str]:
     """The test process's environment without any database or AWS settings, plus overrides."""
-    env = {key: value for key, value in os.environ.items()
-           if not key.startswith(("PG", "DB_", "AWS_", "VERCEL")) and key not in ("DATABASE_URL", "API_TOKEN")}
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if not key.startswith(("PG", "DB_", "AWS_", "VERCEL")) and key not in ("DATABASE_URL", "API_TOKEN")
+    }
     env.update(overrides)
     return env
 
@@ -133,8 +138,11 @@ class InProcess(TestClient):
         self._saved_lifecycle: object = None
         self._log_buffer = io.StringIO()
         # A fresh TodoApp: its middleware stack (CORS_ORIGINS) is built from this environment.
-        super().__init__(app.TodoApp(routes=app.routes, lifespan=app.lifespan),
-                         base_url="http://127.0.0.1:8000", raise_server_exceptions=False)
+        super().__init__(
+            app.TodoApp(routes=app.routes, lifespan=app.lifespan),
+            base_url="http://127.0.0.1:8000",
+            raise_server_exceptions=False,
+        )
 
     def __enter__(self) -> InProcess:
         import app
@@ -145,8 +153,10 @@ class InProcess(TestClient):
         self._saved_environment = dict(os.environ)
         os.environ.clear()
         os.environ.update(self.env)
-        self._saved_logging = [(logger, logger.handlers[:], logger.propagate, logger.level)
-                               for logger in map(logging.getLogger, (*app.JSON_LOGGERS, *app.UVICORN_LOGGERS))]
+        self._saved_logging = [
+            (logger, logger.handlers[:], logger.propagate, logger.level)
+            for logger in map(logging.getLogger, (*app.JSON_LOGGERS, *app.UVICORN_LOGGERS))
+        ]
         self._saved_request_log = (app.request_log.stream_handlers, app.request_log.record_handlers)
         try:
             super().__enter__()
@@ -195,10 +205,14 @@ class LiveServer:
         self._log_file = tempfile.NamedTemporaryFile("w+", prefix="aurora-todo-", suffix=".log", delete=False)
         full_env = {**env, "PORT": str(self.port), "PYTHONUNBUFFERED": "1"}
         # `uvicorn app:app` instead of `python app.py`: uvicorn's own logging setup runs first
-        argv = ([sys.executable, "-m", "uvicorn", "app:app", "--port", str(self.port)] if uvicorn_cli
-                else [sys.executable, str(ROOT / "app.py")])
-        self.process = subprocess.Popen(argv, cwd=ROOT, env=full_env,
-                                        stdout=self._log_file, stderr=subprocess.STDOUT)
+        argv = (
+            [sys.executable, "-m", "uvicorn", "app:app", "--port", str(self.port)]
+            if uvicorn_cli
+            else [sys.executable, str(ROOT / "app.py")]
+        )
+        self.process = subprocess.Popen(
+            argv, cwd=ROOT, env=full_env, stdout=self._log_file, stderr=subprocess.STDOUT
+        )
         deadline = time.monotonic() + ready_timeout
         while True:
             if self.process.poll() is not None:
@@ -245,7 +259,9 @@ class LiveServer:
 
 def unhandled(server: LiveServer | InProcess) -> list[dict]:
     """The log entries of errors: any error or critical line, and every "unhandled error"."""
-    return [e for e in server.logs() if e["level"] in ("error", "critical") or e["message"] == "unhandled error"]
+    return [
+        e for e in server.logs() if e["level"] in ("error", "critical") or e["message"] == "unhandled error"
+    ]
 
 
 class TableLock:
@@ -279,5 +295,8 @@ class TableLock:
 
 def waiting_on_lock(url: str) -> int:
     database = urlsplit(url).path.lstrip("/")
-    return run_sql(url, f"""SELECT count(*) FROM pg_stat_activity
-                            WHERE datname = '{database}' AND wait_event_type = 'Lock'""")[0][0]
+    return run_sql(
+        url,
+        f"""SELECT count(*) FROM pg_stat_activity
+                            WHERE datname = '{database}' AND wait_event_type = 'Lock'""",
+    )[0][0]

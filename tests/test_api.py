@@ -22,6 +22,7 @@ def http(app_client: InProcess) -> InProcess:
 
 # --- routes ------------------------------------------------------------------------------
 
+
 def test_legacy_query_string_forms(http: InProcess):
     created = http.post("/todos", params={"title": "from the old client"})
     assert created.status_code == 201
@@ -74,53 +75,77 @@ def test_request_id_is_echoed_or_made(http: InProcess):
     assert http.get("/todos/not-a-uuid").headers["x-request-id"]
     lines = http.logs()
     request_lines = [e for e in lines if e.get("message") == "request"]
-    assert any(e["request_id"] == "abc-123.def" and e["path"] == "/healthz" and e["status"] == 200
-               and e["method"] == "GET" and e["duration_ms"] >= 0 for e in request_lines)
+    assert any(
+        e["request_id"] == "abc-123.def"
+        and e["path"] == "/healthz"
+        and e["status"] == 200
+        and e["method"] == "GET"
+        and e["duration_ms"] >= 0
+        for e in request_lines
+    )
 
 
 # --- errors ------------------------------------------------------------------------------
+
 
 def test_malformed_json_is_400(http: InProcess):
     response = http.post("/todos", content=b'{"title": "x"', headers={"content-type": "application/json"})
     assert_problem(response, 400)
     todo = create_todo(http, "patch me")
-    assert_problem(http.patch(f"/todos/{todo['id']}", content=b"{nope", headers={"content-type": "application/json"}), 400)
+    assert_problem(
+        http.patch(f"/todos/{todo['id']}", content=b"{nope", headers={"content-type": "application/json"}),
+        400,
+    )
 
 
-@pytest.mark.parametrize("body, field", [
-    ({"title": 5}, "title"),
-    ({"title": None}, "title"),
-    ({"title": "ok", "completed": "yes"}, "completed"),
-    ({"title": "ok", "colour": "red"}, "colour"),
-    ({"completed": False}, "title"),
-    ({"title": ""}, "title"),
-    ({"title": "   \t "}, "title"),
-    ({"title": "x" * 501}, "title"),
-    ({"title": "nul \x00 inside"}, "title"),
-    (["title"], "body"),
-])
+@pytest.mark.parametrize(
+    "body, field",
+    [
+        ({"title": 5}, "title"),
+        ({"title": None}, "title"),
+        ({"title": "ok", "completed": "yes"}, "completed"),
+        ({"title": "ok", "colour": "red"}, "colour"),
+        ({"completed": False}, "title"),
+        ({"title": ""}, "title"),
+        ({"title": "   \t "}, "title"),
+        ({"title": "x" * 501}, "title"),
+        ({"title": "nul \x00 inside"}, "title"),
+        (["title"], "body"),
+    ],
+)
 def test_bad_create_bodies_are_422_naming_the_field(http: InProcess, body, field):
     assert_problem(http.post("/todos", json=body), 422, field)
 
 
-@pytest.mark.parametrize("body, field", [
-    ({}, "title"),
-    ({"title": None}, "title"),
-    ({"completed": "true"}, "completed"),
-    ({"title": ""}, "title"),
-    ({"done": True}, "done"),
-])
+@pytest.mark.parametrize(
+    "body, field",
+    [
+        ({}, "title"),
+        ({"title": None}, "title"),
+        ({"completed": "true"}, "completed"),
+        ({"title": ""}, "title"),
+        ({"done": True}, "done"),
+    ],
+)
 def test_bad_patch_bodies_are_422_naming_the_field(http: InProcess, body, field):
     todo = create_todo(http, "unchanged")
     assert_problem(http.patch(f"/todos/{todo['id']}", json=body), 422, field)
     assert http.get(f"/todos/{todo['id']}").json() == todo
 
 
-@pytest.mark.parametrize("params, field", [
-    ({"limit": "0"}, "limit"), ({"limit": "101"}, "limit"), ({"limit": "ten"}, "limit"),
-    ({"limit": "-1"}, "limit"), ({"completed": "perhaps"}, "completed"),
-    ({"cursor": "garbage!"}, "cursor"), ({"cursor": "MTIz"}, "cursor"), ({"cursor": "x" * 500}, "cursor"),
-])
+@pytest.mark.parametrize(
+    "params, field",
+    [
+        ({"limit": "0"}, "limit"),
+        ({"limit": "101"}, "limit"),
+        ({"limit": "ten"}, "limit"),
+        ({"limit": "-1"}, "limit"),
+        ({"completed": "perhaps"}, "completed"),
+        ({"cursor": "garbage!"}, "cursor"),
+        ({"cursor": "MTIz"}, "cursor"),
+        ({"cursor": "x" * 500}, "cursor"),
+    ],
+)
 def test_bad_list_parameters_are_422_naming_the_field(http: InProcess, params, field):
     assert_problem(http.get("/todos", params=params), 422, field)
 
@@ -132,12 +157,20 @@ def test_oversized_body_is_413(http: InProcess):
     def chunks():  # no Content-Length: the limit holds while streaming too
         for _ in range(70):
             yield b"x" * 1024
+
     assert_problem(http.post("/todos", content=chunks(), headers={"content-type": "application/json"}), 413)
 
 
 def test_non_json_body_is_415(http: InProcess):
-    assert_problem(http.post("/todos", content=b"title=x", headers={"content-type": "application/x-www-form-urlencoded"}), 415)
-    assert_problem(http.post("/todos", content=b'{"title": "x"}', headers={"content-type": "text/plain"}), 415)
+    assert_problem(
+        http.post(
+            "/todos", content=b"title=x", headers={"content-type": "application/x-www-form-urlencoded"}
+        ),
+        415,
+    )
+    assert_problem(
+        http.post("/todos", content=b'{"title": "x"}', headers={"content-type": "text/plain"}), 415
+    )
     todo = create_todo(http, "x")
     assert_problem(http.patch(f"/todos/{todo['id']}", content=b'{"completed": true}'), 415)
 

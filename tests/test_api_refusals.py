@@ -25,10 +25,13 @@ from support import (
 def test_bearer_token_guards_todos_only(embedded_database: str):
     env = clean_environment(DATABASE_URL=embedded_database, API_TOKEN="s3cret-token-value")
     with InProcess(env) as client:
-        for request in (client.get("/todos"), client.post("/todos", json={"title": "x"}),
-                        client.get("/todos", headers={"Authorization": "Bearer wrong"}),
-                        client.get("/todos", headers={"Authorization": "Basic s3cret-token-value"}),
-                        client.delete(f"/todos/{uuid.uuid4()}")):
+        for request in (
+            client.get("/todos"),
+            client.post("/todos", json={"title": "x"}),
+            client.get("/todos", headers={"Authorization": "Bearer wrong"}),
+            client.get("/todos", headers={"Authorization": "Basic s3cret-token-value"}),
+            client.delete(f"/todos/{uuid.uuid4()}"),
+        ):
             assert_problem(request, 401)
             assert request.headers["www-authenticate"].startswith("Bearer")
         auth = {"Authorization": "Bearer s3cret-token-value"}
@@ -42,10 +45,16 @@ def test_bearer_token_guards_todos_only(embedded_database: str):
 
 def test_unreachable_database_is_503_with_retry_after_quickly():
     closed_port = free_port()
-    env = clean_environment(DATABASE_URL=f"postgresql://postgres:hunter2-password@127.0.0.1:{closed_port}/postgres")
+    env = clean_environment(
+        DATABASE_URL=f"postgresql://postgres:hunter2-password@127.0.0.1:{closed_port}/postgres"
+    )
     with InProcess(env) as client:
         assert client.get("/healthz").status_code == 200  # never touches the database
-        for response in (client.get("/todos"), client.post("/todos", json={"title": "x"}), client.get("/readyz")):
+        for response in (
+            client.get("/todos"),
+            client.post("/todos", json={"title": "x"}),
+            client.get("/readyz"),
+        ):
             assert response.status_code == 503, response.text
             assert int(response.headers["retry-after"]) > 0
             assert response.elapsed.total_seconds() < 10
@@ -54,9 +63,14 @@ def test_unreachable_database_is_503_with_retry_after_quickly():
         assert "hunter2-password" not in client.logs_text()
 
 
-@pytest.mark.parametrize("variable, value", [
-    ("DB_AUTH", "kerberos"), ("DB_TOKEN_TTL", "3600"), ("DB_POOL_MAX", "lots"),
-])
+@pytest.mark.parametrize(
+    "variable, value",
+    [
+        ("DB_AUTH", "kerberos"),
+        ("DB_TOKEN_TTL", "3600"),
+        ("DB_POOL_MAX", "lots"),
+    ],
+)
 def test_configuration_that_cannot_work_is_503_naming_the_variable(embedded_database: str, variable, value):
     env = clean_environment(DATABASE_URL=embedded_database, **{variable: value})
     with InProcess(env) as client:

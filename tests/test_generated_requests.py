@@ -43,8 +43,14 @@ set_hypothesis_home_dir(str(Path(tempfile.gettempdir()) / "aurora-todo-hypothesi
 
 def deterministic(examples: int) -> settings:
     """The same cases on every run, nothing written to .hypothesis/, no per-case deadline."""
-    return settings(max_examples=examples, derandomize=True, database=None, deadline=None, print_blob=False,
-                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+    return settings(
+        max_examples=examples,
+        derandomize=True,
+        database=None,
+        deadline=None,
+        print_blob=False,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+    )
 
 
 @pytest.fixture(scope="module")
@@ -71,21 +77,38 @@ def no_server_errors(live: LiveServer | InProcess) -> None:
 
 # --- schemathesis ------------------------------------------------------------------------
 
+
 @pytest.mark.slow  # a few hundred requests over HTTP to a process
 def test_schemathesis_finds_no_5xx_and_no_undocumented_response(guarded_server: LiveServer, tmp_path):
     command = [
-        sys.executable, "-m", "schemathesis.cli", "run", f"{guarded_server.url}/openapi.json",
+        sys.executable,
+        "-m",
+        "schemathesis.cli",
+        "run",
+        f"{guarded_server.url}/openapi.json",
         # Every check, positive_data_acceptance included: the document is as strict as the
         # API (the title's rule, the cursor's shape, PATCH's one field, the body required).
-        "--checks", "all",
-        "--header", f"Authorization: Bearer {API_TOKEN}",
-        "--max-examples", "50", "--generation-deterministic", "--workers", "1",
-        "--request-timeout", "15", "--no-color",
-        "--suppress-health-check", "all",
+        "--checks",
+        "all",
+        "--header",
+        f"Authorization: Bearer {API_TOKEN}",
+        "--max-examples",
+        "50",
+        "--generation-deterministic",
+        "--workers",
+        "1",
+        "--request-timeout",
+        "15",
+        "--no-color",
+        "--suppress-health-check",
+        "all",
     ]
     # The hooks make each generated Idempotency-Key unique: reusing one for another todo is a 422.
-    env = {**os.environ, "SCHEMATHESIS_HOOKS": "schemathesis_hooks",
-           "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
+    env = {
+        **os.environ,
+        "SCHEMATHESIS_HOOKS": "schemathesis_hooks",
+        "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]),
+    }
     result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=240, env=env)
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-20000:]
@@ -97,6 +120,7 @@ def test_schemathesis_finds_no_5xx_and_no_undocumented_response(guarded_server: 
 
 # --- hypothesis: cursor --------------------------------------------------------------------
 
+
 def handed_out_shape(text: str) -> bool:
     """Could `text` be a cursor this API handed out? (14 hex digits of micros, 32 of the id)"""
     return re.fullmatch(r"[0-9a-f]{46}", text) is not None
@@ -105,9 +129,12 @@ def handed_out_shape(text: str) -> bool:
 hex_digits = st.text("0123456789abcdef", min_size=46, max_size=46)
 near_cursors = st.one_of(
     hex_digits,  # any position: a page (possibly empty), never an error
-    hex_digits.map(str.upper), hex_digits.map(lambda text: text[:-1]), hex_digits.map(lambda text: text + "0"),
+    hex_digits.map(str.upper),
+    hex_digits.map(lambda text: text[:-1]),
+    hex_digits.map(lambda text: text + "0"),
     st.tuples(hex_digits, st.integers(0, 45), st.sampled_from(list("gG-. \n\x00é="))).map(
-        lambda t: t[0][:t[1]] + t[2] + t[0][t[1] + 1:]),
+        lambda t: t[0][: t[1]] + t[2] + t[0][t[1] + 1 :]
+    ),
     st.uuids().map(lambda u: f"{u.hex[:14]}{u}"),  # the id with dashes
 )
 
@@ -138,7 +165,7 @@ def test_real_cursors_still_page(client: InProcess):
         assert client.post("/todos", json={"title": f"page {i}"}).status_code == 201
     first = client.get("/todos", params={"limit": 1})
     link = first.headers["link"]
-    second = client.get(link[link.index("<") + 1:link.index(">")])
+    second = client.get(link[link.index("<") + 1 : link.index(">")])
     assert second.status_code == 200 and second.json()[0]["id"] != first.json()[0]["id"]
 
 
@@ -205,22 +232,38 @@ def test_limit_is_a_whole_number_from_1_to_100(client: InProcess, limit: str):
 
 
 @deterministic(150)
-@given(todo_id=st.one_of(st.text(min_size=1, max_size=60), st.uuids().map(str),
-                         st.uuids().map(lambda u: u.hex.upper()), st.uuids().map(lambda u: f"{{{u}}}")))
+@given(
+    todo_id=st.one_of(
+        st.text(min_size=1, max_size=60),
+        st.uuids().map(str),
+        st.uuids().map(lambda u: u.hex.upper()),
+        st.uuids().map(lambda u: f"{{{u}}}"),
+    )
+)
 def test_any_id_that_names_no_todo_is_404(client: InProcess, todo_id: str):
     assume(todo_id not in (".", "..") and todo_id.strip())
     path = "/todos/" + quote(todo_id, safe="")
-    for response in (client.get(path), client.delete(path),
-                     client.patch(path, json={"completed": True})):
+    for response in (client.get(path), client.delete(path), client.patch(path, json={"completed": True})):
         assert response.status_code == 404, (todo_id, response.request.method, response.text)
         assert response.headers["content-type"] == PROBLEM
 
 
 media_types = st.one_of(
     st.from_regex(r"[a-z]{1,11}/[a-z0-9.+-]{1,20}", fullmatch=True),
-    st.sampled_from(["application/json", "APPLICATION/JSON; charset=utf-8", "application/merge-patch+json",
-                     "text/json", "application/jsonp", "application/json-seq", "text/plain", "",
-                     "multipart/form-data; boundary=x", "application/x-www-form-urlencoded"]),
+    st.sampled_from(
+        [
+            "application/json",
+            "APPLICATION/JSON; charset=utf-8",
+            "application/merge-patch+json",
+            "text/json",
+            "application/jsonp",
+            "application/json-seq",
+            "text/plain",
+            "",
+            "multipart/form-data; boundary=x",
+            "application/x-www-form-urlencoded",
+        ]
+    ),
 )
 
 

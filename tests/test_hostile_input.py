@@ -46,7 +46,9 @@ def target(http: httpx.Client) -> dict:
 
 
 def rows(url: str) -> list[tuple]:
-    return [tuple(row) for row in run_sql(url, "SELECT id, title, completed, updated_at FROM todos ORDER BY id")]
+    return [
+        tuple(row) for row in run_sql(url, "SELECT id, title, completed, updated_at FROM todos ORDER BY id")
+    ]
 
 
 def assert_problem(response: httpx.Response, status: int, field: str | None = None) -> dict:
@@ -79,8 +81,13 @@ NOT_UTF8 = {
 def test_a_body_that_is_not_utf8_is_400_and_stores_nothing(http, embedded_database, target, name):
     before = rows(embedded_database)
     bad = NOT_UTF8[name]
-    bodies = [b'{"title": "' + bad + b'"}', b'{"title": "ok ' + bad + b' ok"}', b'{"ti' + bad + b'tle": "x"}',
-              b'{"title": "x", "completed": true, "' + bad + b'": 1}', bad + b'{"title": "x"}']
+    bodies = [
+        b'{"title": "' + bad + b'"}',
+        b'{"title": "ok ' + bad + b' ok"}',
+        b'{"ti' + bad + b'tle": "x"}',
+        b'{"title": "x", "completed": true, "' + bad + b'": 1}',
+        bad + b'{"title": "x"}',
+    ]
     headers = {"content-type": JSON}
     # The detail points at the first bad byte of the body (msgspec's own offset is the string's).
     problem = assert_problem(http.post("/todos", content=bodies[0], headers=headers), 400)
@@ -144,8 +151,25 @@ def test_the_documented_title_pattern_is_exactly_the_rule():
     white = re.compile(f"[{app.WHITE_SPACE}]")
     assert all(bool(white.match(chr(c))) == chr(c).isspace() for c in range(sys.maxunicode + 1))
     pattern = re.compile(app.TITLE_PATTERN)
-    samples = ["a", " a ", "ab", "a b", "\u3000a\u3000", "x" * 500, " " + "x" * 500 + "\n", "x" * 501,
-               "", " ", "\t\n", "a\x00", "\x00", " \x00 ", "é" * 499 + " é", "\x1f" + "y" * 500, "\x85z\x85"]
+    samples = [
+        "a",
+        " a ",
+        "ab",
+        "a b",
+        "\u3000a\u3000",
+        "x" * 500,
+        " " + "x" * 500 + "\n",
+        "x" * 501,
+        "",
+        " ",
+        "\t\n",
+        "a\x00",
+        "\x00",
+        " \x00 ",
+        "é" * 499 + " é",
+        "\x1f" + "y" * 500,
+        "\x85z\x85",
+    ]
     for title in samples:
         try:
             app.clean_title(title)
@@ -160,25 +184,43 @@ def test_the_documented_title_pattern_is_exactly_the_rule():
 PARSER_REFUSAL = b"Invalid HTTP request received."
 
 
-def post_frame(title: str, *, head_extra: bytes = b"", body: bytes | None = None, length: bytes | None = None,
-               target: bytes = b"/todos", request_line: bytes | None = None) -> bytes:
+def post_frame(
+    title: str,
+    *,
+    head_extra: bytes = b"",
+    body: bytes | None = None,
+    length: bytes | None = None,
+    target: bytes = b"/todos",
+    request_line: bytes | None = None,
+) -> bytes:
     """A POST that would create a todo titled `title` if a server took it as well formed."""
     if body is None:
         body = json.dumps({"title": title}).encode()
     line = request_line or b"POST " + target + b" HTTP/1.1"
-    length_header = b"Content-Length: " + (length if length is not None else str(len(body)).encode()) + b"\r\n"
-    return (line + b"\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nConnection: close\r\n"
-            + (b"" if length == b"" else length_header) + head_extra + b"\r\n" + body)
+    length_header = (
+        b"Content-Length: " + (length if length is not None else str(len(body)).encode()) + b"\r\n"
+    )
+    return (
+        line
+        + b"\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nConnection: close\r\n"
+        + (b"" if length == b"" else length_header)
+        + head_extra
+        + b"\r\n"
+        + body
+    )
 
 
 def chunked(title: str, chunks: bytes, head_extra: bytes = b"") -> bytes:
-    return (b"POST /todos HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nConnection: close\r\n"
-            b"Transfer-Encoding: chunked\r\n" + head_extra + b"\r\n" + chunks)
+    return (
+        b"POST /todos HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nConnection: close\r\n"
+        b"Transfer-Encoding: chunked\r\n" + head_extra + b"\r\n" + chunks
+    )
 
 
 FRAMES = {
-    "Content-Length and Transfer-Encoding": chunked("cl-te", b'13\r\n{"title": "cl-te"}\r\n0\r\n\r\n',
-                                                    b"Content-Length: 5\r\n"),
+    "Content-Length and Transfer-Encoding": chunked(
+        "cl-te", b'13\r\n{"title": "cl-te"}\r\n0\r\n\r\n', b"Content-Length: 5\r\n"
+    ),
     "Content-Length not a number": post_frame("cl-abc", length=b"abc"),
     "Content-Length negative": post_frame("cl-neg", length=b"-1"),
     "Content-Length twice, different": post_frame("cl-twice", head_extra=b"Content-Length: 3\r\n"),
@@ -202,7 +244,7 @@ FRAMES = {
     "bare LF line ends": post_frame("bare-lf").replace(b"\r\n", b"\n"),
     "body longer than Content-Length": post_frame("longer") + b"GARBAGE / HTTP/1.1\r\n\r\n",
     "two requests in one packet": post_frame("pipelined-1").replace(b"Connection: close\r\n", b"")
-                                  + post_frame("pipelined-2"),
+    + post_frame("pipelined-2"),
 }
 
 
@@ -212,7 +254,9 @@ def split_responses(data: bytes) -> list[tuple[int, dict[str, str], bytes]]:
     while b"\r\n\r\n" in data:
         head, _, rest = data.partition(b"\r\n\r\n")
         status_line, *lines = head.decode("latin-1").split("\r\n")
-        headers = {name.strip().lower(): value.strip() for name, _, value in (ln.partition(":") for ln in lines)}
+        headers = {
+            name.strip().lower(): value.strip() for name, _, value in (ln.partition(":") for ln in lines)
+        }
         if "content-length" in headers:
             length = int(headers["content-length"])
             body, data = rest[:length], rest[length:]
@@ -221,7 +265,7 @@ def split_responses(data: bytes) -> list[tuple[int, dict[str, str], bytes]]:
             while True:
                 size_line, _, rest = rest.partition(b"\r\n")
                 size = int(size_line, 16)
-                body, rest = body + rest[:size], rest[size + 2:]
+                body, rest = body + rest[:size], rest[size + 2 :]
                 if size == 0:
                     break
             data = rest
@@ -277,11 +321,14 @@ def test_malformed_framing_is_refused_or_served_never_a_5xx(parser_server, embed
         assert now - titles == Counter(created) and not titles - now, (parser, name, created, now - titles)
         titles = now
     assert httpx.get(server.url + "/healthz").status_code == 200
-    tracebacks = [line for line in server.logs_text().splitlines() if "Traceback" in line or '"level":"error"' in line]
+    tracebacks = [
+        line for line in server.logs_text().splitlines() if "Traceback" in line or '"level":"error"' in line
+    ]
     assert tracebacks == []
 
 
 # --- odd encodings, huge and deeply nested bodies, duplicate keys ------------------------------
+
 
 def deep(levels: int) -> bytes:
     return b"[" * levels + b"]" * levels
@@ -293,10 +340,18 @@ ODD_BODIES = {
     "UTF-16 LE": ('{"title": "utf16"}'.encode("utf-16"), {}, 400, None),
     "UTF-16 BE, no BOM": ('{"title": "utf16"}'.encode("utf-16-be"), {}, 400, None),
     "UTF-32": ('{"title": "utf32"}'.encode("utf-32"), {}, 400, None),
-    "Latin-1, declared": ('{"title": "caf\u00e9"}'.encode("latin-1"),
-                          {"content-type": "application/json; charset=latin-1"}, 400, None),
-    "gzip": (b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\x03\xabV*\xc9,\xc9IU\xb2RP\xcaH\xad\xc8L\xcdS\xaa\x05\x00",
-             {"content-encoding": "gzip"}, 415, None),
+    "Latin-1, declared": (
+        '{"title": "caf\u00e9"}'.encode("latin-1"),
+        {"content-type": "application/json; charset=latin-1"},
+        400,
+        None,
+    ),
+    "gzip": (
+        b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\x03\xabV*\xc9,\xc9IU\xb2RP\xcaH\xad\xc8L\xcdS\xaa\x05\x00",
+        {"content-encoding": "gzip"},
+        415,
+        None,
+    ),
     "escaped NUL": (b'{"title": "a\\u0000b"}', {}, 422, "title"),
     "escaped lone surrogate": (b'{"title": "\\ud800"}', {}, 400, None),
     "escaped surrogates reversed": (b'{"title": "\\udc00\\ud800"}', {}, 400, None),
@@ -329,8 +384,10 @@ def test_odd_bodies_are_refused_with_a_problem_and_store_nothing(http, embedded_
     body, headers, status, field = ODD_BODIES[name]
     headers = {"content-type": JSON, **headers}
     before = rows(embedded_database)
-    for response in (http.post("/todos", content=body, headers=headers),
-                     http.patch(f"/todos/{target['id']}", content=body, headers=headers)):
+    for response in (
+        http.post("/todos", content=body, headers=headers),
+        http.patch(f"/todos/{target['id']}", content=body, headers=headers),
+    ):
         if name == "empty object" and response.request.method == "PATCH":
             assert_problem(response, 422, "body")  # PATCH needs at least one field
         else:
@@ -344,20 +401,39 @@ def test_the_largest_body_allowed_and_duplicate_keys(http, embedded_database):
     created = http.post("/todos", content=exactly, headers={"content-type": JSON})
     assert created.status_code == 201 and created.json()["title"] == "64 KiB"
     # Duplicate keys: the last one wins, as in Python's json and JavaScript's JSON.parse.
-    twice = http.post("/todos", content=b'{"title": "first", "title": "second"}', headers={"content-type": JSON})
+    twice = http.post(
+        "/todos", content=b'{"title": "first", "title": "second"}', headers={"content-type": JSON}
+    )
     assert twice.status_code == 201 and twice.json()["title"] == "second"
     before = rows(embedded_database)
-    refused = http.post("/todos", content=b'{"title": "ok", "completed": true, "completed": "no"}',
-                        headers={"content-type": JSON})
+    refused = http.post(
+        "/todos",
+        content=b'{"title": "ok", "completed": true, "completed": "no"}',
+        headers={"content-type": JSON},
+    )
     assert_problem(refused, 422, "completed")
     assert rows(embedded_database) == before
 
 
 # --- odd ids and query values ------------------------------------------------------------------
 
-ODD_IDS = ["%00", "..%2F..", "%2e%2e%2fhealthz", "%FF%FE", "caf%C3%A9", "a" * 5000, "12345678-1234-5678-1234-56781234567",
-           "12345678-1234-5678-1234-5678123456789", "12345678-1234-5678-1234-567812345678%0A",
-           "12345678%201234-5678-1234-567812345678", "-1", "0", "null", "%7B%7D", "%20"]
+ODD_IDS = [
+    "%00",
+    "..%2F..",
+    "%2e%2e%2fhealthz",
+    "%FF%FE",
+    "caf%C3%A9",
+    "a" * 5000,
+    "12345678-1234-5678-1234-56781234567",
+    "12345678-1234-5678-1234-5678123456789",
+    "12345678-1234-5678-1234-567812345678%0A",
+    "12345678%201234-5678-1234-567812345678",
+    "-1",
+    "0",
+    "null",
+    "%7B%7D",
+    "%20",
+]
 
 
 def test_odd_ids_are_404_problems_and_touch_nothing(http, embedded_database, target):
@@ -370,8 +446,21 @@ def test_odd_ids_are_404_problems_and_touch_nothing(http, embedded_database, tar
 
 
 ODD_QUERIES = {
-    "limit": ["1e2", "0x10", "+5", "%205", "5%20", "%EF%BC%95", "", "-0", "101", "0", "5&limit=abc", "%00",
-              "9" * 400],
+    "limit": [
+        "1e2",
+        "0x10",
+        "+5",
+        "%205",
+        "5%20",
+        "%EF%BC%95",
+        "",
+        "-0",
+        "101",
+        "0",
+        "5&limit=abc",
+        "%00",
+        "9" * 400,
+    ],
     "completed": ["", "maybe", "%00", "truee", "true%00", "tru%C3%A9"],
     "cursor": ["", "%00", "0" * 45, "0" * 47, "A" * 46, "0" * 45 + "g", "0" * 45 + "%00", "x" * 5000],
 }
@@ -382,8 +471,18 @@ def test_odd_query_values_are_422_naming_the_field(http):
         for value in values:
             assert_problem(http.get(f"/todos?{field}={value}"), 422, field)
     # and what is odd but fine
-    for query in ("limit=00005", "completed=TRUE", "completed=0", "limit=5&limit=6", "colour=red&limit=1",
-                  "cursor=" + "0" * 46, "cursor=" + "f" * 46, "&&&", "limit", "=x"):
+    for query in (
+        "limit=00005",
+        "completed=TRUE",
+        "completed=0",
+        "limit=5&limit=6",
+        "colour=red&limit=1",
+        "cursor=" + "0" * 46,
+        "cursor=" + "f" * 46,
+        "&&&",
+        "limit",
+        "=x",
+    ):
         response = http.get(f"/todos?{query}")
         if query == "limit":  # a name without a value: an empty limit
             assert_problem(response, 422, "limit")
@@ -400,6 +499,7 @@ def test_odd_titles_in_the_query_are_refused_and_store_nothing(http, embedded_da
 
 
 # --- header floods ------------------------------------------------------------------------------
+
 
 @pytest.mark.slow  # a process per parser, megabytes of headers over raw sockets
 def test_header_floods_get_an_answer_never_a_5xx(parser_server, embedded_database):

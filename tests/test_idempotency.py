@@ -45,7 +45,9 @@ def count(url: str) -> int:
 
 
 def rows_titled(url: str, title: str) -> int:
-    return run_sql(url, "SELECT count(*) FROM todos WHERE title = '{}'".format(title.replace("'", "''")))[0][0]
+    return run_sql(url, "SELECT count(*) FROM todos WHERE title = '{}'".format(title.replace("'", "''")))[0][
+        0
+    ]
 
 
 def assert_key_problem(response: httpx.Response) -> None:
@@ -58,16 +60,28 @@ def key() -> str:
     return str(uuid.uuid4())
 
 
-@pytest.mark.parametrize("bad", [
-    b"", b"x" * 256, b"tab\tinside", b"del\x7f", "caf\u00e9".encode("latin-1"), "caf\u00e9".encode(),
-    b"nul\x00byte",
-], ids=["empty", "256 characters", "tab", "DEL", "latin-1", "utf-8", "NUL"])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        b"",
+        b"x" * 256,
+        b"tab\tinside",
+        b"del\x7f",
+        "caf\u00e9".encode("latin-1"),
+        "caf\u00e9".encode(),
+        b"nul\x00byte",
+    ],
+    ids=["empty", "256 characters", "tab", "DEL", "latin-1", "utf-8", "NUL"],
+)
 def test_a_malformed_key_is_422_and_stores_nothing(http: InProcess, embedded_database: str, bad: bytes):
     """The header's raw bytes, as the ASGI server hands them over (uvicorn's own parser may
     refuse NUL and DEL before the app sees them: test_hostile_input.py sends such framing)."""
     before = count(embedded_database)
-    response = http.post("/todos", content=b'{"title": "malformed key"}',
-                         headers=[(b"Content-Type", b"application/json"), (b"Idempotency-Key", bad)])
+    response = http.post(
+        "/todos",
+        content=b'{"title": "malformed key"}',
+        headers=[(b"Content-Type", b"application/json"), (b"Idempotency-Key", bad)],
+    )
     assert_key_problem(response)
     assert count(embedded_database) == before
 
@@ -97,6 +111,7 @@ def test_a_keyed_create_through_the_api_token_uses_the_scoped_id(embedded_postgr
     finally:
         drop_database(embedded_postgres, url)
     import app
+
     os.environ["API_TOKEN"] = "scoped-token"
     try:
         assert created.json()["id"] == str(app.keyed_todo_id("shared-key"))
@@ -105,6 +120,7 @@ def test_a_keyed_create_through_the_api_token_uses_the_scoped_id(embedded_postgr
 
 
 # --- a 503 whose insert did commit ------------------------------------------------------------
+
 
 class StatementCounter:
     """Reads one client's stream of the PostgreSQL protocol (v3) and calls `on_execute(sql)`
@@ -139,7 +155,7 @@ class StatementCounter:
             length = int.from_bytes(self.buffer[1:5], "big")
             if len(self.buffer) < 1 + length:
                 return
-            kind, fields = self.buffer[:1], self.buffer[5:1 + length].split(b"\0")
+            kind, fields = self.buffer[:1], self.buffer[5 : 1 + length].split(b"\0")
             if kind == b"P":  # Parse: statement name, SQL, ...
                 self.prepared[fields[0]] = fields[1].decode()
             elif kind == b"B":  # Bind: portal name, statement name, ...
@@ -148,7 +164,7 @@ class StatementCounter:
                 self.on_execute(self.portals.get(fields[0], ""))
             elif kind == b"Q":  # Query: SQL
                 self.on_execute(fields[0].decode())
-            self.buffer = self.buffer[1 + length:]
+            self.buffer = self.buffer[1 + length :]
 
 
 class Withheld(NamedTuple):
@@ -284,7 +300,7 @@ class ReplyHoldingProxy:
             kind, length = link.reply[:1], int.from_bytes(link.reply[1:5], "big")
             if len(link.reply) < 1 + length:
                 return False
-            body, link.reply = link.reply[5:1 + length], link.reply[1 + length:]
+            body, link.reply = link.reply[5 : 1 + length], link.reply[1 + length :]
             if kind == b"D":  # DataRow
                 link.reply_rows += 1
             elif kind == b"C":  # CommandComplete: its tag, e.g. "DELETE 1"
@@ -345,7 +361,12 @@ def test_a_create_without_a_key_costs_one_statement_a_repeated_key_two(proxied):
     url, proxy, client = proxied
     warm_key = key()
     for _ in range(2):  # prepares every statement a create may run on the one connection
-        assert client.post("/todos", json={"title": "warm up"}, headers={"Idempotency-Key": warm_key}).status_code == 201
+        assert (
+            client.post(
+                "/todos", json={"title": "warm up"}, headers={"Idempotency-Key": warm_key}
+            ).status_code
+            == 201
+        )
 
     def statements_for(**request) -> int:
         before = proxy.statements
@@ -391,8 +412,10 @@ def test_a_retry_after_a_503_whose_insert_committed_stores_nothing_new(proxied, 
 
 # --- a PATCH or DELETE whose connection was lost after it committed -----------------------------
 
-def lost_after_commit(proxy: ReplyHoldingProxy, command: str,
-                      send) -> tuple[httpx.Response, Withheld, list[str]]:
+
+def lost_after_commit(
+    proxy: ReplyHoldingProxy, command: str, send
+) -> tuple[httpx.Response, Withheld, list[str]]:
     """Send a request whose `command` statement runs and commits, and whose connection is
     then reset before the reply reaches the service. The response, the reply the service
     never saw, and the `command` statements that reached PostgreSQL meanwhile."""
@@ -402,7 +425,11 @@ def lost_after_commit(proxy: ReplyHoldingProxy, command: str,
     assert len(proxy.withheld) == withheld + 1, "no reply was dropped: the test proves nothing"
     lost = proxy.withheld[-1]
     assert lost.status == "I", lost  # committed before the connection went
-    return response, lost, [sql for sql in proxy.executed[before:] if sql.lstrip().upper().startswith(command)]
+    return (
+        response,
+        lost,
+        [sql for sql in proxy.executed[before:] if sql.lstrip().upper().startswith(command)],
+    )
 
 
 def test_a_delete_retried_after_its_connection_was_lost_is_404_never_500(proxied):
@@ -412,7 +439,9 @@ def test_a_delete_retried_after_its_connection_was_lost_is_404_never_500(proxied
 
     url, proxy, client = proxied
     todo = client.post("/todos", json={"title": "deleted once, answered never"}).json()
-    response, lost, deletes = lost_after_commit(proxy, "DELETE", lambda: client.delete(f"/todos/{todo['id']}"))
+    response, lost, deletes = lost_after_commit(
+        proxy, "DELETE", lambda: client.delete(f"/todos/{todo['id']}")
+    )
     assert lost.tag == "DELETE 1"  # the first attempt removed it; the service never heard so
     assert response.status_code in (204, 404), response.text
     if response.status_code == 404:
@@ -432,12 +461,15 @@ def test_a_patch_retried_after_its_connection_was_lost_is_200_with_the_change(pr
     url, proxy, client = proxied
     todo = client.post("/todos", json={"title": "patched once, answered never"}).json()
     response, lost, updates = lost_after_commit(
-        proxy, "UPDATE", lambda: client.patch(f"/todos/{todo['id']}", json={"completed": True}))
+        proxy, "UPDATE", lambda: client.patch(f"/todos/{todo['id']}", json={"completed": True})
+    )
     assert lost.rows == 1  # the first attempt changed it; the service never heard so
     assert response.status_code == 200, response.text
     assert response.json()["completed"] is True and response.json()["id"] == todo["id"]
     assert updates == [db.UPDATE_TODO] * 2
-    assert [tuple(r) for r in run_sql(url, f"SELECT completed FROM todos WHERE id = '{todo['id']}'")] == [(True,)]
+    assert [tuple(r) for r in run_sql(url, f"SELECT completed FROM todos WHERE id = '{todo['id']}'")] == [
+        (True,)
+    ]
     assert client.get(f"/todos/{todo['id']}").json() == response.json()
     assert not [e for e in client.logs() if e["level"] in ("error", "critical")]
 
@@ -454,7 +486,11 @@ def test_a_todo_deleted_between_the_insert_and_the_read_is_inserted_anew(embedde
     database_url = create_database(embedded_postgres)
     monkeypatch.setattr(db, "lifecycle", db.PoolLifecycle())  # a pool of this test's own
     todo_id = uuid.uuid4()
-    run_sql(database_url, db.CREATE_TABLE, f"INSERT INTO todos VALUES ('{todo_id}', 'doomed', false, now(), now())")
+    run_sql(
+        database_url,
+        db.CREATE_TABLE,
+        f"INSERT INTO todos VALUES ('{todo_id}', 'doomed', false, now(), now())",
+    )
     real_fetchrow = asyncpg.connection.Connection.fetchrow
     deleted = []
 
@@ -491,7 +527,13 @@ def test_the_openapi_document_describes_the_header_and_its_422(http: InProcess):
     create = spec["paths"]["/todos"]["post"]
     header = next(p for p in create["parameters"] if p["name"] == "Idempotency-Key")
     assert header["in"] == "header" and header["required"] is False
-    assert header["schema"] == {"type": "string", "minLength": 1, "maxLength": 255,
-                                "pattern": app.IDEMPOTENCY_KEY_PATTERN}
+    assert header["schema"] == {
+        "type": "string",
+        "minLength": 1,
+        "maxLength": 255,
+        "pattern": app.IDEMPOTENCY_KEY_PATTERN,
+    }
     assert "Idempotency-Key" in create["responses"]["422"]["description"]
-    assert all(p["name"] != "Idempotency-Key" for p in spec["paths"]["/todos/{todo_id}"]["patch"]["parameters"])
+    assert all(
+        p["name"] != "Idempotency-Key" for p in spec["paths"]["/todos/{todo_id}"]["patch"]["parameters"]
+    )

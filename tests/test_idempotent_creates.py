@@ -33,7 +33,9 @@ def count(url: str) -> int:
 
 
 def rows_titled(url: str, title: str) -> int:
-    return run_sql(url, "SELECT count(*) FROM todos WHERE title = '{}'".format(title.replace("'", "''")))[0][0]
+    return run_sql(url, "SELECT count(*) FROM todos WHERE title = '{}'".format(title.replace("'", "''")))[0][
+        0
+    ]
 
 
 def assert_key_problem(response: httpx.Response) -> None:
@@ -47,6 +49,7 @@ def key() -> str:
 
 
 # --- the same key, the same todo ----------------------------------------------------------
+
 
 def test_repeated_creates_with_one_key_store_one_todo(http, database_url):
     headers = {"Idempotency-Key": key()}
@@ -68,8 +71,12 @@ def test_the_same_fields_in_another_spelling_are_the_same_request(http, database
     """Sameness is judged on the todo the request asks for: trimmed title, completed."""
     headers = {"Idempotency-Key": key()}
     todo = http.post("/todos", json={"title": "water plants"}, headers=headers).json()
-    same = [dict(json={"title": "  water plants\n"}), dict(json={"completed": False, "title": "water plants"}),
-            dict(params={"title": "water plants"}), dict(params={"title": "water plants", "completed": "false"})]
+    same = [
+        dict(json={"title": "  water plants\n"}),
+        dict(json={"completed": False, "title": "water plants"}),
+        dict(params={"title": "water plants"}),
+        dict(params={"title": "water plants", "completed": "false"}),
+    ]
     for spelling in same:
         response = http.post("/todos", headers=headers, **spelling)
         assert response.status_code == 201 and response.json() == todo, (spelling, response.text)
@@ -86,12 +93,15 @@ def test_twenty_concurrent_creates_with_one_key_store_one_todo(http, database_ur
 
     with concurrent.futures.ThreadPoolExecutor(20) as pool:
         responses = list(pool.map(create, range(20)))
-    assert [r.status_code for r in responses] == [201] * 20, [r.text for r in responses if r.status_code != 201]
+    assert [r.status_code for r in responses] == [201] * 20, [
+        r.text for r in responses if r.status_code != 201
+    ]
     assert len({r.text for r in responses}) == 1  # the very same todo, timestamps included
     assert rows_titled(database_url, "concurrent once") == 1
 
 
 # --- the same key, another todo; malformed keys ---------------------------------------------
+
 
 def test_one_key_with_different_fields_is_422_and_changes_nothing(http, database_url):
     headers = {"Idempotency-Key": key()}
@@ -105,16 +115,20 @@ def test_one_key_with_different_fields_is_422_and_changes_nothing(http, database
 
 def test_keys_at_the_limits_are_accepted_and_a_repeated_header_is_refused(http, database_url):
     for good in ("k", "~" * 255, "with inner spaces", '"a-quoted-sf-string"', key()):
-        response = http.post("/todos", json={"title": f"limit {len(good)}"}, headers={"Idempotency-Key": good})
+        response = http.post(
+            "/todos", json={"title": f"limit {len(good)}"}, headers={"Idempotency-Key": good}
+        )
         assert response.status_code == 201, (good, response.text)
     before = count(database_url)
-    twice = http.post("/todos", json={"title": "twice"},
-                      headers=[("Idempotency-Key", "one"), ("Idempotency-Key", "two")])
+    twice = http.post(
+        "/todos", json={"title": "twice"}, headers=[("Idempotency-Key", "one"), ("Idempotency-Key", "two")]
+    )
     assert_key_problem(twice)
     assert count(database_url) == before
 
 
 # --- what deriving the id from the key implies ------------------------------------------------
+
 
 def test_after_a_patch_a_retry_answers_the_todo_as_it_is_now(http, database_url):
     headers = {"Idempotency-Key": key()}

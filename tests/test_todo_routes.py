@@ -31,6 +31,7 @@ def empty(api: httpx.Client, database_url: str) -> httpx.Client:
 
 # --- routes ------------------------------------------------------------------------------
 
+
 def test_create_returns_the_todo_with_location(api: httpx.Client):
     response = api.post("/todos", json={"title": "  buy milk \n"})
     assert response.status_code == 201
@@ -83,10 +84,13 @@ def test_list_newest_first_with_limit_and_filter(empty: httpx.Client):
 
 
 def test_default_limit_is_50(empty: httpx.Client, database_url: str):
-    run_sql(database_url, """
+    run_sql(
+        database_url,
+        """
         INSERT INTO todos (id, title, completed, created_at, updated_at)
         SELECT gen_random_uuid(), 'bulk ' || i, false, now() - i * interval '1 second', now()
-        FROM generate_series(1, 60) AS i""")
+        FROM generate_series(1, 60) AS i""",
+    )
     page = empty.get("/todos")
     assert len(page.json()) == 50 and 'rel="next"' in page.headers["link"]
     assert len(empty.get("/todos", params={"limit": 100}).json()) == 60
@@ -94,12 +98,17 @@ def test_default_limit_is_50(empty: httpx.Client, database_url: str):
 
 def test_pagination_across_250_todos_has_no_duplicate_and_no_gap(empty: httpx.Client, database_url: str):
     # Some share a created_at, so the cursor must break ties on id.
-    run_sql(database_url, """
+    run_sql(
+        database_url,
+        """
         INSERT INTO todos (id, title, completed, created_at, updated_at)
         SELECT gen_random_uuid(), 'page ' || i, i % 2 = 0,
                timestamptz '2026-01-01' + (i / 3) * interval '1 millisecond', now()
-        FROM generate_series(1, 250) AS i""")
-    expected = [str(r[0]) for r in run_sql(database_url, "SELECT id FROM todos ORDER BY created_at DESC, id DESC")]
+        FROM generate_series(1, 250) AS i""",
+    )
+    expected = [
+        str(r[0]) for r in run_sql(database_url, "SELECT id FROM todos ORDER BY created_at DESC, id DESC")
+    ]
     for completed in (None, "true"):
         seen: list[str] = []
         path, pages = "/todos?limit=17" + (f"&completed={completed}" if completed else ""), 0
@@ -110,12 +119,20 @@ def test_pagination_across_250_todos_has_no_duplicate_and_no_gap(empty: httpx.Cl
             if completed:
                 assert all(t["completed"] for t in response.json())
             link = response.headers.get("link")
-            path = link[link.index("<") + 1:link.index(">")] if link else None
+            path = link[link.index("<") + 1 : link.index(">")] if link else None
             if link:
                 assert link.endswith('; rel="next"') and path.startswith("/todos?")
             pages += 1
-        want = expected if completed is None else [
-            str(r[0]) for r in run_sql(database_url, "SELECT id FROM todos WHERE completed ORDER BY created_at DESC, id DESC")]
+        want = (
+            expected
+            if completed is None
+            else [
+                str(r[0])
+                for r in run_sql(
+                    database_url, "SELECT id FROM todos WHERE completed ORDER BY created_at DESC, id DESC"
+                )
+            ]
+        )
         assert seen == want
         assert len(set(seen)) == len(seen)
         assert pages == -(-len(want) // 17)
@@ -142,7 +159,9 @@ def test_concurrent_creates_and_updates(api: httpx.Client):
         made = list(pool.map(lambda i: create_todo(api, f"parallel {i}"), range(60)))
     assert len({t["id"] for t in made}) == 60
     target = made[0]["id"]
-    statuses = list(pool_map(lambda i: api.patch(f"/todos/{target}", json={"title": f"v{i}"}).status_code, range(40)))
+    statuses = list(
+        pool_map(lambda i: api.patch(f"/todos/{target}", json={"title": f"v{i}"}).status_code, range(40))
+    )
     assert statuses == [200] * 40
     final = api.get(f"/todos/{target}").json()
     assert final["title"] in {f"v{i}" for i in range(40)}
