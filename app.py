@@ -4,7 +4,7 @@ Sections, in order:
 
 - routes: the endpoints, and `routes`, the one list of every path and method;
 - the app: RequestContext, the one middleware (request ids, the bearer token, problem+json
-  for every error, one log line per request), CORS when CORS_ORIGINS is set, the lifespan,
+  for every error, the request's log line), CORS when CORS_ORIGINS is set, the lifespan,
   and `app`;
 - messages: the msgspec Structs of every body, the encoder and decoders built once;
 - request parsing: bodies, query strings, titles, limits, cursors, Idempotency-Key;
@@ -169,7 +169,7 @@ class RequestContext:
     Gives each request an id (the caller's, if sane), answers 401 on /todos when API_TOKEN
     is set and the bearer token is wrong, renders every error as problem+json (HTTPException,
     the database being unavailable, and anything else as a 500 that carries the request id
-    but no traceback), and logs one line per request.
+    but no traceback), and logs the request's line (RequestLog says when).
     """
 
     def __init__(self, app: ASGIApp):
@@ -221,9 +221,15 @@ class RequestContext:
             if error_response is not None and not response_started:
                 await error_response(scope, receive, send_with_id)
         finally:
-            if log.isEnabledFor(logging.INFO):
+            duration = time.perf_counter() - started
+            if log.isEnabledFor(logging.INFO) and request_log.wanted(status, duration):
+                vercel_id = headers.get(b"x-vercel-id")
                 request_log.write(
-                    scope["method"], scope["path"], status, round((time.perf_counter() - started) * 1000, 2)
+                    scope["method"],
+                    scope["path"],
+                    status,
+                    round(duration * 1000, 2),
+                    vercel_id.decode("latin-1") if vercel_id is not None else None,
                 )
 
 
@@ -798,8 +804,9 @@ class JsonMessages(logging.Filter):
         return True
 
 
-class RequestLine(Struct):
-    """The line each request logs; the same fields, in the same order, as log.info would give."""
+class RequestLine(Struct, omit_defaults=True):
+    """The line a request logs; the same fields, in the same order, as log.info would give.
+    On Vercel it also names the platform's own record of the request (`x-vercel-id`)."""
 
     time: str
     level: str
@@ -810,10 +817,22 @@ class RequestLine(Struct):
     path: str
     status: int
     duration_ms: float
+    vercel_id: str | None = None
+
+
+# On Vercel a request slower than this is logged even when it succeeded.
+SLOW_REQUEST = 0.5  # seconds
 
 
 class RequestLog:
     """Writes the request line straight to the handlers `configure_logging` chose.
+
+    Outside Vercel every request gets its line. On Vercel the platform already records every
+    request (method, path, status, duration), and each line costs a message on the runtime's
+    IPC socket, a large share of a request's CPU (bench/RESULTS.md). There the line is written
+    only when it adds something: for an error (4xx, 5xx), for a request slower than
+    SLOW_REQUEST, and for every request at LOG_LEVEL=debug; it carries the request id beside
+    the platform's `x-vercel-id`, so that either finds the other.
 
     `log.info("request", extra=…)` walks the logger tree, builds a dict of the record's
     attributes and formats it, for every request (README, "A cheap request line", counts the
@@ -825,8 +844,15 @@ class RequestLog:
     def __init__(self) -> None:
         self.stream_handlers: list[logging.StreamHandler] = []
         self.record_handlers: list[logging.Handler] = []
+        self.every_request = True  # configure_logging: False on Vercel unless LOG_LEVEL=debug
 
-    def write(self, method: str, path: str, status: int, duration_ms: float) -> None:
+    def wanted(self, status: int, duration: float) -> bool:
+        """Whether a request that answered `status` after `duration` seconds gets its line."""
+        return self.every_request or status >= 400 or duration >= SLOW_REQUEST
+
+    def write(
+        self, method: str, path: str, status: int, duration_ms: float, vercel_id: str | None = None
+    ) -> None:
         line = auth.redact(
             encoder.encode(
                 RequestLine(
@@ -839,6 +865,7 @@ class RequestLog:
                     path,
                     status,
                     duration_ms,
+                    vercel_id,
                 )
             ).decode()
         )
@@ -925,6 +952,7 @@ def configure_logging() -> None:
         stderr_handlers.append(logging.StreamHandler(sys.stderr))
         stderr_handlers[0].setFormatter(JsonFormatter())
     request_log.stream_handlers, request_log.record_handlers = stderr_handlers, runtime_handlers
+    request_log.every_request = not db.on_vercel() or log_level() <= logging.DEBUG
     for name in (*JSON_LOGGERS, *UVICORN_LOGGERS):
         logger = logging.getLogger(name)
         if name == "uvicorn.access" and not logger.handlers:

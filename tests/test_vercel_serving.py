@@ -12,7 +12,8 @@ else, cached under .cache/) and serve app.py from it through `vercel_runtime.vc_
    in app.py): a run of requests on one connection has a median far below the ~40 ms a
    stall costs;
 3. log records reach the platform through the runtime's logging with their level, as one
-   JSON object per line carrying the request id;
+   JSON object per line carrying the request id; a request's own line is written for an
+   error (with the platform's `x-vercel-id` beside the request id), not for a quick success;
 4. from vercel-runtime 0.23.3 the runtime sets TCP_NODELAY itself (it hands uvicorn its socket
    with sockets=, not fd=), and RuntimeNoDelay is harmless there: it can go once the builder
    installs 0.23.3 or later;
@@ -170,6 +171,10 @@ def test_logs_reach_the_platform_as_json_lines_with_level_and_request_id(
     ) as runtime:
         created = runtime.request("POST", "/todos", {"X-Request-ID": "log-check-1"}, json={"title": "logged"})
         assert created.status == 201, created.text
+        missing = runtime.request(
+            "GET", "/todos/not-a-todo", {"X-Request-ID": "log-check-2", "x-vercel-id": "fra1::log-check-edge-id"}
+        )
+        assert missing.status == 404, missing.text
         # uvicorn's own warning for a request it cannot parse, on a raw connection
         with socket.create_connection(("127.0.0.1", runtime.port), timeout=10) as raw:
             raw.sendall(b"NOT HTTP AT ALL\r\n\r\n")
@@ -193,13 +198,17 @@ def test_logs_reach_the_platform_as_json_lines_with_level_and_request_id(
         assert log.level == {"warning": "warn", "critical": "fatal"}.get(entry["level"], entry["level"]), log
         entries.append((log, entry))
 
-    request_lines = [
-        (log, e) for log, e in entries if e["message"] == "request" and e.get("request_id") == "log-check-1"
-    ]
-    assert len(request_lines) == 1, entries
-    log, line = request_lines[0]
-    assert (log.level, line["method"], line["path"], line["status"]) == ("info", "POST", "/todos", 201)
-    assert log.invocation_id == created.invocation_id  # attributed to its invocation
+    # The platform records every request itself: a success that was quick adds no line of ours;
+    # an error does, with the request id beside the platform's own (x-vercel-id).
+    def request_lines(request_id: str) -> list:
+        return [(log, e) for log, e in entries if e["message"] == "request" and e.get("request_id") == request_id]
+
+    assert request_lines("log-check-1") == [], entries
+    assert len(request_lines("log-check-2")) == 1, entries
+    log, line = request_lines("log-check-2")[0]
+    assert (log.level, line["method"], line["path"], line["status"]) == ("info", "GET", "/todos/not-a-todo", 404)
+    assert line["vercel_id"] == "fra1::log-check-edge-id"
+    assert log.invocation_id == missing.invocation_id  # attributed to its invocation
     invalid = [(log, e) for log, e in entries if e["message"].startswith("Invalid HTTP request")]
     assert invalid and invalid[0][0].level == "warn" and invalid[0][1]["logger"] == "uvicorn.error", entries
 
