@@ -54,8 +54,12 @@ class TodoUser(FastHttpUser):
     @task(2)
     def complete(self) -> None:
         if self.mine:
-            self.client.patch(f"/todos/{random.choice(self.mine)}", json={"completed": True},
-                              headers=HEADERS, name="/todos/{id}")
+            self.client.patch(
+                f"/todos/{random.choice(self.mine)}",
+                json={"completed": True},
+                headers=HEADERS,
+                name="/todos/{id}",
+            )
 
     @task(1)
     def delete(self) -> None:

@@ -39,8 +39,12 @@ def summarize(collapsed: Path, top: int) -> str:
             continue
         count = int(count_text)
         total += count
-        frames = [f.split(" (")[0] + " (" + f.split(" (")[1].split(":")[0].rsplit("/", 1)[-1] + ")"
-                  if " (" in f else f for f in stack.split(";")]
+        frames = [
+            f.split(" (")[0] + " (" + f.split(" (")[1].split(":")[0].rsplit("/", 1)[-1] + ")"
+            if " (" in f
+            else f
+            for f in stack.split(";")
+        ]
         for frame in set(frames):
             inclusive[frame] += count
         own[frames[-1]] += count
@@ -73,11 +77,21 @@ def main() -> int:
     uuids, ints = db.ids()
     ids = out / "ids.txt"
     ids.write_text("\n".join(ints if args.target == "reference" else uuids) + "\n")
-    env = {"DATABASE_URL": db.dsn, "DB_POOL_MIN": str(bench_args.pool_min),
-           "DB_POOL_MAX": str(bench_args.pool_max), "LOG_LEVEL": bench_args.log_level}
+    env = {
+        "DATABASE_URL": db.dsn,
+        "DB_POOL_MIN": str(bench_args.pool_min),
+        "DB_POOL_MAX": str(bench_args.pool_max),
+        "LOG_LEVEL": bench_args.log_level,
+    }
     pythons = run.function_pythons([args.target]) if args.mode == "vercel" else {}
-    server = run.Server(args.target, env if args.mode == "vercel" else run.clean_env(env), bench_args, out,
-                        mode=args.mode, python=pythons.get(args.target))
+    server = run.Server(
+        args.target,
+        env if args.mode == "vercel" else run.clean_env(env),
+        bench_args,
+        out,
+        mode=args.mode,
+        python=pythons.get(args.target),
+    )
     server.start()
     style = "query" if args.target == "reference" else "json"
     proxy = "vercel" if args.mode == "vercel" else ""
@@ -85,21 +99,37 @@ def main() -> int:
         server.wait_ready()
         run.run_wrk(server.port, args.workload, style, str(ids), 2, bench_args, proxy=proxy)  # warm-up
         collapsed = out / f"{args.target}-{args.workload}.txt"
-        spy = subprocess.Popen([str(Path(sys.executable).parent / "py-spy"), "record", "--pid",
-                                str(server.proc.pid), "--rate", str(args.rate), "--format", "raw",
-                                "--output", str(collapsed), "--nonblocking"],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        spy = subprocess.Popen(
+            [
+                str(Path(sys.executable).parent / "py-spy"),
+                "record",
+                "--pid",
+                str(server.proc.pid),
+                "--rate",
+                str(args.rate),
+                "--format",
+                "raw",
+                "--output",
+                str(collapsed),
+                "--nonblocking",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
         time.sleep(1.0)
-        result = run.run_wrk(server.port, args.workload, style, str(ids), args.seconds, bench_args, proxy=proxy)
+        result = run.run_wrk(
+            server.port, args.workload, style, str(ids), args.seconds, bench_args, proxy=proxy
+        )
         spy.send_signal(2)
         spy.wait(timeout=30)
     finally:
         server.stop()
         db.seed(args.todos)
         db.close()
-    report = (f"{args.target} ({args.mode}) {args.workload}, {args.todos} todos: {result['rps']:.0f} req/s "
-              "under py-spy\n"
-              + summarize(collapsed, args.top))
+    report = (
+        f"{args.target} ({args.mode}) {args.workload}, {args.todos} todos: {result['rps']:.0f} req/s "
+        "under py-spy\n" + summarize(collapsed, args.top)
+    )
     (out / f"{args.target}-{args.workload}-summary.txt").write_text(report)
     print(report)
     print(f"\ncollapsed stacks: {collapsed}")

@@ -44,7 +44,8 @@ async def lifespan(app: FastAPI):
         user = os.environ.get("PGUSER", "postgres")
         region = os.environ.get("AWS_REGION")
         token = boto3.client("rds", region_name=region).generate_db_auth_token(
-            DBHostname=host, Port=port, DBUsername=user, Region=region)
+            DBHostname=host, Port=port, DBUsername=user, Region=region
+        )
         sslmode = os.environ.get("PGSSLMODE", "require")
         ssl_arg: ssl.SSLContext | str | bool = sslmode
         if sslmode == "disable":
@@ -52,9 +53,15 @@ async def lifespan(app: FastAPI):
         elif os.environ.get("PGSSLROOTCERT"):
             ssl_arg = ssl.create_default_context(cafile=os.environ["PGSSLROOTCERT"])
         pool = await asyncpg.create_pool(
-            host=host, port=port, user=user, password=token,
-            database=os.environ.get("PGDATABASE", "postgres"), ssl=ssl_arg,
-            min_size=min_size, max_size=max_size)
+            host=host,
+            port=port,
+            user=user,
+            password=token,
+            database=os.environ.get("PGDATABASE", "postgres"),
+            ssl=ssl_arg,
+            min_size=min_size,
+            max_size=max_size,
+        )
     yield
     await pool.close()
 
@@ -78,8 +85,7 @@ async def get_todo(todo_id: int):
 
 @app.post("/todos", status_code=201)
 async def create_todo(title: str):
-    row = await pool.fetchrow(
-        "INSERT INTO todos_ref (title) VALUES ($1) RETURNING *", title)
+    row = await pool.fetchrow("INSERT INTO todos_ref (title) VALUES ($1) RETURNING *", title)
     return dict(row)
 
 
@@ -87,7 +93,9 @@ async def create_todo(title: str):
 async def update_todo(todo_id: int, completed: bool):
     row = await pool.fetchrow(
         "UPDATE todos_ref SET completed = $2, updated_at = now() WHERE id = $1 RETURNING *",
-        todo_id, completed)
+        todo_id,
+        completed,
+    )
     if row is None:
         raise HTTPException(status_code=404, detail="Todo not found")
     return dict(row)

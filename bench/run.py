@@ -94,16 +94,19 @@ TARGETS = ("project", "reference", "ceiling")
 WORKLOADS = ("list", "get", "create", "mixed")
 # Variables of ours or of AWS/libpq that must not leak from the caller's environment
 # into a target: each target gets exactly the configuration the benchmark gives it.
-SCRUB = re.compile(r"^(PG\w+|AWS_\w+|DATABASE_URL|DB_\w+|API_TOKEN|LOG_LEVEL|PORT|VERCEL\w*|"
-                   r"BOTO_\w+|CEILING_\w+)$")
+SCRUB = re.compile(
+    r"^(PG\w+|AWS_\w+|DATABASE_URL|DB_\w+|API_TOKEN|LOG_LEVEL|PORT|VERCEL\w*|"
+    r"BOTO_\w+|CEILING_\w+)$"
+)
 
 
 def log(message: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
-def http_get(port: int, path: str, timeout: float = 5.0,
-             headers: dict[str, str] | None = None) -> tuple[int, bytes]:
+def http_get(
+    port: int, path: str, timeout: float = 5.0, headers: dict[str, str] | None = None
+) -> tuple[int, bytes]:
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
     try:
         connection.request("GET", path, headers=headers or {})
@@ -119,6 +122,7 @@ def median(values: list[float]) -> float | None:
 
 
 # --- database --------------------------------------------------------------------------
+
 
 class Database:
     """The benchmark's database: schema for the three targets and reseeding between runs."""
@@ -170,28 +174,34 @@ class Database:
     def _schema(self) -> None:
         # The project's schema is the project's business: `python db.py migrate`.
         env = clean_env({"DATABASE_URL": self.dsn})
-        done = subprocess.run([PY, "db.py", "migrate"], cwd=ROOT, env=env, capture_output=True,
-                              text=True, timeout=60)
+        done = subprocess.run(
+            [PY, "db.py", "migrate"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
+        )
         if done.returncode == 0:
             self.schema_by = "python db.py migrate"
         else:
             log(f"db.py migrate failed ({done.stderr.strip()[-300:]}); creating the SPEC schema here")
             self.schema_by = "bench/run.py (db.py migrate failed)"
-            self.run(self.conn.execute("""
+            self.run(
+                self.conn.execute("""
                 CREATE TABLE IF NOT EXISTS todos (id uuid PRIMARY KEY, title text NOT NULL,
                     completed boolean NOT NULL DEFAULT false, created_at timestamptz NOT NULL,
                     updated_at timestamptz NOT NULL);
                 CREATE INDEX IF NOT EXISTS todos_newest_first ON todos (created_at, id);
-                CREATE INDEX IF NOT EXISTS todos_by_completed ON todos (completed, created_at, id)"""))
-        self.run(self.conn.execute("""
+                CREATE INDEX IF NOT EXISTS todos_by_completed ON todos (completed, created_at, id)""")
+            )
+        self.run(
+            self.conn.execute("""
             CREATE TABLE IF NOT EXISTS todos_ref (id serial PRIMARY KEY, title text NOT NULL,
                 completed boolean NOT NULL DEFAULT false,
                 created_at timestamptz NOT NULL DEFAULT now(),
-                updated_at timestamptz NOT NULL DEFAULT now())"""))
+                updated_at timestamptz NOT NULL DEFAULT now())""")
+        )
 
     def seed(self, count: int) -> None:
         """Exactly `count` todos in both tables, same titles, flags and times; stable ids."""
-        self.run(self.conn.execute(f"""
+        self.run(
+            self.conn.execute(f"""
             TRUNCATE todos;
             TRUNCATE todos_ref RESTART IDENTITY;
             INSERT INTO todos (id, title, completed, created_at, updated_at)
@@ -204,7 +214,8 @@ class Database:
                        timestamptz '2026-01-01' + i * interval '1 second',
                        timestamptz '2026-01-01' + i * interval '1 second'
                 FROM generate_series(1, {int(count)}) AS i;
-            ANALYZE todos; ANALYZE todos_ref"""))
+            ANALYZE todos; ANALYZE todos_ref""")
+        )
 
     def ids(self) -> tuple[list[str], list[str]]:
         uuids = self.run(self.conn.fetch("SELECT id::text FROM todos ORDER BY created_at"))
@@ -212,10 +223,13 @@ class Database:
         return [r[0] for r in uuids], [r[0] for r in ints]
 
     def backends(self) -> list[tuple[int, float]]:
-        rows = self.run(self.conn.fetch(
-            "SELECT pid, extract(epoch FROM backend_start)::float8 FROM pg_stat_activity "
-            "WHERE datname = $1 AND pid <> pg_backend_pid() AND backend_type = 'client backend'",
-            self.name))
+        rows = self.run(
+            self.conn.fetch(
+                "SELECT pid, extract(epoch FROM backend_start)::float8 FROM pg_stat_activity "
+                "WHERE datname = $1 AND pid <> pg_backend_pid() AND backend_type = 'client backend'",
+                self.name,
+            )
+        )
         return [(r[0], r[1]) for r in rows]
 
     def close(self) -> None:
@@ -234,12 +248,17 @@ def clean_env(extra: dict[str, str]) -> dict[str, str]:
 
 # --- servers ---------------------------------------------------------------------------
 
-APPS = {"project": ("app:app", ROOT), "reference": ("reference_app:app", BENCH),
-        "ceiling": ("ceiling_app:app", BENCH)}
+APPS = {
+    "project": ("app:app", ROOT),
+    "reference": ("reference_app:app", BENCH),
+    "ceiling": ("ceiling_app:app", BENCH),
+}
 # Each target's function environment on Vercel: its own requirements, nothing else.
-FUNCTION_REQUIREMENTS = {"project": ROOT / "requirements.txt",
-                         "reference": BENCH / "requirements-reference.txt",
-                         "ceiling": BENCH / "requirements-ceiling.txt"}
+FUNCTION_REQUIREMENTS = {
+    "project": ROOT / "requirements.txt",
+    "reference": BENCH / "requirements-reference.txt",
+    "ceiling": BENCH / "requirements-ceiling.txt",
+}
 MODES = ("vercel", "uvicorn")
 MODE_TITLES = {"vercel": "through Vercel's runtime (vc_init)", "uvicorn": "plain uvicorn"}
 
@@ -257,18 +276,42 @@ class Server:
     tests/standins/vercel_harness.py as the platform's IPC side and tests/serving_probe.py in front,
     which answers which loop and HTTP parser the runtime picked)."""
 
-    def __init__(self, target: str, env: dict[str, str], args: argparse.Namespace, log_dir: Path,
-                 capture: bool = False, mode: str = "uvicorn", python: Path | None = None,
-                 oidc_token: str | None = None):
+    def __init__(
+        self,
+        target: str,
+        env: dict[str, str],
+        args: argparse.Namespace,
+        log_dir: Path,
+        capture: bool = False,
+        mode: str = "uvicorn",
+        python: Path | None = None,
+        oidc_token: str | None = None,
+    ):
         self.target = target
         self.env = env
         self.mode = mode
         self.oidc_token = oidc_token  # sent as Vercel's proxy does, in vercel mode
         self.port = free_port()
         module, app_dir = APPS[target]
-        self.cmd = [PY, "-m", "uvicorn", module, "--app-dir", str(app_dir), "--host", "127.0.0.1",
-                    "--port", str(self.port), "--loop", args.loop, "--http", args.http,
-                    "--no-access-log", "--log-level", "warning"]
+        self.cmd = [
+            PY,
+            "-m",
+            "uvicorn",
+            module,
+            "--app-dir",
+            str(app_dir),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--loop",
+            args.loop,
+            "--http",
+            args.http,
+            "--no-access-log",
+            "--log-level",
+            "warning",
+        ]
         self.log_path = log_dir / f"{target}-{mode}-{self.port}.log"
         self.capture = capture
         self.lines: list[tuple[float, str]] = []  # (monotonic arrival, line) when capturing
@@ -282,8 +325,14 @@ class Server:
 
             entry = (app_dir / module.split(":")[0]).with_suffix(".py")
             self.runtime = VercelRuntime(
-                "tests/serving_probe.py", cwd=ROOT, python=str(python), record=False, ready_poll=0.002,
-                start_timeout=60, env={**env, "SERVING_PROBE_TARGET": f"{entry}:app"})
+                "tests/serving_probe.py",
+                cwd=ROOT,
+                python=str(python),
+                record=False,
+                ready_poll=0.002,
+                start_timeout=60,
+                env={**env, "SERVING_PROBE_TARGET": f"{entry}:app"},
+            )
 
     @property
     def pid(self) -> int | None:
@@ -299,24 +348,39 @@ class Server:
     def serving(self) -> dict[str, str]:
         """loop/http the server runs (vercel mode: asked of it; uvicorn mode: as configured)."""
         if self.mode != "vercel":
-            return {"loop": self.cmd[self.cmd.index("--loop") + 1], "http": self.cmd[self.cmd.index("--http") + 1]}
+            return {
+                "loop": self.cmd[self.cmd.index("--loop") + 1],
+                "http": self.cmd[self.cmd.index("--http") + 1],
+            }
         return json.loads(http_get(self.port, "/_probe/serving")[1])
 
     def start(self) -> None:
         if self.mode == "vercel":
             # start() returns once the runtime answers its readiness ping (lifespan done)
             self.runtime.start()
-            self.proc, self.port, self.started = self.runtime.proc, self.runtime.port, self.runtime.launched_at
+            self.proc, self.port, self.started = (
+                self.runtime.proc,
+                self.runtime.port,
+                self.runtime.launched_at,
+            )
             return
         self.started = time.perf_counter()
         if self.capture:
-            self.proc = subprocess.Popen(self.cmd, cwd=ROOT, env=self.env, stdout=subprocess.PIPE,
-                                         stderr=subprocess.STDOUT, text=True, bufsize=1)
+            self.proc = subprocess.Popen(
+                self.cmd,
+                cwd=ROOT,
+                env=self.env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                bufsize=1,
+            )
             threading.Thread(target=self._read, daemon=True).start()
         else:
             self._log = open(self.log_path, "w")  # noqa: SIM115 - closed in stop()
-            self.proc = subprocess.Popen(self.cmd, cwd=ROOT, env=self.env, stdout=self._log,
-                                         stderr=subprocess.STDOUT)
+            self.proc = subprocess.Popen(
+                self.cmd, cwd=ROOT, env=self.env, stdout=self._log, stderr=subprocess.STDOUT
+            )
 
     def _read(self) -> None:
         with open(self.log_path, "w") as out:
@@ -390,6 +454,7 @@ class RssSampler:
 
 # --- wrk -------------------------------------------------------------------------------
 
+
 def ensure_wrk() -> str:
     found = shutil.which("wrk")
     if found:
@@ -404,18 +469,43 @@ def ensure_wrk() -> str:
     return found
 
 
-def run_wrk(port: int, workload: str, style: str, ids_file: str, duration: int,
-            args: argparse.Namespace, connections: int | None = None, proxy: str = "",
-            rate: int | None = None) -> dict[str, Any]:
+def run_wrk(
+    port: int,
+    workload: str,
+    style: str,
+    ids_file: str,
+    duration: int,
+    args: argparse.Namespace,
+    connections: int | None = None,
+    proxy: str = "",
+    rate: int | None = None,
+) -> dict[str, Any]:
     """One wrk run; with `rate`, each connection paces itself to about rate/connections req/s."""
     connections = connections or args.connections
-    cmd = ["wrk", "-t", str(args.threads), "-c", str(connections), "-d", f"{duration}s",
-           "--timeout", "10s", "-s", str(BENCH / "wrk.lua"), f"http://127.0.0.1:{port}",
-           "--", workload, style, ids_file, proxy or "-", str(round(connections * 1000 / rate)) if rate else "-"]
+    cmd = [
+        "wrk",
+        "-t",
+        str(args.threads),
+        "-c",
+        str(connections),
+        "-d",
+        f"{duration}s",
+        "--timeout",
+        "10s",
+        "-s",
+        str(BENCH / "wrk.lua"),
+        f"http://127.0.0.1:{port}",
+        "--",
+        workload,
+        style,
+        ids_file,
+        proxy or "-",
+        str(round(connections * 1000 / rate)) if rate else "-",
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + 60)
     for line in done.stdout.splitlines():
         if line.startswith("BENCHJSON "):
-            result = json.loads(line[len("BENCHJSON "):])
+            result = json.loads(line[len("BENCHJSON ") :])
             seconds = result["duration_us"] / 1e6
             result["rps"] = result["requests"] / seconds if seconds else 0.0
             result["errors"] = sum(result[k] for k in ("connect", "read", "write", "status", "timeout"))
@@ -425,12 +515,30 @@ def run_wrk(port: int, workload: str, style: str, ids_file: str, duration: int,
 
 # --- phase 1: throughput -------------------------------------------------------------
 
-def run_wrk_cpu(server: Server, workload: str, style: str, ids_file: str, duration: int,
-                args: argparse.Namespace, connections: int | None = None, rate: int | None = None) -> dict[str, Any]:
+
+def run_wrk_cpu(
+    server: Server,
+    workload: str,
+    style: str,
+    ids_file: str,
+    duration: int,
+    args: argparse.Namespace,
+    connections: int | None = None,
+    rate: int | None = None,
+) -> dict[str, Any]:
     """run_wrk plus the server's CPU time over the run, per request (µs)."""
     user, system = server.cpu_seconds()
-    result = run_wrk(server.port, workload, style, ids_file, duration, args, connections=connections,
-                     proxy="vercel" if server.mode == "vercel" else "", rate=rate)
+    result = run_wrk(
+        server.port,
+        workload,
+        style,
+        ids_file,
+        duration,
+        args,
+        connections=connections,
+        proxy="vercel" if server.mode == "vercel" else "",
+        rate=rate,
+    )
     user_after, system_after = server.cpu_seconds()
     requests = result["requests"]
     result["cpu_us"] = (user_after - user + system_after - system) * 1e6 / requests if requests else None
@@ -438,11 +546,21 @@ def run_wrk_cpu(server: Server, workload: str, style: str, ids_file: str, durati
     return result
 
 
-def throughput(db: Database, args: argparse.Namespace, workdir: Path, sampler: RssSampler,
-               mode: str, pythons: dict[str, Path]) -> dict:
+def throughput(
+    db: Database,
+    args: argparse.Namespace,
+    workdir: Path,
+    sampler: RssSampler,
+    mode: str,
+    pythons: dict[str, Path],
+) -> dict:
     results: dict[str, Any] = {"runs": [], "rss": {}, "serving": {}, "keepalive": []}
-    common = {"DATABASE_URL": db.dsn, "DB_POOL_MIN": str(args.pool_min),
-              "DB_POOL_MAX": str(args.pool_max), "LOG_LEVEL": args.log_level}
+    common = {
+        "DATABASE_URL": db.dsn,
+        "DB_POOL_MIN": str(args.pool_min),
+        "DB_POOL_MAX": str(args.pool_max),
+        "LOG_LEVEL": args.log_level,
+    }
     datasets = args.datasets if mode == "vercel" else args.datasets[:1]
     for size in datasets:
         db.seed(size)
@@ -473,16 +591,24 @@ def throughput(db: Database, args: argparse.Namespace, workdir: Path, sampler: R
                     if dirty:
                         db.seed(size)
                     if args.warmup:
-                        run_wrk(server.port, workload, style[target], ids_of[target], args.warmup, args,
-                                proxy="vercel" if mode == "vercel" else "")
+                        run_wrk(
+                            server.port,
+                            workload,
+                            style[target],
+                            ids_of[target],
+                            args.warmup,
+                            args,
+                            proxy="vercel" if mode == "vercel" else "",
+                        )
                     dirty = workload in ("create", "mixed")
             if dirty:
                 db.seed(size)
             for round_no in range(args.rounds):
-                order = list(servers)[round_no % len(servers):] + list(servers)[:round_no % len(servers)]
+                order = list(servers)[round_no % len(servers) :] + list(servers)[: round_no % len(servers)]
                 for target in order:  # one client, one connection, requests back to back
-                    result = run_wrk_cpu(servers[target], "list", "json", "-", args.keepalive_duration, args,
-                                         connections=1)
+                    result = run_wrk_cpu(
+                        servers[target], "list", "json", "-", args.keepalive_duration, args, connections=1
+                    )
                     result.update(dataset=size, target=target, round=round_no)
                     results["keepalive"].append(result)
                     log(f"{mode} {size} todos keep-alive {target:9} p50 {result['p50'] / 1000:6.2f} ms")
@@ -495,17 +621,23 @@ def throughput(db: Database, args: argparse.Namespace, workdir: Path, sampler: R
                     for target in order:
                         if dirty:
                             db.seed(size)
-                        result = run_wrk_cpu(servers[target], workload, style[target],
-                                             ids_of[target], args.duration, args)
+                        result = run_wrk_cpu(
+                            servers[target], workload, style[target], ids_of[target], args.duration, args
+                        )
                         dirty = workload in ("create", "mixed")
                         result.update(dataset=size, workload=workload, target=target, round=round_no)
                         results["runs"].append(result)
-                        errors = {k: result[k] for k in ("connect", "read", "write", "status", "timeout")
-                                  if result[k]}
-                        log(f"{mode} {size} todos round {round_no + 1}/{args.rounds} {workload:6} {target:9} "
+                        errors = {
+                            k: result[k]
+                            for k in ("connect", "read", "write", "status", "timeout")
+                            if result[k]
+                        }
+                        log(
+                            f"{mode} {size} todos round {round_no + 1}/{args.rounds} {workload:6} {target:9} "
                             f"{result['rps']:8.0f} req/s p50 {result['p50'] / 1000:6.2f} ms "
                             f"p99 {result['p99'] / 1000:6.2f} ms cpu {fmt(result['cpu_us'])} µs/req "
-                            f"errors {result['errors']} {errors or ''}")
+                            f"errors {result['errors']} {errors or ''}"
+                        )
             db.seed(size)
         finally:
             for target, server in servers.items():
@@ -516,17 +648,26 @@ def throughput(db: Database, args: argparse.Namespace, workdir: Path, sampler: R
     return results
 
 
-def logging_cost(db: Database, args: argparse.Namespace, workdir: Path, mode: str,
-                 pythons: dict[str, Path]) -> dict:
+def logging_cost(
+    db: Database, args: argparse.Namespace, workdir: Path, mode: str, pythons: dict[str, Path]
+) -> dict:
     """Server CPU per GET /todos with the request log line (LOG_LEVEL=info, the default) and
     without it (warning): the project, two servers taking turns. Through the runtime each line
     is a `log` message on its IPC socket (counted); under plain uvicorn a line on stderr."""
     db.seed(20)
     out: dict[str, Any] = {"runs": []}
     base = {"DATABASE_URL": db.dsn, "DB_POOL_MIN": str(args.pool_min), "DB_POOL_MAX": str(args.pool_max)}
-    servers = {level: Server("project", {**base, "LOG_LEVEL": level} if mode == "vercel"
-                             else clean_env({**base, "LOG_LEVEL": level}), args, workdir, mode=mode,
-                             python=pythons.get("project")) for level in ("info", "warning")}
+    servers = {
+        level: Server(
+            "project",
+            {**base, "LOG_LEVEL": level} if mode == "vercel" else clean_env({**base, "LOG_LEVEL": level}),
+            args,
+            workdir,
+            mode=mode,
+            python=pythons.get("project"),
+        )
+        for level in ("info", "warning")
+    }
 
     def lines_logged(server: Server) -> int:
         if server.runtime is not None:
@@ -539,18 +680,38 @@ def logging_cost(db: Database, args: argparse.Namespace, workdir: Path, mode: st
             server.start()
             server.wait_ready()
             if args.warmup:
-                run_wrk(server.port, "list", "json", "-", args.warmup, args, proxy="vercel" if mode == "vercel" else "")
+                run_wrk(
+                    server.port,
+                    "list",
+                    "json",
+                    "-",
+                    args.warmup,
+                    args,
+                    proxy="vercel" if mode == "vercel" else "",
+                )
         for round_no in range(args.log_rounds):
             order = ["info", "warning"] if round_no % 2 == 0 else ["warning", "info"]
             for level in order:
                 logs_before = lines_logged(servers[level])
-                result = run_wrk_cpu(servers[level], "list", "json", "-", args.duration, args,
-                                     connections=args.log_connections, rate=args.log_rate)
-                result.update(level=level, round=round_no, log_messages=lines_logged(servers[level]) - logs_before)
+                result = run_wrk_cpu(
+                    servers[level],
+                    "list",
+                    "json",
+                    "-",
+                    args.duration,
+                    args,
+                    connections=args.log_connections,
+                    rate=args.log_rate,
+                )
+                result.update(
+                    level=level, round=round_no, log_messages=lines_logged(servers[level]) - logs_before
+                )
                 out["runs"].append(result)
-                log(f"logging {mode:7} {level:7} round {round_no + 1}: cpu {fmt(result['cpu_us'])} µs/req "
+                log(
+                    f"logging {mode:7} {level:7} round {round_no + 1}: cpu {fmt(result['cpu_us'])} µs/req "
                     f"(system {fmt(result['sys_us'])}), "
-                    f"{result['log_messages']} log lines for {result['requests']} requests")
+                    f"{result['log_messages']} log lines for {result['requests']} requests"
+                )
     finally:
         for server in servers.values():
             server.stop()
@@ -560,8 +721,10 @@ def logging_cost(db: Database, args: argparse.Namespace, workdir: Path, mode: st
         off = [r["cpu_us"] for r in out["runs"] if r["round"] == round_no and r["level"] == "warning"]
         if on and off and on[0] and off[0]:
             ratios.append(on[0] / off[0])
-    out["cpu_us"] = {level: median([r["cpu_us"] for r in out["runs"] if r["level"] == level])
-                     for level in ("info", "warning")}
+    out["cpu_us"] = {
+        level: median([r["cpu_us"] for r in out["runs"] if r["level"] == level])
+        for level in ("info", "warning")
+    }
     out["ratio"] = median(ratios)
     out["ratio_range"] = (min(ratios), max(ratios)) if ratios else None
     return out
@@ -598,18 +761,24 @@ def summarize_throughput(raw: dict, args: argparse.Namespace) -> dict:
                         if a and b and a[0] and b[0]:
                             per_round.append(a[0] / b[0])
                     if per_round:
-                        cell[f"{prefix}_{other}"] = {"median": median(per_round), "min": min(per_round),
-                                                     "max": max(per_round)}
+                        cell[f"{prefix}_{other}"] = {
+                            "median": median(per_round),
+                            "min": min(per_round),
+                            "max": max(per_round),
+                        }
             summary[f"{size}/{workload}"] = cell
         for target in args.targets:
             mine = [r for r in raw.get("keepalive", []) if r["dataset"] == size and r["target"] == target]
             if mine:
-                summary[f"{size}/keepalive/{target}"] = {"p50_ms": median([r["p50"] / 1000 for r in mine]),
-                                                         "cpu_us": median([r.get("cpu_us") for r in mine])}
+                summary[f"{size}/keepalive/{target}"] = {
+                    "p50_ms": median([r["p50"] / 1000 for r in mine]),
+                    "cpu_us": median([r.get("cpu_us") for r in mine]),
+                }
     return summary
 
 
 # --- IAM on loopback: moto STS + the Aurora gateway ----------------------------------
+
 
 class IamLoopback:
     """moto's STS on loopback and, unless told not to, the Aurora stand-in in front of the database."""
@@ -633,18 +802,27 @@ class IamLoopback:
         self.jwt_file.write_text(self.jwt)
         if self.use_gateway:
             self.gateway = AuroraGateway(
-                self.db.host, self.db.port, max_token_age=900.0, region=REGION, tls=True,
-                mode="iam", credentials_lookup=moto_credentials_lookup(),
-                token_hosts=["127.0.0.1"]).start()
+                self.db.host,
+                self.db.port,
+                max_token_age=900.0,
+                region=REGION,
+                tls=True,
+                mode="iam",
+                credentials_lookup=moto_credentials_lookup(),
+                token_hosts=["127.0.0.1"],
+            ).start()
             self.host, self.port = "127.0.0.1", self.gateway.port
             self.sslmode, self.ca = "verify-full", self.gateway.ca_file
-            self.mode = ("tests/standins/aurora_gateway.py (TLS with a generated CA, verify-full; SigV4 "
-                         "token checked against the credentials moto's STS issued)")
+            self.mode = (
+                "tests/standins/aurora_gateway.py (TLS with a generated CA, verify-full; SigV4 "
+                "token checked against the credentials moto's STS issued)"
+            )
         else:
             self.host, self.port = self.db.host, self.db.port
             self.sslmode, self.ca = "disable", None
-            self.mode = ("direct to trust-auth PostgreSQL, no TLS: the token is sent but not "
-                         "checked (--no-gateway)")
+            self.mode = (
+                "direct to trust-auth PostgreSQL, no TLS: the token is sent but not checked (--no-gateway)"
+            )
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -656,12 +834,19 @@ class IamLoopback:
     def env(self, target: str, extra: dict[str, str], mode: str = "uvicorn") -> dict[str, str]:
         """The target's IAM-mode environment. In vercel mode the project gets its OIDC token the
         way Vercel gives it, with each request (Server.oidc_token), not from the environment."""
-        env = {"PGHOST": self.host, "PGPORT": str(self.port), "PGUSER": self.db.user,
-               "PGDATABASE": self.db.name, "AWS_REGION": REGION, "AWS_ROLE_ARN": ROLE_ARN,
-               "AWS_ENDPOINT_URL_STS": self.sts.url,
-               "PGSSLMODE": self.sslmode, "AWS_EC2_METADATA_DISABLED": "true",
-               "AWS_CONFIG_FILE": str(self.workdir / "no-aws-config"),
-               "AWS_SHARED_CREDENTIALS_FILE": str(self.workdir / "no-aws-credentials")}
+        env = {
+            "PGHOST": self.host,
+            "PGPORT": str(self.port),
+            "PGUSER": self.db.user,
+            "PGDATABASE": self.db.name,
+            "AWS_REGION": REGION,
+            "AWS_ROLE_ARN": ROLE_ARN,
+            "AWS_ENDPOINT_URL_STS": self.sts.url,
+            "PGSSLMODE": self.sslmode,
+            "AWS_EC2_METADATA_DISABLED": "true",
+            "AWS_CONFIG_FILE": str(self.workdir / "no-aws-config"),
+            "AWS_SHARED_CREDENTIALS_FILE": str(self.workdir / "no-aws-credentials"),
+        }
         if self.ca:
             env["PGSSLROOTCERT"] = self.ca
         if target == "project":
@@ -669,19 +854,20 @@ class IamLoopback:
             if mode != "vercel":
                 env.update(VERCEL_OIDC_TOKEN=self.jwt)
         else:  # the snippet: boto3's default chain, i.e. web identity from a token file
-            env.update(AWS_WEB_IDENTITY_TOKEN_FILE=str(self.jwt_file),
-                       AWS_ROLE_SESSION_NAME="fastapi-reference")
+            env.update(
+                AWS_WEB_IDENTITY_TOKEN_FILE=str(self.jwt_file), AWS_ROLE_SESSION_NAME="fastapi-reference"
+            )
         env.update(extra)
         return env if mode == "vercel" else clean_env(env)
 
 
 # --- phase 2: cold start ---------------------------------------------------------------
 
+
 def cold_start(db: Database, args: argparse.Namespace, workdir: Path, pythons: dict[str, Path]) -> dict:
     """Process launch → first 200 from GET /todos, project vs reference, per mode and auth."""
     out: dict[str, Any] = {"import": {}}
-    pool = {"DB_POOL_MIN": str(args.pool_min), "DB_POOL_MAX": str(args.pool_max),
-            "LOG_LEVEL": args.log_level}
+    pool = {"DB_POOL_MIN": str(args.pool_min), "DB_POOL_MAX": str(args.pool_max), "LOG_LEVEL": args.log_level}
     targets = [t for t in ("project", "reference") if t in args.targets]
 
     def measure(mode: str, auth_mode: str, env_of, oidc_token: str | None = None) -> None:
@@ -691,19 +877,31 @@ def cold_start(db: Database, args: argparse.Namespace, workdir: Path, pythons: d
         for run in range(args.cold_runs + discarded):
             order = targets if run % 2 else list(reversed(targets))
             for target in order:
-                server = Server(target, env_of(target), args, workdir, mode=mode, python=pythons.get(target),
-                                oidc_token=oidc_token if mode == "vercel" else None)
+                server = Server(
+                    target,
+                    env_of(target),
+                    args,
+                    workdir,
+                    mode=mode,
+                    python=pythons.get(target),
+                    oidc_token=oidc_token if mode == "vercel" else None,
+                )
                 try:
                     server.start()
                     serving_at = time.perf_counter()  # vercel: the runtime answered its ping (lifespan done)
                     elapsed = server.wait_ready(timeout=60, poll=0.002)
                     if server.runtime is not None:
                         started = next(m for m in server.runtime.messages if m["type"] == "server-started")
-                        phases[target].append({
-                            "runtime_ms": started["payload"]["initDuration"] - started["payload"]["userInitDuration"],
-                            "import_ms": started["payload"]["userInitDuration"],
-                            "lifespan_ms": (serving_at - server.started) * 1000 - started["payload"]["initDuration"],
-                            "first_request_ms": (server.started + elapsed - serving_at) * 1000})
+                        phases[target].append(
+                            {
+                                "runtime_ms": started["payload"]["initDuration"]
+                                - started["payload"]["userInitDuration"],
+                                "import_ms": started["payload"]["userInitDuration"],
+                                "lifespan_ms": (serving_at - server.started) * 1000
+                                - started["payload"]["initDuration"],
+                                "first_request_ms": (server.started + elapsed - serving_at) * 1000,
+                            }
+                        )
                 finally:
                     server.stop()
                 if run >= discarded:
@@ -713,15 +911,19 @@ def cold_start(db: Database, args: argparse.Namespace, workdir: Path, pythons: d
         for target in targets:
             out[key][target] = {"median_s": median(times[target]), "runs": times[target]}
             if phases[target]:
-                kept = phases[target][-len(times[target]):]
+                kept = phases[target][-len(times[target]) :]
                 out[key][target]["phases_ms"] = {name: median([p[name] for p in kept]) for name in kept[0]}
-            log(f"cold start {mode:7} {auth_mode:8} {target:9} median "
-                f"{out[key][target]['median_s'] * 1000:7.1f} ms runs {[round(t * 1000) for t in times[target]]}")
+            log(
+                f"cold start {mode:7} {auth_mode:8} {target:9} median "
+                f"{out[key][target]['median_s'] * 1000:7.1f} ms runs {[round(t * 1000) for t in times[target]]}"
+            )
 
     db.seed(20)
     for mode in args.modes:
         password_env = {"DATABASE_URL": db.dsn, **pool}
-        measure(mode, "password", lambda target: password_env if mode == "vercel" else clean_env(password_env))
+        measure(
+            mode, "password", lambda target: password_env if mode == "vercel" else clean_env(password_env)
+        )
     with IamLoopback(db, workdir, use_gateway=not args.no_gateway) as iam:
         out["iam_mode"] = iam.mode
         for mode in args.modes:
@@ -743,8 +945,14 @@ def import_time(target: str, args: argparse.Namespace, module: str | None = None
     totals, wall, children = [], [], {}
     for _ in range(1 if args.quick else max(3, args.cold_runs)):
         started = time.perf_counter()
-        done = subprocess.run([PY, "-X", "importtime", "-c", f"import {module}"], cwd=cwd,
-                              env=clean_env({}), capture_output=True, text=True, timeout=120)
+        done = subprocess.run(
+            [PY, "-X", "importtime", "-c", f"import {module}"],
+            cwd=cwd,
+            env=clean_env({}),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         wall.append(time.perf_counter() - started)
         pending: list[tuple[str, int]] = []
         total = 0  # `import a.b` imports a, then a.b: both count
@@ -765,18 +973,26 @@ def import_time(target: str, args: argparse.Namespace, module: str | None = None
             elif depth == 1:
                 pending.append((name, cumulative))
     heaviest = sorted(((median(v), k) for k, v in children.items()), reverse=True)[:6]
-    return {"module": module, "cumulative_ms": median(totals) / 1000 if totals else None,
-            "process_ms": median(wall) * 1000,
-            "heaviest": [(name, round(us / 1000, 1)) for us, name in heaviest]}
+    return {
+        "module": module,
+        "cumulative_ms": median(totals) / 1000 if totals else None,
+        "process_ms": median(wall) * 1000,
+        "heaviest": [(name, round(us / 1000, 1)) for us, name in heaviest],
+    }
 
 
 # --- phase 3: token rotation under load -----------------------------------------------
 
+
 def rotation(db: Database, args: argparse.Namespace, workdir: Path) -> dict:
     db.seed(20)
     out: dict[str, Any] = {"ttl": args.rotation_ttl, "windows": []}
-    extra = {"DB_POOL_MIN": str(args.pool_min), "DB_POOL_MAX": str(args.pool_max),
-             "DB_TOKEN_TTL": str(args.rotation_ttl), "LOG_LEVEL": "info"}
+    extra = {
+        "DB_POOL_MIN": str(args.pool_min),
+        "DB_POOL_MAX": str(args.pool_max),
+        "DB_TOKEN_TTL": str(args.rotation_ttl),
+        "LOG_LEVEL": "info",
+    }
     with IamLoopback(db, workdir, use_gateway=not args.no_gateway) as iam:
         out["iam_mode"] = iam.mode
         server = Server("project", iam.env("project", extra), args, workdir, capture=True)
@@ -789,10 +1005,14 @@ def rotation(db: Database, args: argparse.Namespace, workdir: Path) -> dict:
             conn = poll_db.run(asyncpg.connect(db.dsn))
             try:
                 while not stop.wait(0.1):
-                    rows = poll_db.run(conn.fetch(
-                        "SELECT pid, extract(epoch FROM backend_start)::float8 FROM pg_stat_activity "
-                        "WHERE datname = $1 AND pid <> pg_backend_pid() "
-                        "AND backend_type = 'client backend'", db.name))
+                    rows = poll_db.run(
+                        conn.fetch(
+                            "SELECT pid, extract(epoch FROM backend_start)::float8 FROM pg_stat_activity "
+                            "WHERE datname = $1 AND pid <> pg_backend_pid() "
+                            "AND backend_type = 'client backend'",
+                            db.name,
+                        )
+                    )
                     for pid, started in rows:
                         seen.setdefault(pid, started)
             finally:
@@ -857,8 +1077,10 @@ def rotation(db: Database, args: argparse.Namespace, workdir: Path) -> dict:
     if out["steady_p99_ms"] and out["rotation_p99_ms"]:
         out["ratio"] = out["rotation_p99_ms"] / out["steady_p99_ms"]
         out["ratio_worst"] = out["rotation_p99_worst_ms"] / out["steady_p99_ms"]
-    log(f"rotation: {len(events)} replacements ({out['events_from']}), steady p99 "
-        f"{out['steady_p99_ms']} ms, rotation p99 {out['rotation_p99_ms']} ms, errors {out['errors']}")
+    log(
+        f"rotation: {len(events)} replacements ({out['events_from']}), steady p99 "
+        f"{out['steady_p99_ms']} ms, rotation p99 {out['rotation_p99_ms']} ms, errors {out['errors']}"
+    )
     return out
 
 
@@ -1099,6 +1321,7 @@ def place_scale_section(text: str, section: str) -> str:
 
 # --- report ----------------------------------------------------------------------------
 
+
 def machine_info(db: Database) -> dict[str, str]:
     cpu = "unknown"
     with contextlib.suppress(OSError):
@@ -1111,16 +1334,26 @@ def machine_info(db: Database) -> dict[str, str]:
         with contextlib.suppress(importlib.metadata.PackageNotFoundError):
             versions[package] = importlib.metadata.version(package)
     wrk = subprocess.run(["wrk", "--version"], capture_output=True, text=True).stdout.split("Copyright")[0]
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                            text=True).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "--", "app.py", "db.py", "auth.py"], cwd=ROOT,
-                           capture_output=True, text=True).stdout.strip()
-    return {"date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-            "cpu": f"{cpu} × {os.cpu_count()} (shared)", "kernel": platform.release(),
-            "python": platform.python_version(), "postgres": db.version, "wrk": wrk.strip(),
-            "packages": ", ".join(f"{k} {v}" for k, v in versions.items()),
-            "commit": (commit or "no commit yet") + (" + uncommitted service changes" if dirty else ""),
-            "load": " ".join(f"{x:.2f}" for x in os.getloadavg())}
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+    ).stdout.strip()
+    dirty = subprocess.run(
+        ["git", "status", "--porcelain", "--", "app.py", "db.py", "auth.py"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    return {
+        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "cpu": f"{cpu} × {os.cpu_count()} (shared)",
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "postgres": db.version,
+        "wrk": wrk.strip(),
+        "packages": ", ".join(f"{k} {v}" for k, v in versions.items()),
+        "commit": (commit or "no commit yet") + (" + uncommitted service changes" if dirty else ""),
+        "load": " ".join(f"{x:.2f}" for x in os.getloadavg()),
+    }
 
 
 def fmt(value: float | None, pattern: str = "{:.0f}") -> str:
@@ -1134,26 +1367,34 @@ def verdict(ok: bool | None) -> str:
 def write_report(results: dict, args: argparse.Namespace, out_dir: Path) -> Path:
     machine = results["machine"]
     modes = [m for m in MODES if m in results.get("throughput", {})]
-    lines = ["# aurora-todo benchmarks", "",
-             f"Generated by `python bench/run.py{' --quick' if args.quick else ''}` on {machine['date']}. "
-             "Every figure was measured side by side in this one run; on a shared machine the "
-             "**ratios** are the result, the absolute numbers only give scale.", "",
-             "| machine | |", "| --- | --- |",
-             f"| CPU | {machine['cpu']} |", f"| kernel / Python | {machine['kernel']} / {machine['python']} |",
-             f"| PostgreSQL | {machine['postgres']} at {results['database']} |",
-             f"| load generator | {machine['wrk']}, {args.threads} thread, {args.connections} connections, "
-             f"{args.duration} s per run, {args.rounds} round(s), targets alternating |",
-             "| through Vercel's runtime | `vercel_runtime.vc_init` (vercel-runtime "
-             f"{results.get('runtime_version', '?')}) in each target's own function environment "
-             "(requirements + vercel-runtime, built with uv), tests/standins/vercel_harness.py as the platform's "
-             "IPC side; wrk sends the proxy's headers |",
-             f"| plain uvicorn | the dev venv's uvicorn, 1 worker, --loop {args.loop} --http {args.http} for "
-             "every target, access log off |",
-             f"| logging | LOG_LEVEL={args.log_level} for the project (`info`, the default, logs one line per "
-             "request); the reference and ceiling log nothing per request |",
-             f"| pool | DB_POOL_MIN={args.pool_min} DB_POOL_MAX={args.pool_max} for all targets |",
-             f"| packages (dev venv) | {machine['packages']} |", f"| service | {machine['commit']} |",
-             f"| load average at start / end | {results['load_start']} / {machine['load']} |", ""]
+    lines = [
+        "# aurora-todo benchmarks",
+        "",
+        f"Generated by `python bench/run.py{' --quick' if args.quick else ''}` on {machine['date']}. "
+        "Every figure was measured side by side in this one run; on a shared machine the "
+        "**ratios** are the result, the absolute numbers only give scale.",
+        "",
+        "| machine | |",
+        "| --- | --- |",
+        f"| CPU | {machine['cpu']} |",
+        f"| kernel / Python | {machine['kernel']} / {machine['python']} |",
+        f"| PostgreSQL | {machine['postgres']} at {results['database']} |",
+        f"| load generator | {machine['wrk']}, {args.threads} thread, {args.connections} connections, "
+        f"{args.duration} s per run, {args.rounds} round(s), targets alternating |",
+        "| through Vercel's runtime | `vercel_runtime.vc_init` (vercel-runtime "
+        f"{results.get('runtime_version', '?')}) in each target's own function environment "
+        "(requirements + vercel-runtime, built with uv), tests/standins/vercel_harness.py as the platform's "
+        "IPC side; wrk sends the proxy's headers |",
+        f"| plain uvicorn | the dev venv's uvicorn, 1 worker, --loop {args.loop} --http {args.http} for "
+        "every target, access log off |",
+        f"| logging | LOG_LEVEL={args.log_level} for the project (`info`, the default, logs one line per "
+        "request); the reference and ceiling log nothing per request |",
+        f"| pool | DB_POOL_MIN={args.pool_min} DB_POOL_MAX={args.pool_max} for all targets |",
+        f"| packages (dev venv) | {machine['packages']} |",
+        f"| service | {machine['commit']} |",
+        f"| load average at start / end | {results['load_start']} / {machine['load']} |",
+        "",
+    ]
 
     def cell(mode: str, key: str) -> dict:
         return results.get("throughput_summary", {}).get(mode, {}).get(key, {})
@@ -1165,46 +1406,105 @@ def write_report(results: dict, args: argparse.Namespace, out_dir: Path) -> Path
     rows = []
     small = args.datasets[0]
     keepalive = cell("vercel", f"{small}/keepalive/project").get("p50_ms")
-    rows.append(("keep-alive p50 through vc_init, GET /todos", "< 5 ms", fmt(keepalive, "{:.2f} ms"),
-                 None if keepalive is None else keepalive < 5))
+    rows.append(
+        (
+            "keep-alive p50 through vc_init, GET /todos",
+            "< 5 ms",
+            fmt(keepalive, "{:.2f} ms"),
+            None if keepalive is None else keepalive < 5,
+        )
+    )
     r = ratio("vercel", f"{small}/list", "cpu_vs_reference")
-    rows.append(("server CPU per GET /todos through vc_init, logging on", "≤ 0.5× reference",
-                 fmt(r, "{:.2f}×"), None if r is None else r <= 0.5))
+    rows.append(
+        (
+            "server CPU per GET /todos through vc_init, logging on",
+            "≤ 0.5× reference",
+            fmt(r, "{:.2f}×"),
+            None if r is None else r <= 0.5,
+        )
+    )
     r = ratio("vercel", f"{small}/list", "cpu_vs_ceiling")
-    rows.append(("server CPU per GET /todos through vc_init, logging on", "≤ 1.25× ceiling",
-                 fmt(r, "{:.2f}×"), None if r is None else r <= 1.25))
+    rows.append(
+        (
+            "server CPU per GET /todos through vc_init, logging on",
+            "≤ 1.25× ceiling",
+            fmt(r, "{:.2f}×"),
+            None if r is None else r <= 1.25,
+        )
+    )
     cold = results.get("cold_start", {})
     iam_p, iam_r = (cold.get("vercel/iam", {}).get(t, {}).get("median_s") for t in ("project", "reference"))
     r = iam_p / iam_r if iam_p and iam_r else None
-    rows.append(("IAM cold start through vc_init", "≤ 0.5× reference", fmt(r, "{:.2f}×"),
-                 None if r is None else r <= 0.5))
+    rows.append(
+        (
+            "IAM cold start through vc_init",
+            "≤ 0.5× reference",
+            fmt(r, "{:.2f}×"),
+            None if r is None else r <= 0.5,
+        )
+    )
     logging_results = results.get("logging", {})
     for mode in MODES:
         r = logging_results.get(mode, {}).get("ratio")
         if r is not None:
-            rows.append((f"request log line, server CPU per request (on/off − 1), {MODE_TITLES[mode]}", "≤ 5 %",
-                         fmt((r - 1) * 100, "{:+.1f} %"), r <= 1.05))
+            rows.append(
+                (
+                    f"request log line, server CPU per request (on/off − 1), {MODE_TITLES[mode]}",
+                    "≤ 5 %",
+                    fmt((r - 1) * 100, "{:+.1f} %"),
+                    r <= 1.05,
+                )
+            )
     for size in args.datasets[:1]:
         r = ratio("uvicorn", f"{size}/list", "vs_reference")
-        rows.append((f"plain uvicorn: list throughput, {size} todos", "≥ 2.2× reference", fmt(r, "{:.2f}×"),
-                     None if r is None else r >= 2.2))
+        rows.append(
+            (
+                f"plain uvicorn: list throughput, {size} todos",
+                "≥ 2.2× reference",
+                fmt(r, "{:.2f}×"),
+                None if r is None else r >= 2.2,
+            )
+        )
         r = ratio("uvicorn", f"{size}/list", "vs_ceiling")
-        rows.append((f"plain uvicorn: list throughput, {size} todos", "≥ 0.85× ceiling", fmt(r, "{:.2f}×"),
-                     None if r is None else r >= 0.85))
+        rows.append(
+            (
+                f"plain uvicorn: list throughput, {size} todos",
+                "≥ 0.85× ceiling",
+                fmt(r, "{:.2f}×"),
+                None if r is None else r >= 0.85,
+            )
+        )
         r = ratio("uvicorn", f"{size}/create", "vs_reference")
-        rows.append((f"plain uvicorn: create throughput, {size} todos", "≥ 1.5× reference", fmt(r, "{:.2f}×"),
-                     None if r is None else r >= 1.5))
+        rows.append(
+            (
+                f"plain uvicorn: create throughput, {size} todos",
+                "≥ 1.5× reference",
+                fmt(r, "{:.2f}×"),
+                None if r is None else r >= 1.5,
+            )
+        )
     rot = results.get("rotation", {})
     r = rot.get("ratio")
     errors = rot.get("errors", 0)
     if rot:
-        rows.append(("p99 during pool replacement (plain uvicorn)", "≤ 1.5× steady p99, no errors",
-                     fmt(r, "{:.2f}×") + (f", **{errors} failed requests**" if errors else ", 0 errors"),
-                     None if r is None else (r <= 1.5 and not errors)))
+        rows.append(
+            (
+                "p99 during pool replacement (plain uvicorn)",
+                "≤ 1.5× steady p99, no errors",
+                fmt(r, "{:.2f}×") + (f", **{errors} failed requests**" if errors else ", 0 errors"),
+                None if r is None else (r <= 1.5 and not errors),
+            )
+        )
     rss = results.get("throughput", {}).get("vercel", {}).get("rss", {})
     idle = [v["idle"] for k, v in rss.items() if k.endswith("/project")]
-    rows.append(("idle RSS through vc_init", "reported", fmt(median(idle) / 2**20 if idle else None, "{:.1f} MiB"),
-                 bool(idle) if idle else None))
+    rows.append(
+        (
+            "idle RSS through vc_init",
+            "reported",
+            fmt(median(idle) / 2**20 if idle else None, "{:.1f} MiB"),
+            bool(idle) if idle else None,
+        )
+    )
     lines += ["## Targets", "", "| target | goal | measured | |", "| --- | --- | --- | --- |"]
     lines += [f"| {a} | {b} | {c} | {verdict(d)} |" for a, b, c, d in rows]
     lines.append("")
@@ -1214,25 +1514,36 @@ def write_report(results: dict, args: argparse.Namespace, out_dir: Path) -> Path
         serving = raw.get("serving", {})
         lines += [f"## {number}. Throughput {MODE_TITLES[mode]}", ""]
         if mode == "vercel":
-            lines += ["Each target in its own function environment, served by the runtime's vendored uvicorn, "
-                      "which uses uvloop/httptools only when the environment has them (asked of each running "
-                      "server by tests/serving_probe.py). `keep-alive p50`: one connection, requests back to "
-                      f"back, `GET /todos`, {args.keepalive_duration} s per round.", ""]
-        lines += ["| data | target | loop / http | keep-alive p50 ms | idle MiB | peak MiB |",
-                  "| --- | --- | --- | ---: | ---: | ---: |"]
+            lines += [
+                "Each target in its own function environment, served by the runtime's vendored uvicorn, "
+                "which uses uvloop/httptools only when the environment has them (asked of each running "
+                "server by tests/serving_probe.py). `keep-alive p50`: one connection, requests back to "
+                f"back, `GET /todos`, {args.keepalive_duration} s per round.",
+                "",
+            ]
+        lines += [
+            "| data | target | loop / http | keep-alive p50 ms | idle MiB | peak MiB |",
+            "| --- | --- | --- | ---: | ---: | ---: |",
+        ]
         for key, value in raw.get("rss", {}).items():
             size, target = key.split("/")
             info = serving.get(target, {})
             ka = cell(mode, f"{size}/keepalive/{target}").get("p50_ms")
-            lines.append(f"| {size} | {target} | {info.get('loop', '?')} / {info.get('http', '?')} | "
-                         f"{fmt(ka, '{:.2f}')} | {value['idle'] / 2**20:.1f} | {value['peak'] / 2**20:.1f} |")
-        lines += ["", "Median over rounds; ratios are the median of per-round ratios (min–max). CPU = user + "
-                  "system time of the server process over the run ÷ requests served. `list` is `GET /todos` "
-                  "(the default page: all 20 rows of the small data set, 50 of the large). `mixed` is 50 % "
-                  "list, 30 % get, 10 % create, 10 % patch.", "",
-                  "| data | workload | target | req/s | p50 ms | p99 ms | CPU µs/req | errors | "
-                  "CPU project/target | req/s project/target |",
-                  "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+            lines.append(
+                f"| {size} | {target} | {info.get('loop', '?')} / {info.get('http', '?')} | "
+                f"{fmt(ka, '{:.2f}')} | {value['idle'] / 2**20:.1f} | {value['peak'] / 2**20:.1f} |"
+            )
+        lines += [
+            "",
+            "Median over rounds; ratios are the median of per-round ratios (min–max). CPU = user + "
+            "system time of the server process over the run ÷ requests served. `list` is `GET /todos` "
+            "(the default page: all 20 rows of the small data set, 50 of the large). `mixed` is 50 % "
+            "list, 30 % get, 10 % create, 10 % patch.",
+            "",
+            "| data | workload | target | req/s | p50 ms | p99 ms | CPU µs/req | errors | "
+            "CPU project/target | req/s project/target |",
+            "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        ]
         for size in sorted({r["dataset"] for r in raw["runs"]}):
             for workload in WORKLOADS:
                 here = cell(mode, f"{size}/{workload}")
@@ -1244,23 +1555,29 @@ def write_report(results: dict, args: argparse.Namespace, out_dir: Path) -> Path
                     cvs = here.get(f"cpu_vs_{target}")
                     ratio_text = f"{vs['median']:.2f}× ({vs['min']:.2f}–{vs['max']:.2f})" if vs else ""
                     cpu_text = f"{cvs['median']:.2f}× ({cvs['min']:.2f}–{cvs['max']:.2f})" if cvs else ""
-                    lines.append(f"| {size} | {workload} | {target} | {c['rps']:.0f} | {c['p50_ms']:.2f} | "
-                                 f"{c['p99_ms']:.2f} | {fmt(c['cpu_us'])} | {c['errors']} | {cpu_text} | "
-                                 f"{ratio_text} |")
+                    lines.append(
+                        f"| {size} | {workload} | {target} | {c['rps']:.0f} | {c['p50_ms']:.2f} | "
+                        f"{c['p99_ms']:.2f} | {fmt(c['cpu_us'])} | {c['errors']} | {cpu_text} | "
+                        f"{ratio_text} |"
+                    )
         lines.append("")
     if modes:
         lines += ["![throughput per target](throughput.png)", ""]
 
     if logging_results:
-        lines += ["## Cost of the request log line", "",
-                  "The project, two servers side by side: `LOG_LEVEL=info` (the default: one JSON line per "
-                  "request; through the runtime a `log` message on its IPC socket, under plain uvicorn a line "
-                  "on stderr, here a file) and `warning` (no request line); `GET /todos` on 20 todos, "
-                  f"{args.log_rounds} alternating rounds of {args.duration} s at a paced {args.log_rate} req/s "
-                  f"({args.log_connections} connections; both servers get the same rate, so CPU per request "
-                  "compares like with like).", "",
-                  "| served | LOG_LEVEL | CPU µs/req (median) | of it system | log lines per request |",
-                  "| --- | --- | ---: | ---: | ---: |"]
+        lines += [
+            "## Cost of the request log line",
+            "",
+            "The project, two servers side by side: `LOG_LEVEL=info` (the default: one JSON line per "
+            "request; through the runtime a `log` message on its IPC socket, under plain uvicorn a line "
+            "on stderr, here a file) and `warning` (no request line); `GET /todos` on 20 todos, "
+            f"{args.log_rounds} alternating rounds of {args.duration} s at a paced {args.log_rate} req/s "
+            f"({args.log_connections} connections; both servers get the same rate, so CPU per request "
+            "compares like with like).",
+            "",
+            "| served | LOG_LEVEL | CPU µs/req (median) | of it system | log lines per request |",
+            "| --- | --- | ---: | ---: | ---: |",
+        ]
         for mode in MODES:
             logging_result = logging_results.get(mode)
             if not logging_result:
@@ -1269,106 +1586,142 @@ def write_report(results: dict, args: argparse.Namespace, out_dir: Path) -> Path
                 runs = [r for r in logging_result["runs"] if r["level"] == level]
                 per_request = median([r["log_messages"] / r["requests"] for r in runs if r["requests"]])
                 system = median([r.get("sys_us") for r in runs])
-                lines.append(f"| {MODE_TITLES[mode]} | {level} | {fmt(logging_result['cpu_us'][level])} | "
-                             f"{fmt(system)} | {fmt(per_request, '{:.2f}')} |")
+                lines.append(
+                    f"| {MODE_TITLES[mode]} | {level} | {fmt(logging_result['cpu_us'][level])} | "
+                    f"{fmt(system)} | {fmt(per_request, '{:.2f}')} |"
+                )
         lines.append("")
         for mode in MODES:
             logging_result = logging_results.get(mode)
             if logging_result:
                 rng = logging_result.get("ratio_range")
-                lines.append(f"- {MODE_TITLES[mode]}: info/warning {fmt(logging_result.get('ratio'), '{:.3f}')}× "
-                             f"(median of per-round ratios; rounds {fmt(rng and rng[0], '{:.3f}')}–"
-                             f"{fmt(rng and rng[1], '{:.3f}')}).")
+                lines.append(
+                    f"- {MODE_TITLES[mode]}: info/warning {fmt(logging_result.get('ratio'), '{:.3f}')}× "
+                    f"(median of per-round ratios; rounds {fmt(rng and rng[0], '{:.3f}')}–"
+                    f"{fmt(rng and rng[1], '{:.3f}')})."
+                )
         lines.append("")
 
     if cold:
-        lines += ["## Cold start", "",
-                  "A fresh process, from its launch to the first 200 from `GET /todos` (polled every 2 ms); "
-                  f"median of {args.cold_runs} run(s) after one discarded warm-up run, project and reference "
-                  "alternating. Through the runtime that includes the runtime's own import and the readiness "
-                  "ping. The reference opens its pool in the lifespan (the snippet); the project opens it on "
-                  "the first request (the SPEC).", "",
-                  f"IAM mode: moto STS (AssumeRoleWithWebIdentity) on loopback; database via "
-                  f"{cold.get('iam_mode', '')}. The project exchanges the OIDC token that the request carries "
-                  "(through the runtime; `VERCEL_OIDC_TOKEN` under plain uvicorn); the reference uses "
-                  "boto3's default chain with `AWS_WEB_IDENTITY_TOKEN_FILE` holding the same token.", "",
-                  "| served | auth | project ms | reference ms | project/reference |",
-                  "| --- | --- | ---: | ---: | ---: |"]
+        lines += [
+            "## Cold start",
+            "",
+            "A fresh process, from its launch to the first 200 from `GET /todos` (polled every 2 ms); "
+            f"median of {args.cold_runs} run(s) after one discarded warm-up run, project and reference "
+            "alternating. Through the runtime that includes the runtime's own import and the readiness "
+            "ping. The reference opens its pool in the lifespan (the snippet); the project opens it on "
+            "the first request (the SPEC).",
+            "",
+            f"IAM mode: moto STS (AssumeRoleWithWebIdentity) on loopback; database via "
+            f"{cold.get('iam_mode', '')}. The project exchanges the OIDC token that the request carries "
+            "(through the runtime; `VERCEL_OIDC_TOKEN` under plain uvicorn); the reference uses "
+            "boto3's default chain with `AWS_WEB_IDENTITY_TOKEN_FILE` holding the same token.",
+            "",
+            "| served | auth | project ms | reference ms | project/reference |",
+            "| --- | --- | ---: | ---: | ---: |",
+        ]
         for mode in MODES:
             for auth_mode in ("password", "iam"):
                 got = cold.get(f"{mode}/{auth_mode}")
                 if not got:
                     continue
                 p, r = (got.get(t, {}).get("median_s") for t in ("project", "reference"))
-                lines.append(f"| {MODE_TITLES[mode]} | {auth_mode} | {fmt(p and p * 1000)} | {fmt(r and r * 1000)} | "
-                             f"{fmt(p / r if p and r else None, '{:.2f}×')} |")
-        breakdown = [(auth_mode, target, cold.get(f"vercel/{auth_mode}", {}).get(target, {}).get("phases_ms"))
-                     for auth_mode in ("password", "iam") for target in ("project", "reference")]
+                lines.append(
+                    f"| {MODE_TITLES[mode]} | {auth_mode} | {fmt(p and p * 1000)} | {fmt(r and r * 1000)} | "
+                    f"{fmt(p / r if p and r else None, '{:.2f}×')} |"
+                )
+        breakdown = [
+            (auth_mode, target, cold.get(f"vercel/{auth_mode}", {}).get(target, {}).get("phases_ms"))
+            for auth_mode in ("password", "iam")
+            for target in ("project", "reference")
+        ]
         if any(p for *_, p in breakdown):
-            lines += ["", "Where a cold start through the runtime goes (medians, ms): `runtime` = interpreter start "
-                      "and the runtime's own imports (its initDuration less userInitDuration, from `server-started`); "
-                      "`import` = importing the app module (userInitDuration); `lifespan` = uvicorn's startup and "
-                      "the app's lifespan until the runtime answers its readiness ping; `first request` = from "
-                      "then to the first 200 of `GET /todos` (the project connects, and in IAM mode exchanges "
-                      "the OIDC token with STS and signs a token, here).", "",
-                      "| auth | target | runtime | import | lifespan | first request |",
-                      "| --- | --- | ---: | ---: | ---: | ---: |"]
+            lines += [
+                "",
+                "Where a cold start through the runtime goes (medians, ms): `runtime` = interpreter start "
+                "and the runtime's own imports (its initDuration less userInitDuration, from `server-started`); "
+                "`import` = importing the app module (userInitDuration); `lifespan` = uvicorn's startup and "
+                "the app's lifespan until the runtime answers its readiness ping; `first request` = from "
+                "then to the first 200 of `GET /todos` (the project connects, and in IAM mode exchanges "
+                "the OIDC token with STS and signs a token, here).",
+                "",
+                "| auth | target | runtime | import | lifespan | first request |",
+                "| --- | --- | ---: | ---: | ---: | ---: |",
+            ]
             for auth_mode, target, p in breakdown:
                 if p:
-                    lines.append(f"| {auth_mode} | {target} | {p['runtime_ms']:.0f} | {p['import_ms']:.0f} | "
-                                 f"{p['lifespan_ms']:.0f} | {p['first_request_ms']:.0f} |")
-        lines += ["", "Import time (`python -X importtime -c 'import <module>'`, dev venv, cumulative for the "
-                  "module; process = whole interpreter run, wall clock):", "",
-                  "| module | import ms | process ms | heaviest imports (ms) |", "| --- | ---: | ---: | --- |"]
+                    lines.append(
+                        f"| {auth_mode} | {target} | {p['runtime_ms']:.0f} | {p['import_ms']:.0f} | "
+                        f"{p['lifespan_ms']:.0f} | {p['first_request_ms']:.0f} |"
+                    )
+        lines += [
+            "",
+            "Import time (`python -X importtime -c 'import <module>'`, dev venv, cumulative for the "
+            "module; process = whole interpreter run, wall clock):",
+            "",
+            "| module | import ms | process ms | heaviest imports (ms) |",
+            "| --- | ---: | ---: | --- |",
+        ]
         for target, info in cold.get("import", {}).items():
             heavy = ", ".join(f"{n} {ms}" for n, ms in info["heaviest"])
-            lines.append(f"| {info['module']} ({target}) | {fmt(info['cumulative_ms'], '{:.0f}')} | "
-                         f"{fmt(info['process_ms'], '{:.0f}')} | {heavy} |")
+            lines.append(
+                f"| {info['module']} ({target}) | {fmt(info['cumulative_ms'], '{:.0f}')} | "
+                f"{fmt(info['process_ms'], '{:.0f}')} | {heavy} |"
+            )
         lines.append("")
 
     if rot:
-        lines += ["## Token rotation under load", "",
-                  f"The project in IAM mode with DB_TOKEN_TTL={rot['ttl']} s (the pool is replaced at "
-                  "70–80 % of it) under `GET /todos` load, measured as back-to-back one-second wrk "
-                  f"windows; database via {rot.get('iam_mode', '')}. Replacements found in the "
-                  f"{rot.get('events_from')} (service log at {rot.get('log_events')} s, new-backend bursts "
-                  f"at {rot.get('backend_bursts')} s). Rotation p99 = worst window within −0.5/+1.5 s of "
-                  "a replacement (median over replacements); steady = median p99 of windows more than "
-                  "1 s before / 2.5 s after any replacement. LOG_LEVEL=info here (one log line per "
-                  "request), so absolute numbers are lower than above.", "",
-                  "| replacements | windows (steady) | req/s | errors | steady p99 ms | rotation p99 ms "
-                  "(worst) | ratio (worst) |", "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
-                  f"| {rot['replacements']} | {len(rot['windows'])} ({rot['steady_windows']}) | "
-                  f"{fmt(rot['rps'])} | {rot['errors']} | {fmt(rot['steady_p99_ms'], '{:.2f}')} | "
-                  f"{fmt(rot['rotation_p99_ms'], '{:.2f}')} ({fmt(rot['rotation_p99_worst_ms'], '{:.2f}')}) | "
-                  f"{fmt(rot.get('ratio'), '{:.2f}×')} ({fmt(rot.get('ratio_worst'), '{:.2f}×')}) |", ""]
+        lines += [
+            "## Token rotation under load",
+            "",
+            f"The project in IAM mode with DB_TOKEN_TTL={rot['ttl']} s (the pool is replaced at "
+            "70–80 % of it) under `GET /todos` load, measured as back-to-back one-second wrk "
+            f"windows; database via {rot.get('iam_mode', '')}. Replacements found in the "
+            f"{rot.get('events_from')} (service log at {rot.get('log_events')} s, new-backend bursts "
+            f"at {rot.get('backend_bursts')} s). Rotation p99 = worst window within −0.5/+1.5 s of "
+            "a replacement (median over replacements); steady = median p99 of windows more than "
+            "1 s before / 2.5 s after any replacement. LOG_LEVEL=info here (one log line per "
+            "request), so absolute numbers are lower than above.",
+            "",
+            "| replacements | windows (steady) | req/s | errors | steady p99 ms | rotation p99 ms "
+            "(worst) | ratio (worst) |",
+            "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+            f"| {rot['replacements']} | {len(rot['windows'])} ({rot['steady_windows']}) | "
+            f"{fmt(rot['rps'])} | {rot['errors']} | {fmt(rot['steady_p99_ms'], '{:.2f}')} | "
+            f"{fmt(rot['rotation_p99_ms'], '{:.2f}')} ({fmt(rot['rotation_p99_worst_ms'], '{:.2f}')}) | "
+            f"{fmt(rot.get('ratio'), '{:.2f}×')} ({fmt(rot.get('ratio_worst'), '{:.2f}×')}) |",
+            "",
+        ]
         if rot.get("service_errors"):
             lines += ["Errors the service logged during the rotation run:", ""]
             lines += [f"- {count} × `{key}`" for key, count in rot["service_errors"].items()] + [""]
 
-    lines += ["## Method notes", "",
-              f"- Schema of `todos` by {results.get('schema_by')}; `todos_ref` (SERIAL ids) by the bench. "
-              "Both tables hold the same rows (titles, flags, timestamps) and are reseeded before every "
-              "wrk run, so create/mixed runs never leave a bigger table to the next target.",
-              "- The reference is the FastAPI snippet written the obvious way (`bench/reference_app.py`); its "
-              "`GET /todos` takes `limit` (default 50) so that all targets return the same rows.",
-              "- The ceiling (`bench/ceiling_app.py`) runs the project's own list query text, one "
-              "prepared statement per connection, msgspec encoding, no routing or middleware.",
-              "- The reference imports boto3 inside its lifespan, only in IAM mode (a top-level import, as "
-              "in most copies of the snippet, would add boto3's import time to its password-mode cold start).",
-              "- Function environments: project `requirements.txt`; reference "
-              "`bench/requirements-reference.txt` (fastapi, asyncpg, boto3: what its snippet imports, and the "
-              "`vercel` SDK its instructions list); ceiling `bench/requirements-ceiling.txt` (asyncpg, msgspec, "
-              "`vercel`, uvloop, httptools: the least a process on the runtime can do); each plus vercel-runtime "
-              "and nothing else. Every target has the `vercel` SDK: without it the runtime pays five failed "
-              "imports per request (README, \"Served by Vercel's runtime\"). The plain-uvicorn table "
-              "gives every target the same loop and parser, so it isolates what the app itself costs.",
-              "- Through the runtime every target is wrapped by tests/serving_probe.py (one path comparison "
-              "per request) so that the loop/parser column is asked of the measured process itself.",
-              "- wrk counts responses ≥ 400 as errors; a non-zero error column means a result to distrust.",
-              "- To see where a target spends its time: `python bench/profile.py list` (py-spy under the same "
-              "wrk load; `--target ceiling` for comparison, `--project-dir` to try a changed copy).",
-              ""]
+    lines += [
+        "## Method notes",
+        "",
+        f"- Schema of `todos` by {results.get('schema_by')}; `todos_ref` (SERIAL ids) by the bench. "
+        "Both tables hold the same rows (titles, flags, timestamps) and are reseeded before every "
+        "wrk run, so create/mixed runs never leave a bigger table to the next target.",
+        "- The reference is the FastAPI snippet written the obvious way (`bench/reference_app.py`); its "
+        "`GET /todos` takes `limit` (default 50) so that all targets return the same rows.",
+        "- The ceiling (`bench/ceiling_app.py`) runs the project's own list query text, one "
+        "prepared statement per connection, msgspec encoding, no routing or middleware.",
+        "- The reference imports boto3 inside its lifespan, only in IAM mode (a top-level import, as "
+        "in most copies of the snippet, would add boto3's import time to its password-mode cold start).",
+        "- Function environments: project `requirements.txt`; reference "
+        "`bench/requirements-reference.txt` (fastapi, asyncpg, boto3: what its snippet imports, and the "
+        "`vercel` SDK its instructions list); ceiling `bench/requirements-ceiling.txt` (asyncpg, msgspec, "
+        "`vercel`, uvloop, httptools: the least a process on the runtime can do); each plus vercel-runtime "
+        "and nothing else. Every target has the `vercel` SDK: without it the runtime pays five failed "
+        'imports per request (README, "Served by Vercel\'s runtime"). The plain-uvicorn table '
+        "gives every target the same loop and parser, so it isolates what the app itself costs.",
+        "- Through the runtime every target is wrapped by tests/serving_probe.py (one path comparison "
+        "per request) so that the loop/parser column is asked of the measured process itself.",
+        "- wrk counts responses ≥ 400 as errors; a non-zero error column means a result to distrust.",
+        "- To see where a target spends its time: `python bench/profile.py list` (py-spy under the same "
+        "wrk load; `--target ceiling` for comparison, `--project-dir` to try a changed copy).",
+        "",
+    ]
     if results.get("notes"):
         lines += [f"- {note}" for note in results["notes"]] + [""]
     text = "\n".join(lines)
@@ -1395,10 +1748,17 @@ def write_chart(results: dict, args: argparse.Namespace, out_dir: Path) -> Path 
     fig, axes = plt.subplots(len(modes), 2, figsize=(11, 4 * len(modes)), squeeze=False)
     width = 0.8 / len(args.targets)
     for row, mode in zip(axes, modes):
-        for ax, (key, label) in zip(row, (("cpu_us", "server CPU µs per request (lower is better)"),
-                                          ("rps", "requests/s (higher is better)"))):
+        for ax, (key, label) in zip(
+            row,
+            (
+                ("cpu_us", "server CPU µs per request (lower is better)"),
+                ("rps", "requests/s (higher is better)"),
+            ),
+        ):
             for i, target in enumerate(args.targets):
-                values = [summary[mode].get(f"{size}/{w}", {}).get(target, {}).get(key) or 0 for w in WORKLOADS]
+                values = [
+                    summary[mode].get(f"{size}/{w}", {}).get(target, {}).get(key) or 0 for w in WORKLOADS
+                ]
                 xs = [x + (i - (len(args.targets) - 1) / 2) * width for x in range(len(WORKLOADS))]
                 ax.bar(xs, values, width, label=target, color=colors[target])
             ax.set_xticks(range(len(WORKLOADS)), WORKLOADS)
@@ -1416,13 +1776,19 @@ def write_chart(results: dict, args: argparse.Namespace, out_dir: Path) -> Path 
 
 # --- main ------------------------------------------------------------------------------
 
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true",
-                        help="one short round: 20 todos, 1 s runs, 1 cold-start run, short rotation")
-    parser.add_argument("--dsn", default=os.environ.get("BENCH_ADMIN_DSN",
-                                                        "postgresql://postgres@127.0.0.1:5432/postgres"))
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="one short round: 20 todos, 1 s runs, 1 cold-start run, short rotation",
+    )
+    parser.add_argument(
+        "--dsn", default=os.environ.get("BENCH_ADMIN_DSN", "postgresql://postgres@127.0.0.1:5432/postgres")
+    )
     parser.add_argument("--database", help="database the benchmark works in (created if missing)")
     parser.add_argument("--out", type=Path, default=BENCH, help="where RESULTS.md and throughput.png go")
     parser.add_argument("--rounds", type=int)
@@ -1436,41 +1802,75 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--pool-max", type=int, default=10)
     parser.add_argument("--loop", default="uvloop", help="uvicorn --loop, the same for all targets")
     parser.add_argument("--http", default="httptools", help="uvicorn --http, the same for all targets")
-    parser.add_argument("--log-level", default="info",
-                        help="the project's LOG_LEVEL during throughput/cold start (info, the default, logs "
-                             "every request)")
-    parser.add_argument("--modes", type=lambda s: s.split(","), default=list(MODES),
-                        help="how targets are served: vercel (vc_init, function environments), uvicorn (plain)")
+    parser.add_argument(
+        "--log-level",
+        default="info",
+        help="the project's LOG_LEVEL during throughput/cold start (info, the default, logs every request)",
+    )
+    parser.add_argument(
+        "--modes",
+        type=lambda s: s.split(","),
+        default=list(MODES),
+        help="how targets are served: vercel (vc_init, function environments), uvicorn (plain)",
+    )
     parser.add_argument("--keepalive-duration", type=int, help="seconds of the one-connection run per round")
     parser.add_argument("--log-rounds", type=int, help="rounds of the logging on/off comparison")
-    parser.add_argument("--log-rate", type=int, default=800,
-                        help="paced request rate of the logging comparison (both servers get the same)")
+    parser.add_argument(
+        "--log-rate",
+        type=int,
+        default=800,
+        help="paced request rate of the logging comparison (both servers get the same)",
+    )
     parser.add_argument("--log-connections", type=int, default=8)
     parser.add_argument("--cold-runs", type=int)
     parser.add_argument("--rotation-ttl", type=int)
     parser.add_argument("--rotation-windows", type=int)
-    parser.add_argument("--no-gateway", action="store_true",
-                        help="IAM mode straight at trust-auth PostgreSQL instead of tests/standins/aurora_gateway.py")
-    parser.add_argument("--project-dir", type=Path, default=ROOT,
-                        help="serve the project's app:app from this directory (A/B-test a changed copy)")
-    parser.add_argument("--report-only", action="store_true",
-                        help="rewrite RESULTS.md and throughput.png from --out/results.json, measure nothing")
-    parser.add_argument("--scale", action="store_true",
-                        help="only the scale table: list p50 and CPU per request at --scale-sizes rows; "
-                             "rewrites its own section of RESULTS.md and scale.json")
-    parser.add_argument("--scale-sizes", type=lambda s: [int(x) for x in s.split(",")],
-                        default=[1_000, 100_000, 1_000_000])
+    parser.add_argument(
+        "--no-gateway",
+        action="store_true",
+        help="IAM mode straight at trust-auth PostgreSQL instead of tests/standins/aurora_gateway.py",
+    )
+    parser.add_argument(
+        "--project-dir",
+        type=Path,
+        default=ROOT,
+        help="serve the project's app:app from this directory (A/B-test a changed copy)",
+    )
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="rewrite RESULTS.md and throughput.png from --out/results.json, measure nothing",
+    )
+    parser.add_argument(
+        "--scale",
+        action="store_true",
+        help="only the scale table: list p50 and CPU per request at --scale-sizes rows; "
+        "rewrites its own section of RESULTS.md and scale.json",
+    )
+    parser.add_argument(
+        "--scale-sizes", type=lambda s: [int(x) for x in s.split(",")], default=[1_000, 100_000, 1_000_000]
+    )
     parser.add_argument("--scale-requests", type=int, default=300, help="requests per shape and round")
-    parser.add_argument("--skip", type=lambda s: s.split(","), default=[],
-                        help="phases to skip: throughput,logging,cold,rotation")
+    parser.add_argument(
+        "--skip",
+        type=lambda s: s.split(","),
+        default=[],
+        help="phases to skip: throughput,logging,cold,rotation",
+    )
     args = parser.parse_args(argv)
     quick = args.quick
-    defaults = {"rounds": 1 if quick else 3, "duration": 1 if quick else 5,
-                "datasets": [20] if quick else [20, 500], "cold_runs": 1 if quick else 5,
-                "rotation_ttl": 5 if quick else 10, "rotation_windows": 7 if quick else 40,
-                "keepalive_duration": 1 if quick else 2, "log_rounds": 1 if quick else 6,
-                "warmup": 0 if quick else 1,
-                "database": "aurora_bench_quick" if quick else "aurora_bench"}
+    defaults = {
+        "rounds": 1 if quick else 3,
+        "duration": 1 if quick else 5,
+        "datasets": [20] if quick else [20, 500],
+        "cold_runs": 1 if quick else 5,
+        "rotation_ttl": 5 if quick else 10,
+        "rotation_windows": 7 if quick else 40,
+        "keepalive_duration": 1 if quick else 2,
+        "log_rounds": 1 if quick else 6,
+        "warmup": 0 if quick else 1,
+        "database": "aurora_bench_quick" if quick else "aurora_bench",
+    }
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -1492,8 +1892,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.scale:
         return main_scale(args)
     ensure_wrk()
-    for module in ("fastapi", "psutil") + (("uvloop",) if args.loop == "uvloop" else ()) + \
-            (("httptools",) if args.http == "httptools" else ()):
+    for module in (
+        ("fastapi", "psutil")
+        + (("uvloop",) if args.loop == "uvloop" else ())
+        + (("httptools",) if args.http == "httptools" else ())
+    ):
         try:
             __import__(module)
         except ImportError:
@@ -1502,9 +1905,13 @@ def main(argv: list[str] | None = None) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="aurora-bench-"))
     db = Database(args.dsn, args.database)
     db.open()
-    results: dict[str, Any] = {"load_start": " ".join(f"{x:.2f}" for x in os.getloadavg()),
-                               "database": f"{db.host}:{db.port}/{db.name}", "schema_by": db.schema_by,
-                               "notes": [], "args": {k: str(v) for k, v in vars(args).items()}}
+    results: dict[str, Any] = {
+        "load_start": " ".join(f"{x:.2f}" for x in os.getloadavg()),
+        "database": f"{db.host}:{db.port}/{db.name}",
+        "schema_by": db.schema_by,
+        "notes": [],
+        "args": {k: str(v) for k, v in vars(args).items()},
+    }
     log(f"work dir {workdir} (server logs), database {results['database']}")
     sampler = RssSampler()
     pythons: dict[str, Path] = {}
@@ -1531,8 +1938,10 @@ def main(argv: list[str] | None = None) -> int:
         results["machine"] = machine_info(db)
         db.close()
     if results.get("cold_start", {}).get("iam_mode", "").startswith("direct"):
-        results["notes"].append("IAM-mode cold start went straight to trust-auth PostgreSQL: the token "
-                                "was signed and sent but not checked, and there was no TLS handshake.")
+        results["notes"].append(
+            "IAM-mode cold start went straight to trust-auth PostgreSQL: the token "
+            "was signed and sent but not checked, and there was no TLS handshake."
+        )
     (args.out / "results.json").write_text(json.dumps(results, indent=1, default=str))
     report = write_report(results, args, args.out)
     chart = write_chart(results, args, args.out)

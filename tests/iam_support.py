@@ -27,7 +27,9 @@ ROLE_ARN = "arn:aws:iam::123456789012:role/aurora-todo"
 REGION = "us-east-1"
 
 
-def oidc_token(lifetime: float = 3600, subject: str = "owner:acme:project:todo:environment:production") -> str:
+def oidc_token(
+    lifetime: float = 3600, subject: str = "owner:acme:project:todo:environment:production"
+) -> str:
     """A token as Vercel's platform mints it, signed by the issuer STS trusts (standins/oidc_issuer.py)."""
     return ISSUER.token(lifetime, subject)
 
@@ -35,19 +37,36 @@ def oidc_token(lifetime: float = 3600, subject: str = "owner:acme:project:todo:e
 @contextmanager
 def aurora(database_url: str, ttl: float, mode: str = "iam", **options):
     host, port = parse_upstream_url(database_url)
-    with AuroraGateway(host, port, max_token_age=ttl, region=REGION, mode=mode,
-                       credentials_lookup=moto_credentials_lookup(), **options) as gateway:
+    with AuroraGateway(
+        host,
+        port,
+        max_token_age=ttl,
+        region=REGION,
+        mode=mode,
+        credentials_lookup=moto_credentials_lookup(),
+        **options,
+    ) as gateway:
         yield gateway
 
 
 def iam_environment(gateway: AuroraGateway, sts: Sts, database_url: str, ttl: int, **overrides: str) -> dict:
     """The service's environment for IAM mode behind `gateway`; `overrides` win."""
     settings = dict(
-        PGHOST="127.0.0.1", PGPORT=str(gateway.port), PGUSER="postgres",
-        PGDATABASE=urlsplit(database_url).path.lstrip("/"), DB_AUTH="iam", AWS_REGION=REGION,
-        AWS_ROLE_ARN=ROLE_ARN, AWS_ENDPOINT_URL_STS=sts.url, AWS_EC2_METADATA_DISABLED="true",
-        VERCEL_OIDC_TOKEN=oidc_token(), PGSSLROOTCERT=gateway.ca_file, DB_TOKEN_TTL=str(ttl),
-        DB_POOL_MIN="1", DB_POOL_MAX="6")
+        PGHOST="127.0.0.1",
+        PGPORT=str(gateway.port),
+        PGUSER="postgres",
+        PGDATABASE=urlsplit(database_url).path.lstrip("/"),
+        DB_AUTH="iam",
+        AWS_REGION=REGION,
+        AWS_ROLE_ARN=ROLE_ARN,
+        AWS_ENDPOINT_URL_STS=sts.url,
+        AWS_EC2_METADATA_DISABLED="true",
+        VERCEL_OIDC_TOKEN=oidc_token(),
+        PGSSLROOTCERT=gateway.ca_file,
+        DB_TOKEN_TTL=str(ttl),
+        DB_POOL_MIN="1",
+        DB_POOL_MAX="6",
+    )
     return clean_environment(**{**settings, **overrides})
 
 
@@ -65,8 +84,13 @@ def assert_no_secrets(texts: list[str], sts: Sts, env: dict) -> None:
     for text in texts:
         for secret in secrets:
             assert secret not in text
-        for shape in ("X-Amz-Signature", "X-Amz-Security-Token", "Amz-Credential", "Action=connect",
-                      "Action=DbConnect"):
+        for shape in (
+            "X-Amz-Signature",
+            "X-Amz-Security-Token",
+            "Amz-Credential",
+            "Action=connect",
+            "Action=DbConnect",
+        ):
             assert shape not in text
 
 
@@ -102,8 +126,10 @@ def soak(live: LiveServer, workers: int, duration: float) -> list[str]:
                 for response, wanted in steps:
                     if response.status_code != wanted:
                         with lock:
-                            failures.append(f"{response.request.method} {response.request.url.path}"
-                                            f" -> {response.status_code} {response.text[:200]}")
+                            failures.append(
+                                f"{response.request.method} {response.request.url.path}"
+                                f" -> {response.status_code} {response.text[:200]}"
+                            )
 
     with concurrent.futures.ThreadPoolExecutor(workers) as pool:
         list(pool.map(worker, range(workers)))

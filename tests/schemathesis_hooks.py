@@ -22,5 +22,9 @@ def before_call(context, case, **kwargs):
         return  # a negative case is refused anyway; its headers are what is being tested
     headers = case.headers or {}
     for name in list(headers):
-        if name.lower() == "idempotency-key" and isinstance(headers[name], str) and WELL_FORMED.fullmatch(headers[name]):
+        if (
+            name.lower() == "idempotency-key"
+            and isinstance(headers[name], str)
+            and WELL_FORMED.fullmatch(headers[name])
+        ):
             headers[name] = f"{next(numbers):08x}-{headers[name]}"[:255].rstrip()

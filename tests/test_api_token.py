@@ -22,12 +22,24 @@ def test_api_token_guards_every_todos_route_and_method(embedded_database: str):
     with InProcess(env) as client:
         good = {"Authorization": f"Bearer {token}"}
         todo = client.post("/todos", json={"title": "guarded"}, headers=good).json()
-        paths = ["/todos", "/todos/", f"/todos/{todo['id']}", f"/todos/{uuid.uuid4()}", "/todos/not-a-uuid",
-                 "/todos?limit=1"]
-        wrong = [{}, {"Authorization": "Bearer"},
-                 {"Authorization": f"Bearer {token[:-1]}"}, {"Authorization": f"Bearer {token}x"},
-                 {"Authorization": f"Bearer {token.upper()}"}, {"Authorization": f"Basic {token}"},
-                 {"Authorization": token}, {"Authorization": f"Token {token}"}]
+        paths = [
+            "/todos",
+            "/todos/",
+            f"/todos/{todo['id']}",
+            f"/todos/{uuid.uuid4()}",
+            "/todos/not-a-uuid",
+            "/todos?limit=1",
+        ]
+        wrong = [
+            {},
+            {"Authorization": "Bearer"},
+            {"Authorization": f"Bearer {token[:-1]}"},
+            {"Authorization": f"Bearer {token}x"},
+            {"Authorization": f"Bearer {token.upper()}"},
+            {"Authorization": f"Basic {token}"},
+            {"Authorization": token},
+            {"Authorization": f"Token {token}"},
+        ]
         methods = ("GET", "HEAD", "POST", "PATCH", "DELETE", "PUT", "OPTIONS")
         texts = []
         for path in paths:

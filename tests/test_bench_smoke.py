@@ -43,8 +43,13 @@ def quick_run(tmp_path_factory) -> Path:
     if _wrk() is None:
         pytest.skip("wrk is not installed and could not be installed (apt-get install -y wrk as root)")
     out = tmp_path_factory.mktemp("bench")
-    done = subprocess.run([sys.executable, str(ROOT / "bench" / "run.py"), "--quick", "--out", str(out)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=900)
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "run.py"), "--quick", "--out", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert done.returncode == 0, f"bench/run.py --quick failed:\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
     return out
 
@@ -57,8 +62,11 @@ def test_results_table_has_numbers_for_all_three_targets(quick_run: Path) -> Non
         section = report.split(heading, 1)[1].split("\n## ", 1)[0]
         for workload in ("list", "get", "create", "mixed"):
             for target in ("project", "reference", "ceiling"):
-                row = re.search(rf"^\| 20 \| {workload} \| {target} \| (\d+) \| ([\d.]+) \| ([\d.]+) \| (\d+) \|",
-                                section, re.MULTILINE)
+                row = re.search(
+                    rf"^\| 20 \| {workload} \| {target} \| (\d+) \| ([\d.]+) \| ([\d.]+) \| (\d+) \|",
+                    section,
+                    re.MULTILINE,
+                )
                 assert row, f"{heading}: no {workload}/{target} row"
                 assert int(row.group(1)) > 0, f"{heading} {workload}/{target}: no requests served"
                 assert int(row.group(4)) > 0, f"{heading} {workload}/{target}: no server CPU measured"
@@ -78,7 +86,9 @@ def test_runtime_serving_keepalive_logging_and_cold_start_measured(quick_run: Pa
         assert logging["cpu_us"]["info"] > 0 and logging["cpu_us"]["warning"] > 0
         on = [r for r in logging["runs"] if r["level"] == "info"]
         off = [r for r in logging["runs"] if r["level"] == "warning"]
-        assert all(r["log_messages"] >= r["requests"] for r in on), f"{mode}, LOG_LEVEL=info: a line per request"
+        assert all(r["log_messages"] >= r["requests"] for r in on), (
+            f"{mode}, LOG_LEVEL=info: a line per request"
+        )
         assert all(r["log_messages"] == 0 for r in off), f"{mode}, LOG_LEVEL=warning: no request line"
     for mode in ("vercel/password", "vercel/iam", "uvicorn/password", "uvicorn/iam"):
         for target in ("project", "reference"):

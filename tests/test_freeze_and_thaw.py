@@ -50,7 +50,9 @@ def test_thawed_instance_serves_its_first_request(fresh_sts: Sts, embedded_datab
             assert gateway.refused == []
 
 
-def test_first_request_after_a_thaw_with_silently_dead_sockets_answers_fast(fresh_sts: Sts, embedded_database: str):
+def test_first_request_after_a_thaw_with_silently_dead_sockets_answers_fast(
+    fresh_sts: Sts, embedded_database: str
+):
     """While the instance is frozen, a NAT forgets its connections: no FIN, no RST, nothing.
     The first request after the thaw must not wait for a dead socket (it used to take the
     8 s deadline and answer 503)."""

@@ -35,6 +35,7 @@ pytestmark = pytest.mark.slow  # soaks and STS outages across token lifetimes
 
 # --- 1. soak ----------------------------------------------------------------------------
 
+
 def test_soak_across_many_replacements_loses_nothing(fresh_sts: Sts, embedded_database: str):
     # More workers than connections: requests queue on the pool, so some are still waiting
     # on the old pool when it is replaced; they must finish, not be cancelled.
@@ -57,6 +58,7 @@ def test_soak_across_many_replacements_loses_nothing(fresh_sts: Sts, embedded_da
 
 
 # --- 3. STS down ----------------------------------------------------------------------------
+
 
 def test_sts_outage_keeps_the_current_pool_then_recovers(fresh_sts: Sts, embedded_database: str):
     ttl = 8
@@ -126,8 +128,14 @@ def test_sts_outage_past_the_token_life_is_single_flight_with_backoff(fresh_sts:
                         started = time.monotonic()
                         response = own.get("/todos")
                         with lock:
-                            answers.append((started, time.monotonic(), response.status_code,
-                                            response.headers.get("retry-after")))
+                            answers.append(
+                                (
+                                    started,
+                                    time.monotonic(),
+                                    response.status_code,
+                                    response.headers.get("retry-after"),
+                                )
+                            )
                         stop.wait(max(0.0, 0.1 - (time.monotonic() - started)))
 
             with concurrent.futures.ThreadPoolExecutor(3) as pool:
@@ -141,8 +149,10 @@ def test_sts_outage_past_the_token_life_is_single_flight_with_backoff(fresh_sts:
                     while recovered is None and time.monotonic() < back + 10:
                         time.sleep(0.1)
                         with lock:
-                            recovered = next((end for start, end, status, _ in answers
-                                              if start >= back and status == 200), None)
+                            recovered = next(
+                                (end for start, end, status, _ in answers if start >= back and status == 200),
+                                None,
+                            )
                     time.sleep(1)
                 finally:
                     stop.set()
@@ -152,8 +162,11 @@ def test_sts_outage_past_the_token_life_is_single_flight_with_backoff(fresh_sts:
             assert {status for _, _, status, _ in answers} <= {200, 503}
             # While the token is valid the current pool serves; past it, 503s, at once.
             assert all(status == 200 for _, end, status, _ in answers if end < expires - 0.3)
-            late = [(start, end, status, retry) for start, end, status, retry in answers
-                    if expires + 0.5 <= start and end <= back]
+            late = [
+                (start, end, status, retry)
+                for start, end, status, retry in answers
+                if expires + 0.5 <= start and end <= back
+            ]
             assert len(late) >= 200, f"only {len(late)} requests past the token's life"
             assert {status for _, _, status, _ in late} == {503}
             assert all(retry and int(retry) > 0 for _, _, _, retry in late)

@@ -18,10 +18,32 @@ from support import ROOT, LiveServer
 @pytest.mark.slow  # locust runs for a fixed time
 def test_locust_mix_runs_headless_without_a_failure(server: LiveServer, tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "locust", "-f", str(ROOT / "locustfile.py"), "--headless",
-         "-u", "8", "-r", "8", "-t", "6s", "--host", server.url, "--csv", str(tmp_path / "run"),
-         "--exit-code-on-error", "1", "--only-summary"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        [
+            sys.executable,
+            "-m",
+            "locust",
+            "-f",
+            str(ROOT / "locustfile.py"),
+            "--headless",
+            "-u",
+            "8",
+            "-r",
+            "8",
+            "-t",
+            "6s",
+            "--host",
+            server.url,
+            "--csv",
+            str(tmp_path / "run"),
+            "--exit-code-on-error",
+            "1",
+            "--only-summary",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     with open(tmp_path / "run_stats.csv") as stats:
         total = next(row for row in csv.DictReader(stats) if row["Name"] == "Aggregated")

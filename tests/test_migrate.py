@@ -24,8 +24,14 @@ from support import ROOT, InProcess, LiveServer, clean_environment, create_datab
 
 
 def migrate(url: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "db.py"), "migrate"], cwd=ROOT,
-                          env=clean_environment(DATABASE_URL=url), capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "db.py"), "migrate"],
+        cwd=ROOT,
+        env=clean_environment(DATABASE_URL=url),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 def test_schema_applies_twice_without_harm(postgres_url: str):
@@ -34,15 +40,24 @@ def test_schema_applies_twice_without_harm(postgres_url: str):
         first, second = migrate(url), migrate(url)
         assert first.returncode == 0 and "schema applied" in first.stdout, first.stderr
         assert second.returncode == 0 and "already up to date" in second.stdout, second.stderr
-        columns = run_sql(url, """SELECT column_name, data_type, is_nullable FROM information_schema.columns
-                                  WHERE table_name = 'todos' ORDER BY ordinal_position""")
+        columns = run_sql(
+            url,
+            """SELECT column_name, data_type, is_nullable FROM information_schema.columns
+                                  WHERE table_name = 'todos' ORDER BY ordinal_position""",
+        )
         assert [tuple(c) for c in columns] == [
-            ("id", "uuid", "NO"), ("title", "text", "NO"), ("completed", "boolean", "NO"),
-            ("created_at", "timestamp with time zone", "NO"), ("updated_at", "timestamp with time zone", "NO")]
+            ("id", "uuid", "NO"),
+            ("title", "text", "NO"),
+            ("completed", "boolean", "NO"),
+            ("created_at", "timestamp with time zone", "NO"),
+            ("updated_at", "timestamp with time zone", "NO"),
+        ]
         indexes = run_sql(url, "SELECT indexname, indexdef FROM pg_indexes WHERE tablename = 'todos'")
         assert {name: definition.split(" USING btree ")[1] for name, definition in indexes} == {
-            "todos_pkey": "(id)", "todos_newest_first": "(created_at, id)",
-            "todos_by_completed": "(completed, created_at, id)"}
+            "todos_pkey": "(id)",
+            "todos_newest_first": "(created_at, id)",
+            "todos_by_completed": "(completed, created_at, id)",
+        }
         # A service starting on the migrated database checks once and serves.
         with InProcess(clean_environment(DATABASE_URL=url)) as client:
             assert client.post("/todos", json={"title": "after migrate"}).status_code == 201
@@ -61,9 +76,14 @@ def test_schema_uses_nothing_dsql_lacks():
 
 
 def test_migrate_reports_bad_configuration():
-    result = subprocess.run([sys.executable, str(ROOT / "db.py"), "migrate"], cwd=ROOT,
-                            env=clean_environment(PGHOST="db.example.com", DB_AUTH="nonsense"),
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "db.py"), "migrate"],
+        cwd=ROOT,
+        env=clean_environment(PGHOST="db.example.com", DB_AUTH="nonsense"),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 1 and "DB_AUTH" in result.stderr
 
 
@@ -86,15 +106,24 @@ def test_migrate_on_dsql_as_admin_then_serve(fresh_sts: Sts, embedded_postgres: 
             assert any(i.code == "OC001" for i in gateway.injections)
             assert "retrying schema creation after a conflict" in first.stderr + first.stdout
             where = schema or "public"
-            assert len(run_sql(url, f"""SELECT 1 FROM pg_indexes WHERE schemaname = '{where}'
-                                        AND indexname IN ('todos_newest_first', 'todos_by_completed')""")) == 2
+            assert (
+                len(
+                    run_sql(
+                        url,
+                        f"""SELECT 1 FROM pg_indexes WHERE schemaname = '{where}'
+                                        AND indexname IN ('todos_newest_first', 'todos_by_completed')""",
+                    )
+                )
+                == 2
+            )
             if role is None:
                 assert "only admin may use schema public" in first.stdout
                 env = dsql_environment(gateway, fresh_sts, url, user="admin")
             else:
                 assert grant_printed(url, first.stdout) == [
                     f'GRANT USAGE ON SCHEMA "{SCHEMA}" TO "{ROLE}"',
-                    f'GRANT SELECT, INSERT, UPDATE, DELETE ON "{SCHEMA}".todos TO "{ROLE}"']
+                    f'GRANT SELECT, INSERT, UPDATE, DELETE ON "{SCHEMA}".todos TO "{ROLE}"',
+                ]
                 env = dsql_environment(gateway, fresh_sts, url, user=ROLE, schema=SCHEMA)
             with LiveServer(env) as live:
                 made = httpx.post(live.url + "/todos", json={"title": "after migrate"})

@@ -20,6 +20,7 @@ JSON = "application/json"
 PROBLEM = "application/problem+json"
 SUCCESS = {200, 201, 204}
 
+
 def test_iam_session_logs_every_request_and_leaks_no_secret(fresh_sts, embedded_postgres: str, monkeypatch):
     from iam_support import aurora, iam_environment
     from standins import aurora_gateway
@@ -43,8 +44,12 @@ def test_iam_session_logs_every_request_and_leaks_no_secret(fresh_sts, embedded_
 
                 def call(method: str, path: str, expected: int, *, headers=None, **kwargs) -> httpx.Response:
                     request_id = f"session-{len(sent)}"
-                    response = client.request(method, path, headers={
-                        "X-Request-ID": request_id, **auth, **(headers or {})}, **kwargs)
+                    response = client.request(
+                        method,
+                        path,
+                        headers={"X-Request-ID": request_id, **auth, **(headers or {})},
+                        **kwargs,
+                    )
                     assert response.status_code == expected, (method, path, response.text)
                     sent.append((request_id, method, path.split("?")[0], response))
                     return response
@@ -92,13 +97,23 @@ def test_iam_session_logs_every_request_and_leaks_no_secret(fresh_sts, embedded_
             assert (line["method"], line["path"], line["status"]) == (method, path, response.status_code)
             assert isinstance(line["duration_ms"], (int, float)) and line["duration_ms"] >= 0
         # Errors carry the exception type.
-        problems = [e for e in entries if e["level"] in ("warning", "error") and e.get("request_id", "").startswith("session-")]
-        assert any(e["level"] == "error" and e["error_type"] == "UndefinedTableError" for e in problems), problems
+        problems = [
+            e
+            for e in entries
+            if e["level"] in ("warning", "error") and e.get("request_id", "").startswith("session-")
+        ]
+        assert any(e["level"] == "error" and e["error_type"] == "UndefinedTableError" for e in problems), (
+            problems
+        )
         assert all(e.get("error_type") for e in problems if e["message"] == "database unavailable")
         assert any(e["message"] == "database unavailable" for e in problems)
 
-        secrets = {"OIDC token": [env["VERCEL_OIDC_TOKEN"]], "API token": [api_token],
-                   "database token": presented, "STS secret key or session token": fresh_sts.secrets()}
+        secrets = {
+            "OIDC token": [env["VERCEL_OIDC_TOKEN"]],
+            "API token": [api_token],
+            "database token": presented,
+            "STS secret key or session token": fresh_sts.secrets(),
+        }
         assert len(presented) >= 2 and len(fresh_sts.secrets()) >= 2, "the session handled no secret"
         texts = [logs_text] + [response.text + json.dumps(dict(response.headers)) for *_, response in sent]
         for text in texts:

@@ -23,6 +23,7 @@ JSON = "application/json"
 PROBLEM = "application/problem+json"
 SUCCESS = {200, 201, 204}
 
+
 @pytest.fixture(scope="module")
 def live(embedded_database: str):
     with LiveServer(clean_environment(DATABASE_URL=embedded_database)) as server:
@@ -48,8 +49,11 @@ def test_oversized_bodies_are_refused_before_they_are_read(live: LiveServer, met
     """
     path = "/todos" if method == "POST" else f"/todos/{uuid.uuid4()}"
     with connect(live) as sock:  # announced: 50 MiB, of which 1 KiB arrives
-        sock.sendall(request_head(method, path, {"Content-Type": JSON, "Content-Length": str(50 << 20)})
-                     + b'{"title": "' + b"x" * 1024)
+        sock.sendall(
+            request_head(method, path, {"Content-Type": JSON, "Content-Length": str(50 << 20)})
+            + b'{"title": "'
+            + b"x" * 1024
+        )
         assert_raw_problem(read_response(sock, 30), 413)
     with connect(live) as sock:  # streamed: 80 KiB of chunks, and the body never ends
         sock.sendall(request_head(method, path, {"Content-Type": JSON, "Transfer-Encoding": "chunked"}))
@@ -65,6 +69,7 @@ def test_slow_and_stalled_bodies_are_cut_off_with_408(live: LiveServer):
     The trickle would take 100 s and keeps sending after the 408: unless the server closes
     the connection, every byte re-arms uvicorn's keep-alive, and the connection stays pinned.
     """
+
     def send_slowly(sock: socket.socket, stop: threading.Event) -> None:
         for _ in range(400):
             if stop.wait(0.25):
@@ -109,11 +114,22 @@ def test_a_body_cut_short_by_the_client_is_no_server_error(live: LiveServer):
     """Content-Length larger than what is sent, then the client hangs up: not a 500, not an
     "unhandled error" log (Starlette raises ClientDisconnect from the body stream)."""
     cut = {
-        "cut-length": (request_head("POST", "/todos", {
-            "Content-Type": JSON, "Content-Length": "1000", "X-Request-ID": "cut-length"}), b'{"title": "cu'),
-        "cut-chunked": (request_head("PATCH", f"/todos/{uuid.uuid4()}", {
-            "Content-Type": JSON, "Transfer-Encoding": "chunked", "X-Request-ID": "cut-chunked"}),
-            b"40\r\n" + b'{"completed": tr'),
+        "cut-length": (
+            request_head(
+                "POST",
+                "/todos",
+                {"Content-Type": JSON, "Content-Length": "1000", "X-Request-ID": "cut-length"},
+            ),
+            b'{"title": "cu',
+        ),
+        "cut-chunked": (
+            request_head(
+                "PATCH",
+                f"/todos/{uuid.uuid4()}",
+                {"Content-Type": JSON, "Transfer-Encoding": "chunked", "X-Request-ID": "cut-chunked"},
+            ),
+            b"40\r\n" + b'{"completed": tr',
+        ),
     }
     for head, partial in cut.values():
         with connect(live) as sock:
@@ -121,7 +137,11 @@ def test_a_body_cut_short_by_the_client_is_no_server_error(live: LiveServer):
             time.sleep(0.3)
     deadline = time.monotonic() + 15
     while True:
-        lines = {e["request_id"]: e for e in live.logs() if e["message"] == "request" and e.get("request_id") in cut}
+        lines = {
+            e["request_id"]: e
+            for e in live.logs()
+            if e["message"] == "request" and e.get("request_id") in cut
+        }
         if len(lines) == len(cut) or time.monotonic() > deadline:
             break
         time.sleep(0.1)

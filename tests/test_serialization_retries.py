@@ -28,24 +28,39 @@ def test_conflicting_patches_all_succeed_through_retries(fresh_sts: Sts, embedde
     database = urlsplit(url).path.lstrip("/")
     try:
         # Aurora DSQL runs every transaction at REPEATABLE READ, with optimistic concurrency.
-        run_sql(url, f'ALTER DATABASE "{database}" SET default_transaction_isolation = \'repeatable read\'')
+        run_sql(url, f"ALTER DATABASE \"{database}\" SET default_transaction_isolation = 'repeatable read'")
         if mode == "password":
             env = clean_environment(DATABASE_URL=url, DB_POOL_MAX="10")
             server, gateway = LiveServer(env), None
         else:
             apply_postgres_schema(url)
-            gateway = AuroraGateway(*parse_upstream_url(url), max_token_age=900, region=REGION, mode="dsql",
-                                    credentials_lookup=moto_credentials_lookup(), upstream_user="postgres").start()
-            env = iam_environment(gateway, fresh_sts, url, 900, DB_AUTH="dsql", PGUSER="admin", DB_POOL_MAX="10")
+            gateway = AuroraGateway(
+                *parse_upstream_url(url),
+                max_token_age=900,
+                region=REGION,
+                mode="dsql",
+                credentials_lookup=moto_credentials_lookup(),
+                upstream_user="postgres",
+            ).start()
+            env = iam_environment(
+                gateway, fresh_sts, url, 900, DB_AUTH="dsql", PGUSER="admin", DB_POOL_MAX="10"
+            )
             server = LiveServer(env)
         with server, httpx.Client(base_url=server.url, timeout=15) as client:
             todo = client.post("/todos", json={"title": "contended"}).json()
             titles = [f"writer {i}" for i in range(30)]
             with concurrent.futures.ThreadPoolExecutor(15) as pool:
-                results = list(pool.map(
-                    lambda title: client.patch(f"/todos/{todo['id']}", json={"title": title, "completed": True}),
-                    titles))
-            assert [r.status_code for r in results] == [200] * len(titles), [r.text for r in results if r.status_code != 200]
+                results = list(
+                    pool.map(
+                        lambda title: client.patch(
+                            f"/todos/{todo['id']}", json={"title": title, "completed": True}
+                        ),
+                        titles,
+                    )
+                )
+            assert [r.status_code for r in results] == [200] * len(titles), [
+                r.text for r in results if r.status_code != 200
+            ]
             final = client.get(f"/todos/{todo['id']}").json()
             assert final["title"] in titles and final["completed"] is True
             assert final["updated_at"] == max(r.json()["updated_at"] for r in results)

@@ -72,6 +72,7 @@ OIDC_TOKENS: list[str] = []
 
 # --- helpers -----------------------------------------------------------------------------
 
+
 def new_oidc_token(lifetime: float) -> str:
     token = oidc_token(lifetime)
     OIDC_TOKENS.append(token)
@@ -102,11 +103,19 @@ def iam_env(gateway: AuroraGateway, sts: Sts, database_url: str, ttl: int, **ext
     and nothing from this process, so the only OIDC tokens are those the requests carry.
     """
     env = {
-        "PGHOST": "127.0.0.1", "PGPORT": str(gateway.port), "PGUSER": "postgres",
-        "PGDATABASE": urlsplit(database_url).path.lstrip("/"), "DB_AUTH": "iam",
-        "AWS_ROLE_ARN": ROLE_ARN, "AWS_ENDPOINT_URL_STS": sts.url,
-        "AWS_EC2_METADATA_DISABLED": "true", "PGSSLROOTCERT": gateway.ca_file,
-        "DB_TOKEN_TTL": str(ttl), "DB_POOL_MIN": "1", "DB_POOL_MAX": "6", "LOG_LEVEL": "info",
+        "PGHOST": "127.0.0.1",
+        "PGPORT": str(gateway.port),
+        "PGUSER": "postgres",
+        "PGDATABASE": urlsplit(database_url).path.lstrip("/"),
+        "DB_AUTH": "iam",
+        "AWS_ROLE_ARN": ROLE_ARN,
+        "AWS_ENDPOINT_URL_STS": sts.url,
+        "AWS_EC2_METADATA_DISABLED": "true",
+        "PGSSLROOTCERT": gateway.ca_file,
+        "DB_TOKEN_TTL": str(ttl),
+        "DB_POOL_MIN": "1",
+        "DB_POOL_MAX": "6",
+        "LOG_LEVEL": "info",
         **extra,
     }
     assert "VERCEL_OIDC_TOKEN" not in env
@@ -143,8 +152,11 @@ def timeline(runtime: VercelRuntime) -> list[Event]:
 
 def logged(events: list[Event], message: str, since: int = 0) -> list[Event]:
     """The log lines whose message is `message`, from IPC index `since` on."""
-    return [e for e in events if e.kind == "log" and e.entry is not None
-            and e.entry.get("message") == message and e.index >= since]
+    return [
+        e
+        for e in events
+        if e.kind == "log" and e.entry is not None and e.entry.get("message") == message and e.index >= since
+    ]
 
 
 def in_flight_at(events: list[Event], index: int) -> set[str]:
@@ -162,8 +174,10 @@ def in_flight_at(events: list[Event], index: int) -> set[str]:
 
 def describe(events: list[Event]) -> str:
     """The timeline, one line per event, for failure messages (a log's message, no fields)."""
+
     def what(e: Event) -> str:
         return e.entry.get("message", "") if e.entry else e.text.strip()[:80]
+
     return "\n".join(f"{e.index:4} {e.kind:5} {e.invocation[:8]:8} {what(e)}" for e in events)
 
 
@@ -220,12 +234,14 @@ class StampedList(list):
 
 # --- 1. password mode ------------------------------------------------------------------------
 
+
 def test_password_mode_api_through_the_vercel_runtime(embedded_postgres: str):
     url = create_database(embedded_postgres)
     try:
         with serve("password", {"DATABASE_URL": url, "LOG_LEVEL": "info"}) as runtime:
-            made = runtime.request("POST", "/todos", json={"title": " first "},
-                                   headers={"X-Request-ID": "e2e-first-post"})
+            made = runtime.request(
+                "POST", "/todos", json={"title": " first "}, headers={"X-Request-ID": "e2e-first-post"}
+            )
             assert made.status == 201, made.text
             assert made.header("x-request-id") == "e2e-first-post"
             crud_round_trip(runtime)
@@ -237,7 +253,7 @@ def test_password_mode_api_through_the_vercel_runtime(embedded_postgres: str):
             assert page.status == 200 and [t["title"] for t in page.json()] == ["third", "second"]
             link = page.header("link")
             assert link and link.endswith('>; rel="next"') and link.startswith("</todos?")
-            rest = runtime.request("GET", link[1:link.index(">")])
+            rest = runtime.request("GET", link[1 : link.index(">")])
             assert rest.status == 200 and [t["title"] for t in rest.json()] == ["first"]
             assert rest.header("link") is None
 
@@ -260,9 +276,12 @@ def test_password_mode_api_through_the_vercel_runtime(embedded_postgres: str):
             assert [e.entry for e in mine if e.entry["message"] == "request"] == []
             access = [e.entry for e in lines if e.entry["message"] == "request"]
             assert all(e["status"] >= 400 and e["vercel_id"] and e["request_id"] for e in access), access
-            assert {("GET", f"/todos/{missing}", 404), ("GET", "/todos/not-a-uuid", 404),
-                    ("POST", "/todos", 422), ("GET", "/todos", 422)} <= {
-                (e["method"], e["path"], e["status"]) for e in access}
+            assert {
+                ("GET", f"/todos/{missing}", 404),
+                ("GET", "/todos/not-a-uuid", 404),
+                ("POST", "/todos", 422),
+                ("GET", "/todos", 422),
+            } <= {(e["method"], e["path"], e["status"]) for e in access}
             assert logged(events, "pool created")
     finally:
         drop_database(embedded_postgres, url)
@@ -270,10 +289,13 @@ def test_password_mode_api_through_the_vercel_runtime(embedded_postgres: str):
 
 # --- 2. IAM mode: the OIDC token travels as Vercel sends it ------------------------------------
 
+
 def test_iam_mode_uses_the_request_oidc_token(fresh_sts: Sts, embedded_database: str):
     token = new_oidc_token(3600)
-    with aurora(embedded_database, 60) as gateway, \
-            serve("iam", iam_env(gateway, fresh_sts, embedded_database, 60)) as runtime:
+    with (
+        aurora(embedded_database, 60) as gateway,
+        serve("iam", iam_env(gateway, fresh_sts, embedded_database, 60)) as runtime,
+    ):
         crud_round_trip(runtime, token)
         ready = runtime.request("GET", "/readyz", oidc_token=token)
         assert ready.status == 200 and ready.json()["auth"] == "iam"
@@ -286,15 +308,19 @@ def test_iam_mode_uses_the_request_oidc_token(fresh_sts: Sts, embedded_database:
 
 # --- 3. the background replacement finds a valid OIDC token ------------------------------------
 
-def test_background_replacement_uses_the_latest_oidc_token(fresh_sts: Sts, embedded_database: str,
-                                                            monkeypatch: pytest.MonkeyPatch):
+
+def test_background_replacement_uses_the_latest_oidc_token(
+    fresh_sts: Sts, embedded_database: str, monkeypatch: pytest.MonkeyPatch
+):
     ttl = 5  # the timer replaces the pool every 3.5 s
     # Credentials shorter than botocore's refresh window: every replacement calls STS.
     fresh_sts.credential_lifetime = 15
     monkeypatch.setattr(fresh_sts, "web_identity_tokens", StampedList())
 
-    with aurora(embedded_database, ttl) as gateway, \
-            serve("iam-background", iam_env(gateway, fresh_sts, embedded_database, ttl)) as runtime:
+    with (
+        aurora(embedded_database, ttl) as gateway,
+        serve("iam-background", iam_env(gateway, fresh_sts, embedded_database, ttl)) as runtime,
+    ):
         # Token A expires a few seconds after B arrives, during the quiet phase, so that a
         # replacement reading a stale request context would find an expired token there.
         token_a = new_oidc_token(6)
@@ -302,8 +328,12 @@ def test_background_replacement_uses_the_latest_oidc_token(fresh_sts: Sts, embed
         made = runtime.request("POST", "/todos", json={"title": "with A"}, oidc_token=token_a)
         assert made.status == 201, made.text
         assert runtime.request("GET", "/todos", oidc_token=token_a).status == 200
-        assert runtime.request("PATCH", made.header("location"), json={"completed": True},
-                               oidc_token=token_a).status == 200
+        assert (
+            runtime.request(
+                "PATCH", made.header("location"), json={"completed": True}, oidc_token=token_a
+            ).status
+            == 200
+        )
         a_done = time.monotonic()
         assert a_done - started < 4, "setup too slow for token A's short life"
         assert fresh_sts.web_identity_tokens[0] == token_a
@@ -328,8 +358,11 @@ def test_background_replacement_uses_the_latest_oidc_token(fresh_sts: Sts, embed
 
         # What STS received while idle: B, the latest token requests carried, each time
         # unexpired, including after A (still in the old request context) had expired.
-        idle_calls = [(t, token) for t, token in zip(fresh_sts.web_identity_tokens.times,
-                                                      fresh_sts.web_identity_tokens) if t > quiet_from]
+        idle_calls = [
+            (t, token)
+            for t, token in zip(fresh_sts.web_identity_tokens.times, fresh_sts.web_identity_tokens)
+            if t > quiet_from
+        ]
         assert idle_calls, "no STS call during the idle replacements"
         assert all(token == token_b for _, token in idle_calls)
         assert all(token_exp(token) > t for t, token in idle_calls)
@@ -346,6 +379,7 @@ def test_background_replacement_uses_the_latest_oidc_token(fresh_sts: Sts, embed
 
 # --- 4. an OIDC token in its last 15 minutes is still good -------------------------------------
 
+
 def test_oidc_token_in_its_last_15_minutes_is_used(fresh_sts: Sts, embedded_database: str):
     from vercel.oidc.utils import get_token_payload, is_expired
 
@@ -355,8 +389,10 @@ def test_oidc_token_in_its_last_15_minutes_is_used(fresh_sts: Sts, embedded_data
     assert is_expired(get_token_payload(token))
     ttl = 3
     fresh_sts.credential_lifetime = 15
-    with aurora(embedded_database, ttl) as gateway, \
-            serve("iam-last-15-minutes", iam_env(gateway, fresh_sts, embedded_database, ttl)) as runtime:
+    with (
+        aurora(embedded_database, ttl) as gateway,
+        serve("iam-last-15-minutes", iam_env(gateway, fresh_sts, embedded_database, ttl)) as runtime,
+    ):
         crud_round_trip(runtime, token)
         runtime.wait_idle()
         calls = fresh_sts.calls
@@ -369,6 +405,7 @@ def test_oidc_token_in_its_last_15_minutes_is_used(fresh_sts: Sts, embedded_data
 
 
 # --- 5. a replacement's old pool drains inside wait_until --------------------------------------
+
 
 class RowLock:
     """Holds `SELECT … FOR UPDATE` on one todo from outside the service, until released.
@@ -407,8 +444,10 @@ class RowLock:
 
 def waiting_on_locks(database_url: str) -> int:
     database = urlsplit(database_url).path.lstrip("/")
-    return run_sql(database_url, "SELECT count(*) FROM pg_stat_activity "
-                                 f"WHERE datname = '{database}' AND wait_event_type = 'Lock'")[0][0]
+    return run_sql(
+        database_url,
+        f"SELECT count(*) FROM pg_stat_activity WHERE datname = '{database}' AND wait_event_type = 'Lock'",
+    )[0][0]
 
 
 def in_thread(call: Any, *args: Any, **kwargs: Any) -> tuple[threading.Thread, list]:
@@ -418,8 +457,9 @@ def in_thread(call: Any, *args: Any, **kwargs: Any) -> tuple[threading.Thread, l
     return thread, result
 
 
-def test_thawed_request_keeps_the_instance_alive_until_the_old_pool_closed(fresh_sts: Sts,
-                                                                           embedded_database: str):
+def test_thawed_request_keeps_the_instance_alive_until_the_old_pool_closed(
+    fresh_sts: Sts, embedded_database: str
+):
     """A request that wakes a frozen instance with a due pool `end`s only after the old pool closed.
 
     Vercel freezes an instance between invocations, so the pool's timer cannot fire; on the
@@ -434,16 +474,23 @@ def test_thawed_request_keeps_the_instance_alive_until_the_old_pool_closed(fresh
     """
     ttl = 3  # timer at 2.1 s, due at 2.4 s, expired at 2.85 s
     token = new_oidc_token(3600)
-    with aurora(embedded_database, ttl) as gateway, \
-            serve("iam-wait-until", iam_env(gateway, fresh_sts, embedded_database, ttl)) as runtime:
+    with (
+        aurora(embedded_database, ttl) as gateway,
+        serve("iam-wait-until", iam_env(gateway, fresh_sts, embedded_database, ttl)) as runtime,
+    ):
         made = runtime.request("POST", "/todos", json={"title": "locked"}, oidc_token=token)
         assert made.status == 201, made.text
         with RowLock(embedded_database, made.json()["id"]) as lock:
             # Start right after a replacement, so the next one is ~2 s away.
             wait_for_log(runtime, "pool replaced", len(runtime.messages), ttl)
             anchor = time.monotonic()
-            patch, patched = in_thread(runtime.request, "PATCH", made.header("location"),
-                                       json={"title": "after the thaw"}, oidc_token=token)
+            patch, patched = in_thread(
+                runtime.request,
+                "PATCH",
+                made.header("location"),
+                json={"title": "after the thaw"},
+                oidc_token=token,
+            )
             while waiting_on_locks(embedded_database) == 0:
                 assert time.monotonic() - anchor < 1.5, "the PATCH never reached the row lock"
                 time.sleep(0.02)
@@ -482,12 +529,14 @@ def test_thawed_request_keeps_the_instance_alive_until_the_old_pool_closed(fresh
         # drain must have finished by then, i.e. it ran inside this invocation's wait_until.
         assert closed[0].index < get_end.index, (
             f"the GET's invocation {get_end.invocation[:8]} ended before the old pool closed: the "
-            f"drain was not inside its wait_until\n{describe(events)}")
+            f"drain was not inside its wait_until\n{describe(events)}"
+        )
         assert "wait_until task failed" not in runtime.output()
         assert gateway.refused == []
 
 
 # --- 6. no secret in anything the runtime wrote --------------------------------------------------
+
 
 def test_no_secret_in_runtime_output(fresh_sts: Sts, embedded_database: str):
     # A short scenario of its own, with errors, /readyz and STS-driven replacements, so that
@@ -496,13 +545,20 @@ def test_no_secret_in_runtime_output(fresh_sts: Sts, embedded_database: str):
     token = new_oidc_token(3600)
     fresh_sts.credential_lifetime = 15
     bodies = []
-    with aurora(embedded_database, ttl) as gateway, \
-            serve("iam-secrets", iam_env(gateway, fresh_sts, embedded_database, ttl)) as runtime:
+    with (
+        aurora(embedded_database, ttl) as gateway,
+        serve("iam-secrets", iam_env(gateway, fresh_sts, embedded_database, ttl)) as runtime,
+    ):
         crud_round_trip(runtime, token)
-        for method, path, body in (("POST", "/todos", "{not json"), ("POST", "/todos", '{"title": 5}'),
-                                   ("GET", "/readyz", None), ("GET", "/openapi.json", None)):
-            response = runtime.request(method, path, body=body, oidc_token=token,
-                                       headers={"content-type": "application/json"})
+        for method, path, body in (
+            ("POST", "/todos", "{not json"),
+            ("POST", "/todos", '{"title": 5}'),
+            ("GET", "/readyz", None),
+            ("GET", "/openapi.json", None),
+        ):
+            response = runtime.request(
+                method, path, body=body, oidc_token=token, headers={"content-type": "application/json"}
+            )
             assert response.status < 500, response.text
             bodies.append(response.text + json.dumps(response.headers))
         time.sleep(ttl * 0.7 + 0.8)
@@ -523,6 +579,7 @@ def test_no_secret_in_runtime_output(fresh_sts: Sts, embedded_database: str):
 
 # --- 7. idle release: a suspended instance holds no connection ---------------------------------
 
+
 def backends(admin_url: str, database: str) -> int:
     """Connections to `database` that PostgreSQL has open now."""
     return run_sql(admin_url, f"SELECT count(*) FROM pg_stat_activity WHERE datname = '{database}'")[0][0]
@@ -536,15 +593,19 @@ def test_idle_connections_close_before_the_invocation_ends(embedded_postgres: st
     database = urlsplit(url).path.lstrip("/")
     idle = 2  # DB_IDLE_TIMEOUT; on Vercel DB_POOL_MIN defaults to 0
     try:
-        with serve("idle-release", {"DATABASE_URL": url, "DB_IDLE_TIMEOUT": str(idle),
-                                    "LOG_LEVEL": "info"}) as runtime:
+        with serve(
+            "idle-release", {"DATABASE_URL": url, "DB_IDLE_TIMEOUT": str(idle), "LOG_LEVEL": "info"}
+        ) as runtime:
             assert runtime.request("GET", "/todos").status == 200  # the pool and the schema
             runtime.wait_idle(idle + 5)
 
             burst_at = len(runtime.messages)
             with ThreadPoolExecutor(20) as pool:
-                answers = list(pool.map(lambda i: runtime.request("POST", "/todos", json={"title": f"burst {i}"}),
-                                        range(20)))
+                answers = list(
+                    pool.map(
+                        lambda i: runtime.request("POST", "/todos", json={"title": f"burst {i}"}), range(20)
+                    )
+                )
             answered = time.monotonic()
             assert [a.status for a in answers] == [201] * 20
             assert backends(embedded_postgres, database) >= 1, "the burst should have left connections open"
@@ -580,6 +641,7 @@ def test_idle_connections_close_before_the_invocation_ends(embedded_postgres: st
 
 # --- 8. a drain never outlives the invocation's deadline ---------------------------------------
 
+
 def test_drain_is_terminated_at_the_invocation_deadline(fresh_sts: Sts, embedded_database: str):
     """A replaced pool whose last query is stuck behind a row lock cannot drain; the
     invocation that waits for it must still end before its deadline (Vercel would cut it
@@ -591,14 +653,21 @@ def test_drain_is_terminated_at_the_invocation_deadline(fresh_sts: Sts, embedded
 
     ttl = 3  # the timer replaces the pool 2.1 s after it was created
     token = new_oidc_token(3600)
-    with aurora(embedded_database, ttl) as gateway, \
-            serve("iam-drain-deadline", iam_env(gateway, fresh_sts, embedded_database, ttl)) as runtime:
+    with (
+        aurora(embedded_database, ttl) as gateway,
+        serve("iam-drain-deadline", iam_env(gateway, fresh_sts, embedded_database, ttl)) as runtime,
+    ):
         made = runtime.request("POST", "/todos", json={"title": "locked"}, oidc_token=token)
         assert made.status == 201, made.text
         with RowLock(embedded_database, made.json()["id"]) as lock:
             since = len(runtime.messages)
-            patch, patched = in_thread(runtime.request, "PATCH", made.header("location"),
-                                       json={"title": "after the drain"}, oidc_token=token)
+            patch, patched = in_thread(
+                runtime.request,
+                "PATCH",
+                made.header("location"),
+                json={"title": "after the drain"},
+                oidc_token=token,
+            )
             started = time.monotonic()
             while waiting_on_locks(embedded_database) == 0:
                 assert time.monotonic() - started < 2, "the PATCH never reached the row lock"
@@ -607,8 +676,9 @@ def test_drain_is_terminated_at_the_invocation_deadline(fresh_sts: Sts, embedded
 
             budget = 2.5
             asked = time.monotonic()
-            got = runtime.request("GET", "/todos", oidc_token=token,
-                                  deadline=datetime.now(UTC) + timedelta(seconds=budget))
+            got = runtime.request(
+                "GET", "/todos", oidc_token=token, deadline=datetime.now(UTC) + timedelta(seconds=budget)
+            )
             assert got.status == 200, got.text
             runtime.wait_for_end(got.invocation_id, timeout=budget + 2)
             ended = time.monotonic() - asked
@@ -619,5 +689,7 @@ def test_drain_is_terminated_at_the_invocation_deadline(fresh_sts: Sts, embedded
             patch.join(15)
         assert patched and patched[0].status == 200, patched and patched[0].text
         assert patched[0].json()["title"] == "after the drain"
-        assert logged(timeline(runtime), "invocation deadline: replaced pool terminated before it drained", since)
+        assert logged(
+            timeline(runtime), "invocation deadline: replaced pool terminated before it drained", since
+        )
         assert gateway.refused == []

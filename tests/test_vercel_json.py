@@ -30,7 +30,10 @@ CONFIG = json.loads((REPO_ROOT / "vercel.json").read_text())
 ENTRYPOINT_NAMES = ["app", "index", "server", "main", "wsgi", "asgi"]
 ENTRYPOINT_DIRS = ["", "src", "app", "api"]
 # What findAppOrHandler accepts: a top-level app, application or handler.
-TOP_LEVEL_APP = re.compile(r"^(?:(app|application|handler)\s*(?::[^=]*)?=|(?:async\s+)?def\s+(app|application|handler)\b|class\s+(handler)\b)", re.MULTILINE)
+TOP_LEVEL_APP = re.compile(
+    r"^(?:(app|application|handler)\s*(?::[^=]*)?=|(?:async\s+)?def\s+(app|application|handler)\b|class\s+(handler)\b)",
+    re.MULTILINE,
+)
 
 
 @pytest.fixture(scope="module")
@@ -44,8 +47,10 @@ def schema() -> dict:
 def test_vercel_json_matches_the_cli_schema(schema: dict) -> None:
     jsonschema = pytest.importorskip("jsonschema")
     validator = jsonschema.Draft7Validator(schema)
-    errors = [f"{'/'.join(map(str, e.absolute_path)) or '<root>'}: {e.message}"
-              for e in validator.iter_errors(CONFIG)]
+    errors = [
+        f"{'/'.join(map(str, e.absolute_path)) or '<root>'}: {e.message}"
+        for e in validator.iter_errors(CONFIG)
+    ]
     assert errors == []
 
 

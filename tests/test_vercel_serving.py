@@ -172,7 +172,9 @@ def test_logs_reach_the_platform_as_json_lines_with_level_and_request_id(
         created = runtime.request("POST", "/todos", {"X-Request-ID": "log-check-1"}, json={"title": "logged"})
         assert created.status == 201, created.text
         missing = runtime.request(
-            "GET", "/todos/not-a-todo", {"X-Request-ID": "log-check-2", "x-vercel-id": "fra1::log-check-edge-id"}
+            "GET",
+            "/todos/not-a-todo",
+            {"X-Request-ID": "log-check-2", "x-vercel-id": "fra1::log-check-edge-id"},
         )
         assert missing.status == 404, missing.text
         # uvicorn's own warning for a request it cannot parse, on a raw connection
@@ -201,12 +203,19 @@ def test_logs_reach_the_platform_as_json_lines_with_level_and_request_id(
     # The platform records every request itself: a success that was quick adds no line of ours;
     # an error does, with the request id beside the platform's own (x-vercel-id).
     def request_lines(request_id: str) -> list:
-        return [(log, e) for log, e in entries if e["message"] == "request" and e.get("request_id") == request_id]
+        return [
+            (log, e) for log, e in entries if e["message"] == "request" and e.get("request_id") == request_id
+        ]
 
     assert request_lines("log-check-1") == [], entries
     assert len(request_lines("log-check-2")) == 1, entries
     log, line = request_lines("log-check-2")[0]
-    assert (log.level, line["method"], line["path"], line["status"]) == ("info", "GET", "/todos/not-a-todo", 404)
+    assert (log.level, line["method"], line["path"], line["status"]) == (
+        "info",
+        "GET",
+        "/todos/not-a-todo",
+        404,
+    )
     assert line["vercel_id"] == "fra1::log-check-edge-id"
     assert log.invocation_id == missing.invocation_id  # attributed to its invocation
     invalid = [(log, e) for log, e in entries if e["message"].startswith("Invalid HTTP request")]

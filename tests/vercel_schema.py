@@ -81,8 +81,19 @@ def ensure_packages(cache_dir: Path = CACHE_DIR) -> Path:
         missing = [f"{n}@{v}" for n, v in PACKAGES.items() if _installed_version(node_modules, n) != v]
         if missing:
             subprocess.run(
-                [npm, "install", "--prefix", str(cache_dir), "--no-save", "--no-package-lock",
-                 "--no-audit", "--no-fund", "--ignore-scripts", "--loglevel=error", *missing],
+                [
+                    npm,
+                    "install",
+                    "--prefix",
+                    str(cache_dir),
+                    "--no-save",
+                    "--no-package-lock",
+                    "--no-audit",
+                    "--no-fund",
+                    "--ignore-scripts",
+                    "--loglevel=error",
+                    *missing,
+                ],
                 check=True,
                 capture_output=True,
                 text=True,
@@ -114,7 +125,7 @@ def _config_types(node_modules: Path) -> str:
 def known_top_level_keys(node_modules: Path) -> set[str]:
     """Every top-level vercel.json key Vercel documents, plus `$schema`."""
     text = _config_types(node_modules)
-    body = text[text.index("export interface VercelConfig {"):]
+    body = text[text.index("export interface VercelConfig {") :]
     body = body[: body.index("\n}")]
     # Members sit at exactly four spaces; nested object members are deeper.
     keys = set(re.findall(r"^ {4}([A-Za-z_$][\w$]*)\??:", body, re.MULTILINE))

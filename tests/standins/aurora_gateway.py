@@ -136,8 +136,15 @@ def check_token(
     params = dict(pairs)
     if not hostname or parts.path != "/" or parts.fragment or len(params) != len(pairs):
         return refuse("malformed token")
-    required = ("Action", "X-Amz-Algorithm", "X-Amz-Credential", "X-Amz-Date",
-                "X-Amz-Expires", "X-Amz-SignedHeaders", "X-Amz-Signature")
+    required = (
+        "Action",
+        "X-Amz-Algorithm",
+        "X-Amz-Credential",
+        "X-Amz-Date",
+        "X-Amz-Expires",
+        "X-Amz-SignedHeaders",
+        "X-Amz-Signature",
+    )
     if any(not params.get(k) for k in required):
         return refuse("malformed token")
 
@@ -225,12 +232,14 @@ def _sigv4_query_signature(
     )
     canonical_request = "\n".join(["GET", "/", canonical_query, f"host:{host}\n", "host", EMPTY_SHA256])
     date = amz_date[:8]
-    string_to_sign = "\n".join([
-        "AWS4-HMAC-SHA256",
-        amz_date,
-        f"{date}/{region}/{service}/aws4_request",
-        hashlib.sha256(canonical_request.encode()).hexdigest(),
-    ])
+    string_to_sign = "\n".join(
+        [
+            "AWS4-HMAC-SHA256",
+            amz_date,
+            f"{date}/{region}/{service}/aws4_request",
+            hashlib.sha256(canonical_request.encode()).hexdigest(),
+        ]
+    )
     key = ("AWS4" + secret).encode()
     for part in (date, region, service, "aws4_request"):
         key = hmac.new(key, part.encode(), hashlib.sha256).digest()
@@ -302,9 +311,15 @@ def _make_tls_files(directory: str) -> tuple[str, str, str]:
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .add_extension(
             x509.KeyUsage(
-                digital_signature=True, key_cert_sign=True, crl_sign=True, content_commitment=False,
-                key_encipherment=False, data_encipherment=False, key_agreement=False,
-                encipher_only=False, decipher_only=False,
+                digital_signature=True,
+                key_cert_sign=True,
+                crl_sign=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                encipher_only=False,
+                decipher_only=False,
             ),
             critical=True,
         )
@@ -322,10 +337,12 @@ def _make_tls_files(directory: str) -> tuple[str, str, str]:
         .not_valid_before(validity[0])
         .not_valid_after(validity[1])
         .add_extension(
-            x509.SubjectAlternativeName([
-                x509.DNSName("localhost"),
-                x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
-            ]),
+            x509.SubjectAlternativeName(
+                [
+                    x509.DNSName("localhost"),
+                    x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+                ]
+            ),
             critical=False,
         )
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
@@ -345,11 +362,13 @@ def _make_tls_files(directory: str) -> tuple[str, str, str]:
     with open(cert_file, "wb") as f:
         f.write(cert.public_bytes(serialization.Encoding.PEM))
     with open(key_file, "wb") as f:
-        f.write(key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        ))
+        f.write(
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+        )
     os.chmod(key_file, 0o600)
     return ca_file, cert_file, key_file
 
@@ -360,17 +379,22 @@ def _make_tls_files(directory: str) -> tuple[str, str, str]:
 
 
 def _error_response(sqlstate: str, message: str) -> bytes:
-    fields = b"".join(
-        tag + value.encode() + b"\0"
-        for tag, value in ((b"S", "FATAL"), (b"V", "FATAL"), (b"C", sqlstate), (b"M", message))
-    ) + b"\0"
+    fields = (
+        b"".join(
+            tag + value.encode() + b"\0"
+            for tag, value in ((b"S", "FATAL"), (b"V", "FATAL"), (b"C", sqlstate), (b"M", message))
+        )
+        + b"\0"
+    )
     return b"E" + struct.pack("!I", len(fields) + 4) + fields
 
 
 def _startup_message(params: dict[str, str], protocol: int) -> bytes:
-    body = struct.pack("!I", protocol) + b"".join(
-        k.encode() + b"\0" + v.encode() + b"\0" for k, v in params.items()
-    ) + b"\0"
+    body = (
+        struct.pack("!I", protocol)
+        + b"".join(k.encode() + b"\0" + v.encode() + b"\0" for k, v in params.items())
+        + b"\0"
+    )
     return struct.pack("!I", len(body) + 4) + body
 
 
@@ -513,9 +537,7 @@ class AuroraGateway:
             self._ssl = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
             self._ssl.load_cert_chain(cert_file, key_file)
         self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(
-            target=self._loop.run_forever, name="aurora-gateway", daemon=True
-        )
+        self._thread = threading.Thread(target=self._loop.run_forever, name="aurora-gateway", daemon=True)
         self._thread.start()
         self.port = self._call(self._listen())
         return self
@@ -620,16 +642,23 @@ class AuroraGateway:
         self._sessions.add(session)
         try:
             await self._serve(session, reader, writer)
-        except (ConnectionError, OSError, ssl.SSLError, asyncio.IncompleteReadError, ValueError,
-                UnicodeDecodeError):
+        except (
+            ConnectionError,
+            OSError,
+            ssl.SSLError,
+            asyncio.IncompleteReadError,
+            ValueError,
+            UnicodeDecodeError,
+        ):
             pass  # the peer misbehaved or went away; nothing to report to it
         finally:
             self._sessions.discard(session)
             self._tasks.discard(task)
             await session.close()
 
-    async def _serve(self, session: _Session, reader: asyncio.StreamReader,
-                     writer: asyncio.StreamWriter) -> None:
+    async def _serve(
+        self, session: _Session, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
         on_tls = False
         # Negotiation packets (SSL/GSS requests) may precede the startup message.
         while True:
@@ -664,9 +693,16 @@ class AuroraGateway:
         user, database = params.get("user"), params.get("database") or params.get("user")
 
         def refuse(reason: str, sqlstate: str, message: str, verdict: TokenVerdict | None = None):
-            self.refused.append(Attempt(
-                user, database, verdict and verdict.action, verdict and verdict.age, reason, on_tls,
-            ))
+            self.refused.append(
+                Attempt(
+                    user,
+                    database,
+                    verdict and verdict.action,
+                    verdict and verdict.age,
+                    reason,
+                    on_tls,
+                )
+            )
             writer.write(_error_response(sqlstate, message))
 
         if not user:
@@ -674,9 +710,12 @@ class AuroraGateway:
             return await writer.drain()
         if self.require_tls and not on_tls:
             # What PostgreSQL's pg_hba says when only hostssl lines match.
-            refuse("tls required", "28000",
-                   f'no pg_hba.conf entry for host "{self.host}", user "{user}", '
-                   f'database "{database}", no encryption')
+            refuse(
+                "tls required",
+                "28000",
+                f'no pg_hba.conf entry for host "{self.host}", user "{user}", '
+                f'database "{database}", no encryption',
+            )
             return await writer.drain()
         not_admitted = self._admit(user)
         if not_admitted is not None:
@@ -733,13 +772,15 @@ class AuroraGateway:
             params["database"] = self.upstream_database
         return params
 
-    async def _client_pump(self, session: _Session, reader: asyncio.StreamReader,
-                           upstream: asyncio.StreamWriter) -> None:
+    async def _client_pump(
+        self, session: _Session, reader: asyncio.StreamReader, upstream: asyncio.StreamWriter
+    ) -> None:
         """Client → server, once authenticated: relay bytes."""
         await self._pump(session, reader, upstream)
 
-    async def _server_pump(self, session: _Session, upstream: asyncio.StreamReader,
-                           writer: asyncio.StreamWriter) -> None:
+    async def _server_pump(
+        self, session: _Session, upstream: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
         """Server → client, once authenticated: relay bytes."""
         await self._pump(session, upstream, writer)
 
@@ -756,13 +797,22 @@ class AuroraGateway:
             await up.drain()
             up.close()
 
-    async def _relay(self, session: _Session, reader: asyncio.StreamReader,
-                     writer: asyncio.StreamWriter, params: dict[str, str], protocol: bytes) -> None:
+    async def _relay(
+        self,
+        session: _Session,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        params: dict[str, str],
+        protocol: bytes,
+    ) -> None:
         try:
             up_reader, up_writer = await self._open_upstream()
         except OSError as exc:
-            writer.write(_error_response(
-                "08006", f"aurora_gateway: cannot reach upstream PostgreSQL ({exc.strerror or exc})"))
+            writer.write(
+                _error_response(
+                    "08006", f"aurora_gateway: cannot reach upstream PostgreSQL ({exc.strerror or exc})"
+                )
+            )
             return await writer.drain()
         session.upstream = up_writer
         params = self._upstream_params(params)
@@ -779,11 +829,13 @@ class AuroraGateway:
                 continue
             if kind == b"R" and body[:4] != b"\0\0\0\0":
                 (auth,) = struct.unpack("!I", body[:4])
-                writer.write(_error_response(
-                    "28000",
-                    f"aurora_gateway: upstream PostgreSQL asked for a password (auth method {auth}); "
-                    "the gateway needs trust auth upstream",
-                ))
+                writer.write(
+                    _error_response(
+                        "28000",
+                        f"aurora_gateway: upstream PostgreSQL asked for a password (auth method {auth}); "
+                        "the gateway needs trust auth upstream",
+                    )
+                )
                 return await writer.drain()
             writer.write(raw)
             if kind == b"E":  # e.g. unknown database: the client gets the real error

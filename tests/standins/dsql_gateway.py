@@ -79,7 +79,8 @@ class Injection:
 # Reading SQL: just enough to judge a statement as DSQL would
 # --------------------------------------------------------------------------
 
-_TOKEN = re.compile(r"""
+_TOKEN = re.compile(
+    r"""
     (?P<space>\s+)
   | (?P<comment>--[^\n]*|/\*.*?\*/)
   | (?P<dollar>\$(?P<tag>[A-Za-z_][A-Za-z0-9_]*)?\$.*?\$(?P=tag)?\$)
@@ -91,7 +92,9 @@ _TOKEN = re.compile(r"""
   | (?P<cast>::)
   | (?P<semicolon>;)
   | (?P<other>.)
-""", re.S | re.X)
+""",
+    re.S | re.X,
+)
 
 DDL = {"CREATE", "ALTER", "DROP", "GRANT", "REVOKE", "COMMENT"}
 DML = {"INSERT", "UPDATE", "DELETE", "MERGE", "COPY"}
@@ -119,7 +122,8 @@ REFUSED_OBJECTS = {
     "DATABASE": "CREATE DATABASE is not supported",
 }
 REFUSED_FUNCTION = re.compile(
-    r"^(pg_(try_)?advisory_\w+|pg_advisory_unlock_all|nextval|currval|setval|lastval|pg_notify)$", re.I)
+    r"^(pg_(try_)?advisory_\w+|pg_advisory_unlock_all|nextval|currval|setval|lastval|pg_notify)$", re.I
+)
 SERIAL_TYPES = {"SERIAL", "SERIAL2", "SERIAL4", "SERIAL8", "SMALLSERIAL", "BIGSERIAL"}
 
 
@@ -155,7 +159,7 @@ def split_statements(sql: str) -> list[str]:
     parts, start = [], 0
     for match in _TOKEN.finditer(sql):
         if match.lastgroup == "semicolon":
-            parts.append(sql[start:match.start()])
+            parts.append(sql[start : match.start()])
             start = match.end()
     parts.append(sql[start:])
     return [p for p in parts if _tokens(p)]
@@ -198,8 +202,11 @@ def classify(sql: str, *, user: str, search_path: str | None) -> Statement:
         statement.kind = "set"
         if "SEARCH_PATH" in words[1:3] and first == "SET":
             at = [text for _, text in tokens].index("SEARCH_PATH")
-            value = [text.lower() if kind == "word" else text.strip("'") if kind == "string" else text
-                     for kind, text in tokens[at + 1:] if text not in ("TO", "=", ",")]
+            value = [
+                text.lower() if kind == "word" else text.strip("'") if kind == "string" else text
+                for kind, text in tokens[at + 1 :]
+                if text not in ("TO", "=", ",")
+            ]
             statement.search_path = ", ".join(value)
         elif "SEARCH_PATH" in words[1:2] and first == "RESET":
             statement.search_path = "public"
@@ -230,10 +237,12 @@ def classify(sql: str, *, user: str, search_path: str | None) -> Statement:
         if "TRIGGER" in words[1:4]:
             return refuse("triggers are not supported")
         if head[:1] == ["FUNCTION"] and "LANGUAGE" in words:
-            language = words[words.index("LANGUAGE") + 1:words.index("LANGUAGE") + 2]
+            language = words[words.index("LANGUAGE") + 1 : words.index("LANGUAGE") + 2]
             if language != ["SQL"] and [t for k, t in tokens if k == "string"][-1:] != ["'sql'"]:
                 return refuse("functions in languages other than SQL are not supported")
-        if head[:1] == ["TABLE"] and ({"INHERITS", "PARTITION", "EXCLUDE"} & set(words) or "AS" in words[3:6]):
+        if head[:1] == ["TABLE"] and (
+            {"INHERITS", "PARTITION", "EXCLUDE"} & set(words) or "AS" in words[3:6]
+        ):
             return refuse("CREATE TABLE with INHERITS, PARTITION BY, EXCLUDE or AS is not supported")
         if set(words) & SERIAL_TYPES:
             return refuse("SERIAL (sequences) is not supported")
@@ -243,9 +252,9 @@ def classify(sql: str, *, user: str, search_path: str | None) -> Statement:
             return refuse("foreign keys are not supported")
         if "INDEX" in words[1:3]:
             at = words.index("INDEX")
-            if words[at + 1:at + 2] != ["ASYNC"]:
+            if words[at + 1 : at + 2] != ["ASYNC"]:
                 return refuse("CREATE INDEX is not supported; use CREATE INDEX ASYNC")
-            columns = sql[sql.index("(") + 1:] if "(" in sql else ""
+            columns = sql[sql.index("(") + 1 :] if "(" in sql else ""
             if {"ASC", "DESC"} & {text for kind, text in _tokens(columns) if kind == "word"}:
                 return refuse("ASC and DESC are not supported in CREATE INDEX ASYNC")
             statement.index_async = True
@@ -292,6 +301,7 @@ def _schema_at(tokens: list[tuple[str, str]], at: int, default: str) -> str:
 # The wire: messages, and what the stand-in sends instead
 # --------------------------------------------------------------------------
 
+
 def _message(kind: bytes, body: bytes) -> bytes:
     return kind + struct.pack("!I", len(body) + 4) + body
 
@@ -304,8 +314,10 @@ def _cstring(data: bytes, at: int) -> tuple[str, int]:
 def _raise_query(sqlstate: str, message: str) -> bytes:
     """A simple Query that makes PostgreSQL raise `message` under `sqlstate`, and nothing else."""
     quoted = message.replace("'", "''")
-    sql = (f"DO $dsql_stand_in$ BEGIN RAISE EXCEPTION USING ERRCODE = '{sqlstate}', "
-           f"MESSAGE = '{quoted}'; END $dsql_stand_in$")
+    sql = (
+        f"DO $dsql_stand_in$ BEGIN RAISE EXCEPTION USING ERRCODE = '{sqlstate}', "
+        f"MESSAGE = '{quoted}'; END $dsql_stand_in$"
+    )
     return _message(b"Q", sql.encode() + b"\0")
 
 
@@ -349,11 +361,22 @@ class DsqlGateway(AuroraGateway):
     connects upstream as itself, so PostgreSQL enforces its grants too.
     """
 
-    def __init__(self, upstream_host: str, upstream_port: int, *, max_token_age: float = 3600.0,
-                 admin_upstream_user: str = "postgres", conflict_rate: float = 0.0,
-                 xx000_every: int = 2, schema_conflict_rate: float = 0.0,
-                 max_connection_age: float = 3600.0, connection_rate: float = 100.0,
-                 connection_burst: float = 100.0, seed: int | None = None, **options) -> None:
+    def __init__(
+        self,
+        upstream_host: str,
+        upstream_port: int,
+        *,
+        max_token_age: float = 3600.0,
+        admin_upstream_user: str = "postgres",
+        conflict_rate: float = 0.0,
+        xx000_every: int = 2,
+        schema_conflict_rate: float = 0.0,
+        max_connection_age: float = 3600.0,
+        connection_rate: float = 100.0,
+        connection_burst: float = 100.0,
+        seed: int | None = None,
+        **options,
+    ) -> None:
         super().__init__(upstream_host, upstream_port, max_token_age=max_token_age, mode="dsql", **options)
         self.admin_upstream_user = admin_upstream_user
         self.conflict_rate = conflict_rate
@@ -376,12 +399,17 @@ class DsqlGateway(AuroraGateway):
 
     def _admit(self, user: str) -> tuple[str, str, str] | None:
         now = time.monotonic()
-        self._bucket = min(self.connection_burst, self._bucket + (now - self._bucket_at) * self.connection_rate)
+        self._bucket = min(
+            self.connection_burst, self._bucket + (now - self._bucket_at) * self.connection_rate
+        )
         self._bucket_at = now
         if self._bucket < 1:
-            return ("connection rate exceeded", RATE_LIMITED,
-                    f"too many connections: the rate of {self.connection_rate:g} new connections "
-                    "per second is exceeded")
+            return (
+                "connection rate exceeded",
+                RATE_LIMITED,
+                f"too many connections: the rate of {self.connection_rate:g} new connections "
+                "per second is exceeded",
+            )
         self._bucket -= 1
         return None
 
@@ -393,10 +421,12 @@ class DsqlGateway(AuroraGateway):
 
     # ---- client → server
 
-    async def _client_pump(self, session: _Session, reader: asyncio.StreamReader,
-                           upstream: asyncio.StreamWriter) -> None:
-        talk = _Conversation(user=session.params.get("user", ""),
-                             search_path=session.params.get("search_path"))
+    async def _client_pump(
+        self, session: _Session, reader: asyncio.StreamReader, upstream: asyncio.StreamWriter
+    ) -> None:
+        talk = _Conversation(
+            user=session.params.get("user", ""), search_path=session.params.get("search_path")
+        )
         session.talk = talk  # type: ignore[attr-defined]
         age_cap = asyncio.ensure_future(self._cap_age(session, talk))
         unit: list[tuple[bytes, bytes]] = []
@@ -450,8 +480,9 @@ class DsqlGateway(AuroraGateway):
         for kind, body in unit:
             if kind == b"Q":
                 sql = body.rstrip(b"\0").decode()
-                statements = [classify(s, user=talk.user, search_path=talk.search_path)
-                              for s in split_statements(sql)]
+                statements = [
+                    classify(s, user=talk.user, search_path=talk.search_path) for s in split_statements(sql)
+                ]
                 self.statements_seen += len(statements)
                 for statement in statements:
                     if statement.refusal and failure is None:
@@ -517,8 +548,9 @@ class DsqlGateway(AuroraGateway):
             talk.open_segment = None
         return b"".join(out)
 
-    def _transaction_rules(self, talk: _Conversation,
-                           executed: list[Statement]) -> tuple[str, str, str, Statement] | None:
+    def _transaction_rules(
+        self, talk: _Conversation, executed: list[Statement]
+    ) -> tuple[str, str, str, Statement] | None:
         """One DDL per transaction, never with DML: judged over what this unit executes."""
         in_block, kinds = talk.in_block, set(talk.kinds)
         for statement in executed:
@@ -528,16 +560,25 @@ class DsqlGateway(AuroraGateway):
                 in_block, kinds = False, set()
             elif statement.kind in ("ddl", "dml"):
                 if statement.kind == "ddl" and "ddl" in kinds:
-                    return (UNSUPPORTED, "only one DDL statement is supported in a transaction", "",
-                            statement)
+                    return (
+                        UNSUPPORTED,
+                        "only one DDL statement is supported in a transaction",
+                        "",
+                        statement,
+                    )
                 if ("dml" if statement.kind == "ddl" else "ddl") in kinds:
-                    return (UNSUPPORTED, "DDL and DML are not supported in the same transaction", "",
-                            statement)
+                    return (
+                        UNSUPPORTED,
+                        "DDL and DML are not supported in the same transaction",
+                        "",
+                        statement,
+                    )
                 kinds.add(statement.kind)
         return None
 
-    def _conflict(self, talk: _Conversation,
-                  executed: list[Statement]) -> tuple[str, str, str, Statement] | None:
+    def _conflict(
+        self, talk: _Conversation, executed: list[Statement]
+    ) -> tuple[str, str, str, Statement] | None:
         """An optimistic-concurrency failure to inject instead of running this unit, if any."""
         for statement in executed:
             if statement.kind == "ddl":
@@ -550,8 +591,9 @@ class DsqlGateway(AuroraGateway):
                 return (sqlstate, OC000, "OC000", statement)
         return None
 
-    def _account(self, talk: _Conversation, executed: list[Statement], ends_segment: bool,
-                 segment: _Segment) -> None:
+    def _account(
+        self, talk: _Conversation, executed: list[Statement], ends_segment: bool, segment: _Segment
+    ) -> None:
         for statement in executed:
             if statement.kind == "begin":
                 talk.in_block, talk.kinds = True, set()
@@ -571,8 +613,9 @@ class DsqlGateway(AuroraGateway):
 
     # ---- server → client
 
-    async def _server_pump(self, session: _Session, upstream: asyncio.StreamReader,
-                           writer: asyncio.StreamWriter) -> None:
+    async def _server_pump(
+        self, session: _Session, upstream: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
         talk: _Conversation | None = None
         with contextlib.suppress(ConnectionError, OSError, asyncio.IncompleteReadError):
             while True:
@@ -615,8 +658,11 @@ class DsqlGateway(AuroraGateway):
         await asyncio.sleep(max(0.0, session.opened_at + self.max_connection_age - time.monotonic()))
         self.aged_out += 1
         if not talk.busy:
-            session.client.write(_error_response(
-                "08006", f"connection exceeded its maximum age of {self.max_connection_age:g} seconds"))
+            session.client.write(
+                _error_response(
+                    "08006", f"connection exceeded its maximum age of {self.max_connection_age:g} seconds"
+                )
+            )
             with contextlib.suppress(ConnectionError, OSError):
                 await session.client.drain()
             for writer in session.writers():

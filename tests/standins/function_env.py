@@ -39,16 +39,21 @@ def requirement_lines(path: Path) -> list[str]:
     return lines
 
 
-def function_env(requirements: Iterable[str], *, python: str = sys.executable,
-                 runtime: str | None = RUNTIME_PIN) -> Path:
+def function_env(
+    requirements: Iterable[str], *, python: str = sys.executable, runtime: str | None = RUNTIME_PIN
+) -> Path:
     """The interpreter of a venv holding `requirements` (plus vercel-runtime), built once.
 
     `requirements` are requirement lines (see `requirement_lines`). With `runtime=None` no
     vercel-runtime is added (a plain-uvicorn environment).
     """
     lines = list(requirements) + ([f"vercel-runtime=={runtime}"] if runtime else [])
-    version = subprocess.run([python, "-c", "import sys, sysconfig; print(sys.version, sysconfig.get_platform())"],
-                             capture_output=True, text=True, check=True).stdout.strip()
+    version = subprocess.run(
+        [python, "-c", "import sys, sysconfig; print(sys.version, sysconfig.get_platform())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     key = hashlib.sha256("\n".join([version, *lines]).encode()).hexdigest()[:16]
     target = CACHE / key
     interpreter = target / "bin" / "python"
@@ -78,8 +83,19 @@ def _build(directory: Path, lines: list[str], python: str) -> None:
     if uv:
         # uv is what Vercel's build installs requirements with, and it is quick.
         _run([uv, "venv", "-q", "--python", python, str(directory)], env)
-        _run([uv, "pip", "install", "-q", "--python", str(directory / "bin" / "python"),
-              "-r", str(requirements)], env)
+        _run(
+            [
+                uv,
+                "pip",
+                "install",
+                "-q",
+                "--python",
+                str(directory / "bin" / "python"),
+                "-r",
+                str(requirements),
+            ],
+            env,
+        )
     else:
         _run([python, "-m", "venv", str(directory)], env)
         _run([str(directory / "bin" / "python"), "-m", "pip", "install", "-q", "-r", str(requirements)], env)
@@ -93,7 +109,10 @@ def _run(command: list[str], env: dict[str, str]) -> None:
 
 def installed(interpreter: Path) -> dict[str, str]:
     """name → version of every distribution in that environment."""
-    code = ("import importlib.metadata as m, json; "
-            "print(json.dumps({d.metadata['Name'].lower(): d.version for d in m.distributions()}))")
-    return json.loads(subprocess.run([str(interpreter), "-c", code], capture_output=True, text=True,
-                                     check=True).stdout)
+    code = (
+        "import importlib.metadata as m, json; "
+        "print(json.dumps({d.metadata['Name'].lower(): d.version for d in m.distributions()}))"
+    )
+    return json.loads(
+        subprocess.run([str(interpreter), "-c", code], capture_output=True, text=True, check=True).stdout
+    )

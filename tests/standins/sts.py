@@ -13,9 +13,11 @@ from moto.sts.responses import TokenResponse
 from standins.oidc_issuer import ISSUER, claims_of
 from support import free_port
 
-OUTAGE_ERROR = ('<ErrorResponse xmlns="https://sts.amazonaws.com/doc/2011-06-15/"><Error><Type>Receiver</Type>'
-                '<Code>ServiceUnavailable</Code><Message>stand-in outage</Message></Error>'
-                '<RequestId>00000000-0000-0000-0000-000000000000</RequestId></ErrorResponse>')
+OUTAGE_ERROR = (
+    '<ErrorResponse xmlns="https://sts.amazonaws.com/doc/2011-06-15/"><Error><Type>Receiver</Type>'
+    "<Code>ServiceUnavailable</Code><Message>stand-in outage</Message></Error>"
+    "<RequestId>00000000-0000-0000-0000-000000000000</RequestId></ErrorResponse>"
+)
 
 
 class Sts:

@@ -36,7 +36,9 @@ CREDS = {AKID: (SECRET, SESSION)}
 
 def _session(akid=AKID, secret=SECRET, token=SESSION) -> boto3.Session:
     return boto3.Session(
-        aws_access_key_id=akid, aws_secret_access_key=secret, aws_session_token=token,
+        aws_access_key_id=akid,
+        aws_secret_access_key=secret,
+        aws_session_token=token,
         region_name=REGION,
     )
 
@@ -85,8 +87,14 @@ def gateway(upstream):
 
 async def connect(gw: AuroraGateway, password: str, user: str = "postgres", ssl="require", **kw):
     return await asyncpg.connect(
-        host="127.0.0.1", port=gw.port, user=user, password=password, database="postgres",
-        ssl=ssl, timeout=10, **kw,
+        host="127.0.0.1",
+        port=gw.port,
+        user=user,
+        password=password,
+        database="postgres",
+        ssl=ssl,
+        timeout=10,
+        **kw,
     )
 
 
@@ -144,7 +152,10 @@ def test_plaintext_when_tls_disabled(gateway):
 
 def test_dsql_admin_token_accepted_in_dsql_mode(gateway):
     gw = gateway(mode="dsql", upstream_user="postgres")
-    assert asyncio.run(query_one(gw, dsql_token(admin=True), user="admin", sql="SELECT current_user")) == "postgres"
+    assert (
+        asyncio.run(query_one(gw, dsql_token(admin=True), user="admin", sql="SELECT current_user"))
+        == "postgres"
+    )
     assert gw.accepted[-1].action == "DbConnectAdmin"
     # a non-admin role connects with a DbConnect token
     assert asyncio.run(query_one(gw, dsql_token(admin=False), user="app_role")) == 1
@@ -376,8 +387,14 @@ def test_pool_through_gateway(gateway):
 
     async def scenario():
         pool = await asyncpg.create_pool(
-            host="127.0.0.1", port=gw.port, user="postgres", database="postgres",
-            password=lambda: rds_token(gw.port), ssl="require", min_size=2, max_size=4,
+            host="127.0.0.1",
+            port=gw.port,
+            user="postgres",
+            database="postgres",
+            password=lambda: rds_token(gw.port),
+            ssl="require",
+            min_size=2,
+            max_size=4,
         )
         try:
             results = await asyncio.gather(*(pool.fetchval("SELECT $1::int", i) for i in range(10)))

@@ -27,12 +27,16 @@ AKID, SECRET = "AKIATESTDSQLSTANDIN1", "dsql-stand-in-secret"
 ROLE = "todo_dsql_role"  # a real role upstream: PostgreSQL enforces its grants too
 SCHEMA = "todo_space"
 
-pytestmark = [pytest.mark.anyio, pytest.mark.slow]  # the DSQL stand-in's own tests (connection rates and ages, waited out)
+pytestmark = [
+    pytest.mark.anyio,
+    pytest.mark.slow,
+]  # the DSQL stand-in's own tests (connection rates and ages, waited out)
 
 
 def token(user: str) -> str:
-    client = boto3.Session(aws_access_key_id=AKID, aws_secret_access_key=SECRET,
-                           region_name=REGION).client("dsql")
+    client = boto3.Session(aws_access_key_id=AKID, aws_secret_access_key=SECRET, region_name=REGION).client(
+        "dsql"
+    )
     if user == "admin":
         return client.generate_db_connect_admin_auth_token("127.0.0.1", REGION, 900)
     return client.generate_db_connect_auth_token("127.0.0.1", REGION, 900)
@@ -41,9 +45,14 @@ def token(user: str) -> str:
 @pytest.fixture(scope="module")
 def database(embedded_postgres: str):
     url = create_database(embedded_postgres)
-    run_sql(url, f"DO $$ BEGIN CREATE ROLE {ROLE} LOGIN; EXCEPTION WHEN duplicate_object THEN NULL; END $$",
-            db.CREATE_TABLE, f"CREATE SCHEMA {SCHEMA}", f"CREATE TABLE {SCHEMA}.todos (LIKE public.todos INCLUDING ALL)",
-            *[g.rstrip(";") for g in db.grant_statements(SCHEMA, ROLE)])
+    run_sql(
+        url,
+        f"DO $$ BEGIN CREATE ROLE {ROLE} LOGIN; EXCEPTION WHEN duplicate_object THEN NULL; END $$",
+        db.CREATE_TABLE,
+        f"CREATE SCHEMA {SCHEMA}",
+        f"CREATE TABLE {SCHEMA}.todos (LIKE public.todos INCLUDING ALL)",
+        *[g.rstrip(";") for g in db.grant_statements(SCHEMA, ROLE)],
+    )
     yield url
     drop_database(embedded_postgres, url)
 
@@ -54,8 +63,9 @@ def stand_in(database: str):
     started = []
 
     def start(**options) -> DsqlGateway:
-        gateway = DsqlGateway(*parse_upstream_url(database), credentials_lookup={AKID: SECRET},
-                              region=REGION, seed=7, **options).start()
+        gateway = DsqlGateway(
+            *parse_upstream_url(database), credentials_lookup={AKID: SECRET}, region=REGION, seed=7, **options
+        ).start()
         gateway.database = urlsplit(database).path.lstrip("/")
         started.append(gateway)
         return gateway
@@ -66,8 +76,15 @@ def stand_in(database: str):
 
 
 async def connect(gateway: DsqlGateway, user: str = "admin", **options) -> asyncpg.Connection:
-    return await asyncpg.connect(host="127.0.0.1", port=gateway.port, user=user, password=token(user),
-                                 database=gateway.database, ssl=gateway.client_ssl_context(), **options)
+    return await asyncpg.connect(
+        host="127.0.0.1",
+        port=gateway.port,
+        user=user,
+        password=token(user),
+        database=gateway.database,
+        ssl=gateway.client_ssl_context(),
+        **options,
+    )
 
 
 async def upstream(url: str, *statements: str) -> list:
@@ -143,8 +160,11 @@ async def test_what_dsql_lacks_is_refused_with_0A000_in_both_protocols(stand_in,
         assert await connection.fetchval("SELECT $1::int + 1", 41) == 42
     assert [r.sqlstate for r in gateway.refusals] == ["0A000", "0A000"]
     assert (await upstream(database, "SELECT count(*) FROM todos"))[0][0] == before
-    assert not await upstream(database, "SELECT 1 FROM pg_class WHERE relname IN ('todo_numbers', 'numbered', 'notes', "
-                                 "'scratch', 'todos_by_title', 'todos_newest', 'done', 'archive')")
+    assert not await upstream(
+        database,
+        "SELECT 1 FROM pg_class WHERE relname IN ('todo_numbers', 'numbered', 'notes', "
+        "'scratch', 'todos_by_title', 'todos_newest', 'done', 'archive')",
+    )
 
 
 async def test_every_statement_of_the_service_passes(stand_in):
@@ -169,12 +189,16 @@ async def test_create_index_async_runs_and_answers_with_a_job_id(stand_in, datab
     gateway = stand_in()
     async with session(gateway) as connection:
         # Simple protocol, as `apply_schema` sends it.
-        status = await connection.execute("CREATE INDEX ASYNC IF NOT EXISTS todos_by_time ON todos (created_at, id)")
+        status = await connection.execute(
+            "CREATE INDEX ASYNC IF NOT EXISTS todos_by_time ON todos (created_at, id)"
+        )
         assert status == "SELECT 1"
         # Extended protocol: the job id comes back as a row.
         rows = await connection.fetch("CREATE INDEX ASYNC IF NOT EXISTS todos_by_done ON todos (completed)")
         assert len(rows) == 1 and list(rows[0].keys()) == ["job_id"] and len(rows[0]["job_id"]) == 26
-    built = {r[0] for r in await upstream(database, "SELECT indexname FROM pg_indexes WHERE tablename = 'todos'")}
+    built = {
+        r[0] for r in await upstream(database, "SELECT indexname FROM pg_indexes WHERE tablename = 'todos'")
+    }
     assert {"todos_by_time", "todos_by_done"} <= built
     assert gateway.index_jobs == 2 and gateway.refusals == []
 
@@ -188,8 +212,9 @@ async def test_one_ddl_per_transaction_and_never_with_dml(stand_in, database):
                 await connection.execute("CREATE TABLE second_ddl (id uuid PRIMARY KEY)")
         with pytest.raises(asyncpg.FeatureNotSupportedError, match="only one DDL"):
             # One Query, two statements: one implicit transaction.
-            await connection.execute("CREATE TABLE first_ddl (id uuid PRIMARY KEY); "
-                                     "CREATE TABLE second_ddl (id uuid PRIMARY KEY)")
+            await connection.execute(
+                "CREATE TABLE first_ddl (id uuid PRIMARY KEY); CREATE TABLE second_ddl (id uuid PRIMARY KEY)"
+            )
         # DML, then DDL; and DDL, then DML through a named prepared statement (Bind/Execute).
         insert = await connection.prepare("INSERT INTO todos VALUES ($1, 'x', false, now(), now())")
         with pytest.raises(asyncpg.FeatureNotSupportedError, match="DDL and DML"):

@@ -188,8 +188,9 @@ def test_serves_requests_like_the_platform(runtime: VercelRuntime) -> None:
     end = runtime.wait_for_end(resp.invocation_id)
     assert end["payload"]["context"]["requestId"] == resp.request_id
     started = runtime.wait_for(
-        lambda m: m["type"] == "handler-started"
-        and m["payload"]["context"]["invocationId"] == resp.invocation_id
+        lambda m: (
+            m["type"] == "handler-started" and m["payload"]["context"]["invocationId"] == resp.invocation_id
+        )
     )
     assert started["payload"]["context"]["requestId"] == resp.request_id
 
@@ -232,7 +233,8 @@ def test_wait_until_work_finishes_after_the_response(runtime: VercelRuntime) -> 
     assert marker.read_text() == "done"
     messages = runtime.messages
     done = next(
-        i for i, m in enumerate(messages)
+        i
+        for i, m in enumerate(messages)
         if m["type"] == "log" and m["payload"]["context"]["invocationId"] == resp.invocation_id
     )
     assert done < messages.index(end)  # "end" is the platform's "all work finished"
