@@ -12,8 +12,9 @@ Sections, in reading order (each opens with a `# --- name` line):
   what is safe to retry; what the database cannot do now becomes `Unavailable` (a 503).
 - the pool and its lifecycle: `PoolLifecycle` (its docstring lists its states and
   transitions), the one module-level pool `lifecycle`: created lazily, replaced before its IAM
-  token expires; its connections are watched by the kernel (`watch_for_silence`) and checked
-  after a pause (`THAW_GAP`).
+  token expires; its connections are watched by the kernel (`watch_for_silence`), checked
+  after a pause (`THAW_GAP`), and condemned when one opened after them is found dead
+  (`_trustworthy`).
 - Vercel keep-alive: `VercelKeepAlive`, so that a frozen instance holds no connection.
 - local runs and the CLI: the embedded PostgreSQL and `python db.py migrate`.
 
@@ -41,6 +42,8 @@ import asyncio
 import contextlib
 import contextvars
 import enum
+import functools
+import itertools
 import logging
 import os
 import random
@@ -217,10 +220,6 @@ class Settings(msgspec.Struct, frozen=True):
             statement_cache_size=self.statement_cache,
             server_settings={"search_path": self.schema},
         )
-
-    async def watch_connection(self, connection: asyncpg.Connection) -> None:
-        """The pool's `init`: every new connection watched for silence (watch_for_silence)."""
-        watch_for_silence(connection, self)
 
     def ssl_context(self) -> ssl.SSLContext | str | None:
         if self.sslmode in ("verify-ca", "verify-full"):
@@ -639,7 +638,8 @@ UNAVAILABLE = CONNECTION_LOST + (
 async def _run(operation: Operation[T]) -> T:
     """Run `operation(connection)` on a pooled connection, within OPERATION_DEADLINE.
 
-    A connection lost while idle is retried once; so is a statement refused as read-only
+    A statement whose connection was lost (closed, or found dead by the kernel) is retried
+    once, on a connection opened after it (`_trustworthy`); so is a statement refused as read-only
     (SQLSTATE 25006), on fresh connections; an optimistic-concurrency conflict (`is_conflict`,
     under any SQLSTATE) and a refused new connection are retried with jittered exponential
     backoff. Everything else the database cannot do now becomes `Unavailable`. No attempt
@@ -653,14 +653,20 @@ async def _run(operation: Operation[T]) -> T:
         async with asyncio.timeout(OPERATION_DEADLINE):
             while True:
                 pool = await lifecycle.pool()
+                serial = None  # of the connection the statement ran on
                 try:
                     async with pool.acquire() as connection:
+                        if not await _trustworthy(connection):
+                            continue
+                        serial = connection.serial
                         if loop.time() > last_start:
                             raise Unavailable(
                                 "no time left to run the statement before the deadline; it was not started"
                             )
                         try:
-                            return await operation(connection)
+                            result = await operation(connection)
+                            connection.answered()
+                            return result
                         except asyncio.CancelledError:
                             # The deadline struck mid-query: give PostgreSQL CANCEL_GRACE to
                             # acknowledge the cancel, then drop the connection.
@@ -668,6 +674,11 @@ async def _run(operation: Operation[T]) -> T:
                                 await pool.release(connection, timeout=CANCEL_GRACE)
                             raise
                 except CONNECTION_LOST as error:
+                    # A connection found dead condemns the ones opened before it, which likely
+                    # lead to the same vanished host (see _trustworthy); the statement is
+                    # retried once, on a connection opened after it.
+                    if serial is not None:
+                        lifecycle.condemned_below = max(lifecycle.condemned_below, serial)
                     if reconnected:
                         raise
                     reconnected = True
@@ -823,6 +834,7 @@ class PoolLifecycle:
         self._draining: dict[asyncio.Task[None], asyncpg.Pool] = {}  # replaced pools, closing
         self._vercel: VercelKeepAlive | None = None
         self._last_used = 0.0  # wall-clock time of the last database call (THAW_GAP)
+        self.condemned_below = 0  # connections with a lower serial are not to be trusted (_trustworthy)
         self._schema_ready = False
 
     @property
@@ -1045,7 +1057,8 @@ class PoolLifecycle:
                 min_size=settings.pool_min,
                 max_size=settings.pool_max,
                 max_inactive_connection_lifetime=min(float(settings.idle_timeout), lifetime),
-                init=settings.watch_connection,
+                connection_class=PooledConnection,
+                init=functools.partial(prepare_connection, settings),
             )
         except ssl.SSLCertVerificationError as error:
             raise _certificate_error(settings, error) from None
@@ -1198,11 +1211,57 @@ def watch_for_silence(connection: asyncpg.Connection, settings: Settings) -> Non
 # After a pause longer than THAW_GAP since the pool was last used (perhaps a freeze, after which
 # a NAT or firewall may have forgotten its connections without a FIN or RST), a request uses an
 # idle connection only once one answers a ping within THAW_CHECK_TIMEOUT; else the whole pool is
-# replaced. THAW_GAP is below any NAT or firewall idle timeout met in practice (minutes), so no
-# forgotten socket goes unchecked, and above the gaps of a busy instance, which never pays for
-# the check.
+# replaced. One ping does not vouch for the others: each connection unused for THAW_GAP is
+# pinged before its own next use (_trustworthy). THAW_GAP is below any NAT or firewall idle
+# timeout met in practice (minutes), so no forgotten socket goes unchecked, and above the gaps
+# of a busy instance, which never pays for the check.
 THAW_GAP = 5.0
 THAW_CHECK_TIMEOUT = 0.5
+
+
+class PooledConnection(asyncpg.Connection):
+    """asyncpg's connection, plus what decides whether a request may trust it: the order it
+    was opened in (one found dead condemns those opened before it) and when it last answered
+    (after a pause longer than THAW_GAP it is checked first). See `_trustworthy`."""
+
+    __slots__ = ("serial", "last_used")
+    serial: int
+    last_used: float  # wall-clock: a frozen instance's monotonic clock may stand still
+
+    def answered(self) -> None:
+        """Note that it just answered (a method: a pool's proxy forwards calls, not assignments)."""
+        self.last_used = time.time()
+
+
+_serials = itertools.count(1)
+
+
+async def prepare_connection(settings: Settings, connection: PooledConnection) -> None:
+    """The pool's `init`, once per new connection: watched for silence, numbered, dated."""
+    watch_for_silence(connection, settings)
+    connection.serial = next(_serials)
+    connection.answered()
+
+
+async def _trustworthy(connection: PooledConnection) -> bool:
+    """May a statement run on `connection`? Not if it was opened before a connection found
+    dead (it likely leads to the same vanished host), nor, after a pause longer than THAW_GAP,
+    if it does not answer a ping within THAW_CHECK_TIMEOUT. An untrusted one is closed, and
+    the pool opens a fresh one in its place on the next acquire."""
+    if connection.serial < lifecycle.condemned_below:
+        log.info("connection discarded: opened before one found dead")
+    elif time.time() - connection.last_used <= THAW_GAP:
+        return True
+    else:
+        try:
+            async with asyncio.timeout(THAW_CHECK_TIMEOUT):
+                await connection.fetchval(PING)
+            connection.answered()
+            return True
+        except (TimeoutError, *UNAVAILABLE):
+            log.info("connection discarded: silent after a pause")
+    connection.terminate()  # no goodbye: a dead socket never confirms one
+    return False
 
 
 async def _answers(pool: asyncpg.Pool, timeout: float) -> bool:
@@ -1214,6 +1273,7 @@ async def _answers(pool: asyncpg.Pool, timeout: float) -> bool:
     try:
         async with asyncio.timeout(timeout):
             await connection.fetchval(PING)
+        connection.answered()
         return True
     except (TimeoutError, *UNAVAILABLE):
         connection.terminate()  # do not wait for a cancel that a dead socket never confirms
