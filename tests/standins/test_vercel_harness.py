@@ -106,6 +106,11 @@ async def headers(request):
     return JSONResponse(sorted(request.headers.keys()))
 
 
+async def header_token(request):
+    token = request.headers.get("x-vercel-oidc-token", "")
+    return JSONResponse({"sha": hashlib.sha256(token.encode()).hexdigest()[:16]})
+
+
 async def work(request):
     name = request.query_params["name"]
     delay = float(request.query_params.get("delay", "0.5"))
@@ -151,6 +156,7 @@ app = Starlette(
         Route("/token", token),
         Route("/probe/{kind}", probe),
         Route("/headers", headers),
+        Route("/header-token", header_token),
         Route("/work", work, methods=["POST"]),
         Route("/late", late, methods=["POST"]),
         Route("/chatty", chatty),
@@ -202,6 +208,18 @@ def test_oidc_header_reaches_the_sdk(runtime: VercelRuntime) -> None:
     names = runtime.request("GET", "/headers", oidc_token=token).json()
     assert "x-vercel-oidc-token" in names
     assert token not in runtime.output()
+
+
+def test_a_clients_own_oidc_header_wins_over_the_platforms(runtime: VercelRuntime) -> None:
+    """The runtime's precedence (vercel_runtime.headers.get_oidc_token_for_request): a request's
+    public x-vercel-oidc-token, then the platform's internal one. The service must treat the
+    header as untrusted input because of this (README: "What a request's headers can and
+    cannot change")."""
+    platform = fake_oidc_token(time.time() + 3600)
+    client = fake_oidc_token(time.time() + 3600, sub="owner:mallory:project:x:environment:production")
+    both = runtime.request("GET", "/header-token", oidc_token=platform, headers={"x-vercel-oidc-token": client})
+    assert both.json()["sha"] == digest(client)
+    assert runtime.request("GET", "/header-token", oidc_token=platform).json()["sha"] == digest(platform)
 
 
 def test_sdk_cache_serves_the_latest_token_outside_requests(tmp_path: Path) -> None:
