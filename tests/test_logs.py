@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -129,14 +130,40 @@ def test_python_app_py_on_the_embedded_database_logs_json_from_its_first_line() 
     """`python app.py` with no database configured first starts the embedded PostgreSQL (under
     ./.data), on the way to which platformdirs warns when XDG_RUNTIME_DIR is unset
     (RuntimeDirWarning); that warning is a JSON line too, like every line up to "Uvicorn running"."""
-    env = clean_environment(PORT=str(free_port()), LOG_LEVEL="info", PYTHONUNBUFFERED="1")
+    env = clean_environment(LOG_LEVEL="info")
     env.pop("XDG_RUNTIME_DIR", None)
+    with serving([str(ROOT / "app.py")], env) as (log_path, _):
+        entries = json_lines(log_path)
+    started = next(i for i, entry in enumerate(entries) if entry["message"].startswith("Started server"))
+    assert "using the embedded PostgreSQL under .data/postgres" in [e["message"] for e in entries[:started]]
+
+
+@pytest.mark.slow
+def test_uvicorn_no_access_log_leaves_the_apps_request_line_alone(database_url: str) -> None:
+    """`uvicorn app:app --no-access-log`: uvicorn writes no access line, the app its request line."""
+    argv = ["-m", "uvicorn", "--app-dir", str(ROOT), "app:app", "--no-access-log"]
+    with serving(argv, clean_environment(DATABASE_URL=database_url, LOG_LEVEL="info")) as (log_path, url):
+        assert httpx.get(url + "/healthz", headers={"X-Request-ID": "no-access-1"}).status_code == 200
+        deadline = time.monotonic() + 10
+        while '"message":"request"' not in log_path.read_text():  # written after the response;
+            assert time.monotonic() < deadline, log_path.read_text()  # an access line, before it
+            time.sleep(0.05)
+        entries = [e for e in json_lines(log_path) if e.get("request_id") == "no-access-1"]
+    assert [(e["logger"], e["message"]) for e in entries] == [("aurora_todo", "request")], entries
+
+
+@contextlib.contextmanager
+def serving(argv: list[str], env: dict[str, str]) -> Iterator[tuple[Path, str]]:
+    """Run `python ARGV` on a free port (PORT, and UVICORN_PORT for uvicorn's command line) in a
+    fresh directory until it logs "Uvicorn running"; yield its output file and URL; then stop it
+    as Ctrl-C would, with the embedded PostgreSQL it may have started there."""
     # Not under pytest's tmp_path: a concurrent pytest run deletes older session folders.
-    workdir = Path(tempfile.mkdtemp(prefix="aurora-todo-app-py-"))
-    log_path = workdir / "app.log"
+    workdir = Path(tempfile.mkdtemp(prefix="aurora-todo-serving-"))
+    log_path, port = workdir / "server.log", free_port()
+    env = {**env, "PORT": str(port), "UVICORN_PORT": str(port), "PYTHONUNBUFFERED": "1"}
     with log_path.open("w") as log_file:
         process = subprocess.Popen(
-            [sys.executable, str(ROOT / "app.py")],
+            [sys.executable, *argv],
             cwd=workdir,
             env=env,
             stdout=log_file,
@@ -147,27 +174,23 @@ def test_python_app_py_on_the_embedded_database_logs_json_from_its_first_line() 
         while "Uvicorn running" not in log_path.read_text():
             assert process.poll() is None and time.monotonic() < deadline, log_path.read_text()
             time.sleep(0.1)
+        yield log_path, f"http://127.0.0.1:{port}"
     finally:
-        process.send_signal(signal.SIGINT)  # as Ctrl-C: the embedded PostgreSQL stops at exit
+        process.send_signal(signal.SIGINT)  # as Ctrl-C: an embedded PostgreSQL stops at exit
         process.wait(30)
-        stop_leftover_postgres(workdir / ".data" / "postgres")
-        text = log_path.read_text()
+        pid_file = workdir / ".data" / "postgres" / "postmaster.pid"
+        if pid_file.exists():  # it outlived the server: stop it
+            with contextlib.suppress(ProcessLookupError, ValueError):
+                os.kill(int(pid_file.read_text().split()[0]), signal.SIGTERM)
         shutil.rmtree(workdir, ignore_errors=True)
-    entries = []
+
+
+def json_lines(path: Path) -> list[dict]:
+    """Every line of the file, parsed; a line that is not one JSON object fails the test."""
+    text, entries = path.read_text(), []
     for line in filter(str.strip, text.splitlines()):
         try:
             entries.append(json.loads(line))
         except ValueError:
             pytest.fail(f"not a JSON line: {line!r} in\n{text}")
-    started = next(i for i, entry in enumerate(entries) if entry["message"].startswith("Started server"))
-    assert "using the embedded PostgreSQL under .data/postgres" in [
-        e["message"] for e in entries[:started]
-    ], text
-
-
-def stop_leftover_postgres(data_dir: Path) -> None:
-    """Stop the test's embedded PostgreSQL if it outlived `python app.py` (its postmaster.pid)."""
-    pid_file = data_dir / "postmaster.pid"
-    if pid_file.exists():
-        with contextlib.suppress(ProcessLookupError, ValueError):
-            os.kill(int(pid_file.read_text().split()[0]), signal.SIGTERM)
+    return entries
