@@ -138,7 +138,9 @@ async def readyz(request: Request) -> Response:
     body = msgspec.convert(report, Readiness)
     if ready:
         return json_response(body)
-    return json_response(body, 503, {"Retry-After": str(db.RETRY_AFTER_SECONDS)})
+    backing_off = body.state == db.PoolState.BACKING_OFF.value
+    retry_in = body.replacement.retry_in_seconds if backing_off and body.replacement else None
+    return json_response(body, 503, {"Retry-After": str(db.retry_after(retry_in))})
 
 
 async def openapi(request: Request) -> Response:
@@ -735,7 +737,8 @@ def database_unavailable(error: db.Unavailable | db.ConfigError) -> Response:
     log.warning("database unavailable", extra={"error_type": type(error).__name__, "error": detail})
     if isinstance(error, db.ConfigError):
         detail = f"configuration error: {detail}"
-    return problem(503, detail, {"Retry-After": str(db.RETRY_AFTER_SECONDS)})
+    wait = error.retry_after if isinstance(error, db.Unavailable) else db.RETRY_AFTER_SECONDS
+    return problem(503, detail, {"Retry-After": str(wait)})
 
 
 def json_response(content: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:

@@ -45,6 +45,7 @@ import enum
 import functools
 import itertools
 import logging
+import math
 import os
 import random
 import re
@@ -584,10 +585,26 @@ async def readiness() -> tuple[bool, dict[str, Any]]:
 
 
 class Unavailable(Exception):
-    """The database cannot serve this request now; the caller should retry (503)."""
+    """The database cannot serve this request now: a 503, whose Retry-After is `retry_after`
+    (`retry_in`: the seconds a backoff has left before the next attempt, when one decides)."""
+
+    def __init__(self, message: str, *, retry_in: float | None = None):
+        super().__init__(message)
+        self.retry_after = retry_after(retry_in)
 
 
-RETRY_AFTER_SECONDS = 2  # the Retry-After of a 503
+# Retry-After of a 503: RETRY_AFTER_SECONDS when nothing tells when to come back; else the
+# time the credential backoff has left, rounded up, within 1 s and RETRY_AFTER_MAX.
+RETRY_AFTER_SECONDS = 2
+RETRY_AFTER_MAX = 10
+
+
+def retry_after(retry_in: float | None) -> int:
+    """Whole seconds for a 503's Retry-After (see RETRY_AFTER_SECONDS)."""
+    if retry_in is None:
+        return RETRY_AFTER_SECONDS
+    return min(RETRY_AFTER_MAX, max(1, math.ceil(retry_in)))
+
 
 # One deadline covers a database call from start to end: waiting for a replacement, for a free
 # connection, and the query (one timer per call, not one per step: timers cost a request CPU).
@@ -906,7 +923,8 @@ class PoolLifecycle:
             if self._state is PoolState.BACKING_OFF:
                 raise Unavailable(
                     f"no database connection for {settings.auth} authentication "
-                    f"(retrying in {max(0.0, self._retry_at - now):.1f} s): {self.last_error}"
+                    f"(retrying in {max(0.0, self._retry_at - now):.1f} s): {self.last_error}",
+                    retry_in=self._retry_at - now,
                 )
         attempt = self._attempt
         assert attempt is not None  # CONNECTING or RETRYING
@@ -918,9 +936,11 @@ class PoolLifecycle:
                 return valid
             if isinstance(error, ConfigError):
                 raise
+            backing_off = self._state is PoolState.BACKING_OFF  # the attempt failed: the next waits
             raise Unavailable(
                 f"no database connection for {settings.auth} authentication: "
-                f"{self.last_error or _describe(error)}"
+                f"{self.last_error or _describe(error)}",
+                retry_in=self._retry_at - time.time() if backing_off else None,
             ) from None
         assert self._serving is not None  # the attempt succeeded
         return self._serving.pool

@@ -183,6 +183,43 @@ def test_sts_outage_past_the_token_life_is_single_flight_with_backoff(fresh_sts:
             assert_no_secrets([live.logs_text()], fresh_sts, env)
 
 
+def test_a_503_in_the_credential_backoff_says_how_long_the_backoff_has_left(
+    fresh_sts: Sts, embedded_database: str
+):
+    """With STS down from the first request, every 503 carries Retry-After: the time left
+    before the next attempt, rounded up (not a fixed figure), growing with the backoff; /readyz
+    reports the same wait in seconds and in its own Retry-After."""
+    fresh_sts.outage = True
+    with aurora(embedded_database, 900) as gateway:
+        env = iam_environment(gateway, fresh_sts, embedded_database, 900)
+        with LiveServer(env) as live, httpx.Client(base_url=live.url, timeout=15) as client:
+            seen = []  # (Retry-After of a 503, the backoff /readyz reported just after, its Retry-After)
+            give_up = time.monotonic() + 8
+            while time.monotonic() < give_up:
+                refused = client.get("/todos")
+                assert refused.status_code == 503 and refused.elapsed.total_seconds() < 7, refused.text
+                ready = client.get("/readyz")
+                report = ready.json()
+                assert ready.status_code == 503
+                if report["state"] == "backing off":
+                    seen.append(
+                        (
+                            int(refused.headers["retry-after"]),
+                            report["replacement"]["retry_in_seconds"],
+                            int(ready.headers["retry-after"]),
+                        )
+                    )
+                time.sleep(0.1)
+            attempts = fresh_sts.attempts
+        assert len(seen) >= 20, seen
+        for retry_after, left, readyz_retry_after in seen:
+            # The 503 came first: by the time /readyz looked, a little less was left.
+            assert 1 <= retry_after <= 10 and left <= retry_after and retry_after - 1 <= left + 0.3, seen
+            assert readyz_retry_after == max(1, min(10, -int(-left // 1))), seen
+        assert max(retry for retry, _, _ in seen) >= 2 and len({retry for retry, _, _ in seen}) >= 2, seen
+        assert 3 <= attempts <= 8, attempts  # one STS request per backoff step
+
+
 def test_event_loop_keeps_serving_while_sts_is_slow(fresh_sts: Sts, embedded_database: str):
     fresh_sts.delay = 3.0
     with aurora(embedded_database, 60) as gateway:
