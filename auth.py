@@ -1,16 +1,18 @@
 """Where database credentials come from: AWS credentials, and IAM tokens for Aurora and DSQL.
 
 What lives here, in reading order:
-- IAM tokens: `TokenSigner.token()` signs one for the configured endpoint (botocore's `rds`
-  `generate_db_auth_token` for Aurora PostgreSQL; for DSQL the admin token for user `admin`,
-  else the role token) with one snapshot of the credentials, so that a token costs at most
-  one credential refresh. `Token` says when the credentials that signed it expire. No rds or
-  dsql client is built: signing needs only a request signer (`_SigningClient`).
+- IAM tokens: `TokenSigner.token()` signs one for the configured endpoint (`presigned_token`:
+  the presigned URL botocore's `rds` `generate_db_auth_token` makes for Aurora PostgreSQL; for
+  DSQL the admin token for user `admin`, else the role token), signed by AWS's CRT (awscrt),
+  with one snapshot of the credentials, so that a token costs at most one credential refresh.
+  `Token` says when the credentials that signed it expire.
 - Credentials: with `AWS_ROLE_ARN`, a Vercel OIDC token is exchanged with STS
-  `AssumeRoleWithWebIdentity` (`_VercelWebIdentityProvider`, botocore's own fetcher), and
-  botocore reuses the credentials until shortly before they expire (`AWS_ENDPOINT_URL_STS`
-  is honoured by botocore). botocore's own retries are off: db.py's backoff is the retry.
-  Without a role, boto3's default chain.
+  `AssumeRoleWithWebIdentity` (`WebIdentityCredentials`: an unsigned call, made with the
+  standard library, at the endpoint botocore would use, `AWS_ENDPOINT_URL_STS` included), and
+  the credentials are reused until shortly before they expire. One HTTP request per call:
+  db.py's backoff is the retry. Without a role, boto3's default chain
+  (`DefaultChainCredentials`, botocore's session). Neither botocore nor an STS client is on
+  the cold path of a Vercel function (README, "The AWS side").
 - OIDC tokens (`OidcTokens`): which one STS sees. A request's `x-vercel-oidc-token` header is
   untrusted input (Vercel's runtime lets a client's own header win over the platform's):
   it becomes a candidate only when it is a well-formed, unexpired JWT with the issuer,
@@ -23,9 +25,9 @@ What lives here, in reading order:
   for a log or a response; what a client sent is never registered, so no client can push
   them out.
 
-Nothing here blocks the event loop: botocore is imported and its session built once, in a
-worker thread (the import is a large part of a cold start: bench/RESULTS.md), and credentials,
-which botocore may refresh with an STS call when they are read, are read there too.
+Nothing here blocks the event loop: STS calls, botocore's session (built once) and its
+credentials, which it may refresh with an STS call when they are read, and signing all run
+in a worker thread.
 
 What does not live here: the pool and when it needs a token (db.py), HTTP (app.py).
 """
@@ -35,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import contextvars
 import math
 import os
@@ -42,7 +45,6 @@ import re
 import sys
 import threading
 import time
-import types
 from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -70,15 +72,30 @@ class Token(NamedTuple):
     credentials_expire_at: float
 
 
+class AwsCredentials(NamedTuple):
+    """One snapshot of AWS credentials, and when they expire (epoch seconds; inf for
+    long-term keys)."""
+
+    access_key: str
+    secret_key: str
+    session_token: str | None
+    expires_at: float
+
+
 class TokenSigner:
     """Signs IAM database tokens for one endpoint, and offers each request's OIDC header to
     `OidcTokens` (`observe_request`)."""
 
     def __init__(self, settings: Settings):
         self.settings = settings
-        self._core: Any = None  # botocore's session, built once, in a worker thread
-        self._session_lock = threading.Lock()
         self.oidc = OidcTokens.from_environment(os.environ) if settings.role_arn else None
+        # The signer's import overlaps the first STS call, which waits on the network.
+        threading.Thread(target=_import_signer, name="import awscrt", daemon=True).start()
+        self._credentials: WebIdentityCredentials | DefaultChainCredentials
+        if settings.role_arn and self.oidc is not None:
+            self._credentials = WebIdentityCredentials(settings.role_arn, settings.region, self.oidc)
+        else:
+            self._credentials = DefaultChainCredentials(settings.region)
 
     async def token(self) -> Token:
         """A freshly signed token, valid for DB_TOKEN_TTL seconds (900 for Aurora)."""
@@ -86,63 +103,14 @@ class TokenSigner:
         return await asyncio.to_thread(self._sign)
 
     def _sign(self) -> Token:
-        from botocore import signers
-        from botocore.credentials import Credentials
-
-        settings = self.settings
-        core = self._core or self._build_session()
-        # One snapshot: reading refreshable credentials may refresh them (an STS call), and
-        # signing reads them again; signing with the snapshot costs at most one refresh.
-        credentials = core.get_credentials()
-        if credentials is None:
-            from botocore.exceptions import NoCredentialsError
-
-            raise NoCredentialsError()
-        frozen = credentials.get_frozen_credentials()
-        register_secret(frozen.secret_key)
-        register_secret(frozen.token)
-        expire_at = _expiry_of(credentials)  # of the keys just frozen: read after the refresh
-        client = _SigningClient(
-            core,
-            "rds" if settings.auth == "iam" else "dsql",
-            settings.region,
-            Credentials(frozen.access_key, frozen.secret_key, frozen.token),
-        )
-        if settings.auth == "iam":
-            token = signers.generate_db_auth_token(
-                client,
-                DBHostname=settings.host,
-                Port=settings.port,
-                DBUsername=settings.user,
-                Region=settings.region,
-            )
-        elif settings.user == "admin":
-            token = signers.dsql_generate_db_connect_admin_auth_token(
-                client, Hostname=settings.host, Region=settings.region, ExpiresIn=settings.token_ttl
-            )
-        else:
-            token = signers.dsql_generate_db_connect_auth_token(
-                client, Hostname=settings.host, Region=settings.region, ExpiresIn=settings.token_ttl
-            )
+        # One snapshot: reading credentials may refresh them (an STS call); signing with the
+        # snapshot costs at most one refresh.
+        credentials = self._credentials.get()
+        register_secret(credentials.secret_key)
+        register_secret(credentials.session_token)
+        token = presigned_token(self.settings, credentials)
         register_secret(token)
-        return Token(token, expire_at)
-
-    def _build_session(self) -> Any:
-        with self._session_lock:
-            if self._core is not None:
-                return self._core
-            import botocore.session
-
-            core = botocore.session.get_session()
-            if self.settings.region:
-                core.set_config_variable("region", self.settings.region)
-            if self.oidc is not None and self.settings.role_arn:
-                resolver = core.get_component("credential_provider")
-                resolver.insert_before(
-                    "env", _VercelWebIdentityProvider(core, self.settings.role_arn, self.oidc)
-                )
-            self._core = core
-            return core
+        return Token(token, credentials.expires_at)
 
     def observe_request(self) -> None:
         """Offer this request's OIDC header as a candidate for the next STS call.
@@ -162,43 +130,64 @@ class TokenSigner:
             self.oidc.observe(token)
 
     def close(self) -> None:
-        self._core = None
+        self._credentials.close()
 
 
-def _expiry_of(credentials: Any) -> float:
-    """Epoch seconds at which botocore credentials expire; inf for long-term keys.
+def _import_signer() -> None:
+    with contextlib.suppress(ImportError):  # presigned_token reports it, where it is needed
+        import awscrt.auth  # noqa: F401
+        import awscrt.http  # noqa: F401
 
-    botocore keeps the expiry of refreshable (temporary) credentials in `_expiry_time`
-    and offers no public accessor for it.
+
+RDS_TOKEN_TTL = 900  # what botocore's generate_db_auth_token signs for; Aurora's maximum
+
+
+def presigned_token(settings: Settings, credentials: AwsCredentials) -> str:
+    """The IAM token for `settings`' endpoint: a SigV4 presigned URL without its scheme, as
+    botocore's `rds.generate_db_auth_token` and dsql's `generate_db_connect_(admin_)auth_token`
+    make it, signed by AWS's CRT (awscrt: native, and quick to import on a cold start).
+
+    Aurora PostgreSQL: `GET https://host:port/?Action=connect&DBUser=user`, service `rds-db`;
+    DSQL: `GET https://host/?Action=DbConnectAdmin` for `admin`, else `Action=DbConnect`,
+    service `dsql`, for DB_TOKEN_TTL.
     """
-    expiry = getattr(credentials, "_expiry_time", None)
-    return expiry.timestamp() if expiry is not None else float("inf")
+    from urllib.parse import urlencode
+
+    from awscrt import auth as crt_auth
+    from awscrt import http as crt_http
+
+    if settings.auth == "iam":
+        host, service, expires = f"{settings.host}:{settings.port}", "rds-db", RDS_TOKEN_TTL
+        query = urlencode({"Action": "connect", "DBUser": settings.user})
+    else:
+        host, service, expires = settings.host, "dsql", settings.token_ttl
+        query = urlencode({"Action": "DbConnectAdmin" if settings.user == "admin" else "DbConnect"})
+    request = crt_http.HttpRequest("GET", f"/?{query}", crt_http.HttpHeaders([("host", host)]))
+    config = crt_auth.AwsSigningConfig(
+        algorithm=crt_auth.AwsSigningAlgorithm.V4,
+        signature_type=crt_auth.AwsSignatureType.HTTP_REQUEST_QUERY_PARAMS,
+        credentials_provider=crt_auth.AwsCredentialsProvider.new_static(
+            credentials.access_key, credentials.secret_key, credentials.session_token
+        ),
+        region=settings.region or "",
+        service=service,
+        signed_body_value=crt_auth.AwsSignedBodyValue.EMPTY_SHA256,
+        expiration_in_seconds=expires,
+    )
+    crt_auth.aws_sign_request(request, config).result()
+    return f"{host}{request.path}"
 
 
-class _SigningClient:
-    """What botocore's token functions use of an rds or dsql client: its signer and region.
-
-    They are the functions behind `rds.generate_db_auth_token` and the dsql client's
-    `generate_db_connect_(admin_)auth_token`. Building the client itself would load the
-    service's whole API model, on a cold start, only to sign one URL.
-    """
-
-    def __init__(self, core: Any, service: str, region: str | None, credentials: Any):
-        from botocore.model import ServiceId
-        from botocore.signers import RequestSigner
-
-        self.meta = types.SimpleNamespace(region_name=region)
-        self._request_signer = RequestSigner(
-            ServiceId(service), region, service, "v4", credentials, core.get_component("event_emitter")
-        )
-
-
-# --- credentials: Vercel OIDC token → STS ------------------------------------------------
+# --- credentials: Vercel OIDC token → STS, or boto3's default chain ----------------------
 
 ROLE_SESSION_NAME = "aurora-todo"
 # One HTTP request per STS call, bounded: a down or black-holed STS fails the attempt fast
-# and db.py's backoff decides when to try again (botocore would retry twice more, at once).
-STS_CLIENT_OPTIONS = {"retries": {"total_max_attempts": 1}, "connect_timeout": 2, "read_timeout": 5}
+# and db.py's backoff decides when to try again (it is the only retry).
+STS_CONNECT_TIMEOUT, STS_READ_TIMEOUT = 2.0, 5.0
+STS_MAX_ANSWER = 1 << 16
+# Credentials are refreshed this long before they expire (botocore's advisory window);
+# a failed refresh keeps them while more than the mandatory window is left (botocore's too).
+ADVISORY_REFRESH, MANDATORY_REFRESH = 15 * 60.0, 10 * 60.0
 # What STS answers when it refuses the token itself (not when it is down): that token is
 # never presented again, and the same refresh falls back to a trusted one.
 STS_REJECTIONS = frozenset(
@@ -212,72 +201,195 @@ STS_REJECTIONS = frozenset(
 )
 
 
-class _VercelWebIdentityProvider:
-    """A botocore credential provider: Vercel OIDC token → STS AssumeRoleWithWebIdentity.
+class StsError(Exception):
+    """STS answered with an error (`code` is its error code, "" when it sent none)."""
 
-    Each refresh presents the token `OidcTokens` chooses; when STS rejects it, the same
-    refresh presents the fallback at once (so an attacker's token costs one STS call, never
-    a failed replacement), and every outcome is reported back. botocore's resolver needs
-    only METHOD, CANONICAL_NAME and load(), so this need not subclass CredentialProvider
-    (which would mean importing botocore with this module).
+    def __init__(self, code: str, message: str):
+        super().__init__(f"STS AssumeRoleWithWebIdentity: {code or 'error'}: {message}")
+        self.code = code
+
+
+class CredentialsUnavailable(Exception):
+    """No AWS credentials can be had now."""
+
+
+class WebIdentityCredentials:
+    """Vercel OIDC token → STS AssumeRoleWithWebIdentity, reused until shortly before they
+    expire.
+
+    The call is unsigned (the OIDC token is the proof), so it needs no AWS SDK: one HTTPS
+    form POST with the standard library, its XML answer read by ElementTree (botocore's
+    session and STS client cost a cold start more than the call itself; README, "The AWS
+    side"). The endpoint is botocore's: `AWS_ENDPOINT_URL_STS` (or `AWS_ENDPOINT_URL`) when
+    set, else STS in the configured region. Each refresh presents the token `OidcTokens`
+    chooses; when STS rejects it, the same refresh presents the fallback at once (so an
+    attacker's token costs one STS call, never a failed replacement), and every outcome
+    is reported back.
     """
 
-    METHOD = "vercel-oidc-web-identity"
-    CANONICAL_NAME = "VercelOidcWebIdentity"
-
-    def __init__(self, core: Any, role_arn: str, tokens: OidcTokens):
-        from botocore.config import Config
-
-        options = Config(**STS_CLIENT_OPTIONS)
-
-        def sts_client(service: str, config: Any = None, **kwargs: Any) -> Any:
-            return core.create_client(service, config=options.merge(config) if config else options, **kwargs)
-
-        self._sts_client = sts_client
+    def __init__(self, role_arn: str, region: str | None, tokens: OidcTokens):
         self._role_arn = role_arn
+        self._endpoint = sts_endpoint(os.environ, region)
         self._tokens = tokens
+        self._lock = threading.Lock()  # one refresh at a time
+        self._current: AwsCredentials | None = None
 
-    def load(self) -> Any:
-        from botocore.credentials import DeferredRefreshableCredentials
+    def get(self) -> AwsCredentials:
+        with self._lock:
+            current, now = self._current, time.time()
+            if current is not None and current.expires_at - now > ADVISORY_REFRESH:
+                return current
+            try:
+                self._current = self._refresh()
+            except Exception:
+                if current is not None and current.expires_at - now > MANDATORY_REFRESH:
+                    return current
+                raise
+            return self._current
 
-        return DeferredRefreshableCredentials(refresh_using=self._refresh, method=self.METHOD)
+    def close(self) -> None:
+        self._current = None
 
-    def _refresh(self) -> dict[str, Any]:
-        from botocore.exceptions import ClientError
-
+    def _refresh(self) -> AwsCredentials:
         token = self._tokens.first()
         try:
             return self._exchange(token)
-        except ClientError as error:
-            if error.response.get("Error", {}).get("Code") not in STS_REJECTIONS:
+        except StsError as error:
+            if error.code not in STS_REJECTIONS:
                 raise
             fallback = self._tokens.fallback(token)
             if fallback is None:
                 raise
             return self._exchange(fallback)
 
-    def _exchange(self, token: str) -> dict[str, Any]:
+    def _exchange(self, token: str) -> AwsCredentials:
         """One STS call presenting `token`; its outcome is reported to `OidcTokens`."""
-        from botocore.credentials import AssumeRoleWithWebIdentityCredentialFetcher
-        from botocore.exceptions import ClientError
-
-        # A fetcher per call, with an empty cache: a cached answer would report a token as
-        # accepted that STS never saw.
-        fetcher = AssumeRoleWithWebIdentityCredentialFetcher(
-            client_creator=self._sts_client,
-            web_identity_token_loader=lambda: token,
-            role_arn=self._role_arn,
-            extra_args={"RoleSessionName": ROLE_SESSION_NAME},
-            cache={},
-        )
         try:
-            credentials: dict[str, Any] = fetcher.fetch_credentials()
-        except ClientError as error:
-            if error.response.get("Error", {}).get("Code") in STS_REJECTIONS:
+            credentials = assume_role_with_web_identity(self._endpoint, self._role_arn, token)
+        except StsError as error:
+            if error.code in STS_REJECTIONS:
                 self._tokens.rejected(token)
             raise
         self._tokens.accepted(token)
         return credentials
+
+
+def sts_endpoint(env: Any, region: str | None) -> str:
+    """Where STS is, as botocore finds it: its endpoint variables, else the regional endpoint
+    (botocore's default), else the global one."""
+    configured = env.get("AWS_ENDPOINT_URL_STS") or env.get("AWS_ENDPOINT_URL")
+    if configured:
+        return str(configured)
+    if not region:
+        return "https://sts.amazonaws.com"
+    return f"https://sts.{region}.amazonaws.com" + (".cn" if region.startswith("cn-") else "")
+
+
+def assume_role_with_web_identity(endpoint: str, role_arn: str, web_identity_token: str) -> AwsCredentials:
+    """One AssumeRoleWithWebIdentity call (STS's query API, version 2011-06-15); StsError when
+    STS refuses, OSError when it cannot be reached in time."""
+    import http.client
+    from datetime import datetime
+    from urllib.parse import urlencode, urlsplit
+    from xml.etree import ElementTree
+
+    url = urlsplit(endpoint)
+    connection: http.client.HTTPConnection
+    if url.scheme == "https":
+        import ssl
+
+        context = ssl.create_default_context(cafile=os.environ.get("AWS_CA_BUNDLE") or None)
+        connection = http.client.HTTPSConnection(
+            url.hostname or "", url.port, timeout=STS_CONNECT_TIMEOUT, context=context
+        )
+    else:
+        connection = http.client.HTTPConnection(url.hostname or "", url.port, timeout=STS_CONNECT_TIMEOUT)
+    form = urlencode(
+        {
+            "Action": "AssumeRoleWithWebIdentity",
+            "Version": "2011-06-15",
+            "RoleArn": role_arn,
+            "RoleSessionName": ROLE_SESSION_NAME,
+            "WebIdentityToken": web_identity_token,
+        }
+    )
+    try:
+        connection.connect()
+        if connection.sock is not None:
+            connection.sock.settimeout(STS_READ_TIMEOUT)
+        connection.request(
+            "POST",
+            url.path or "/",
+            form,
+            {"Content-Type": "application/x-www-form-urlencoded; charset=utf-8", "User-Agent": "aurora-todo"},
+        )
+        response = connection.getresponse()
+        answer = response.read(STS_MAX_ANSWER)
+    finally:
+        connection.close()
+    try:
+        root = ElementTree.fromstring(answer)
+    except ElementTree.ParseError:
+        raise StsError("", f"HTTP {response.status}, not an STS answer") from None
+    if response.status != 200:
+        code = root.findtext("{*}Error/{*}Code") or ""
+        raise StsError(code, root.findtext("{*}Error/{*}Message") or f"HTTP {response.status}")
+    found = root.find("{*}AssumeRoleWithWebIdentityResult/{*}Credentials")
+    fields = [found.findtext(f"{{*}}{name}") if found is not None else None for name in _STS_FIELDS]
+    if not all(fields):
+        raise StsError("", "no credentials in STS's answer")
+    access_key, secret_key, session_token, expiration = (str(field) for field in fields)
+    return AwsCredentials(
+        access_key, secret_key, session_token, datetime.fromisoformat(expiration).timestamp()
+    )
+
+
+_STS_FIELDS = ("AccessKeyId", "SecretAccessKey", "SessionToken", "Expiration")
+
+
+class DefaultChainCredentials:
+    """boto3's default credential chain (environment, shared files, SSO, web identity files,
+    container and instance metadata), through botocore's session, built once in the worker
+    thread that first reads it; botocore refreshes temporary credentials itself."""
+
+    def __init__(self, region: str | None):
+        self._region = region
+        self._core: Any = None
+        self._session_lock = threading.Lock()
+
+    def get(self) -> AwsCredentials:
+        core = self._core or self._build_session()
+        credentials = core.get_credentials()
+        if credentials is None:
+            raise CredentialsUnavailable("no AWS credentials in boto3's default chain")
+        frozen = credentials.get_frozen_credentials()  # reading them may refresh them
+        expires_at = _expiry_of(credentials)  # of the keys just frozen: read after the refresh
+        return AwsCredentials(frozen.access_key, frozen.secret_key, frozen.token, expires_at)
+
+    def close(self) -> None:
+        self._core = None
+
+    def _build_session(self) -> Any:
+        with self._session_lock:
+            if self._core is not None:
+                return self._core
+            import botocore.session
+
+            core = botocore.session.get_session()
+            if self._region:
+                core.set_config_variable("region", self._region)
+            self._core = core
+            return core
+
+
+def _expiry_of(credentials: Any) -> float:
+    """Epoch seconds at which botocore credentials expire; inf for long-term keys.
+
+    botocore keeps the expiry of refreshable (temporary) credentials in `_expiry_time`
+    and offers no public accessor for it.
+    """
+    expiry = getattr(credentials, "_expiry_time", None)
+    return expiry.timestamp() if expiry is not None else float("inf")
 
 
 # --- OIDC tokens: which one STS sees ------------------------------------------------------
@@ -376,7 +488,7 @@ class IssuerKeys:
     (PyJWT checks it). Only Vercel's issuers have their keys fetched, from the issuer the
     claims policy already pinned to Vercel's host; a failed fetch, or a token whose `kid`
     the set lacks (a rotation), allows the next fetch JWKS_REFETCH later. Fetching happens
-    in botocore's refresh (a worker thread), never on the event loop.
+    in a credentials refresh (a worker thread), never on the event loop.
     """
 
     def __init__(self, fetch: Callable[[str], bytes]):
@@ -445,7 +557,7 @@ class OidcTokens:
     first; if STS rejects it, the same refresh presents the newest signed header token seen
     lately (`_recent`) once the keys are loaded, else the accepted token, else the SDK's own.
 
-    `observe` runs on the event loop, the rest in botocore's refresh (a worker thread):
+    `observe` runs on the event loop, the rest in a credentials refresh (a worker thread):
     one lock, held for microseconds.
     """
 
@@ -530,7 +642,7 @@ class OidcTokens:
             and self._project_id in (None, token.project_id or self._project_id)
         )
 
-    # --- botocore's refresh: what to present, and what STS said
+    # --- a credentials refresh: what to present, and what STS said
 
     def first(self) -> str:
         """The token to present: the candidate, else the accepted one while unexpired, else
@@ -545,11 +657,7 @@ class OidcTokens:
             return accepted.raw
         token = self._sdk_token()
         if token is None or self._was_rejected(token):
-            from botocore.exceptions import CredentialRetrievalError
-
-            raise CredentialRetrievalError(
-                provider=_VercelWebIdentityProvider.METHOD, error_msg="no usable Vercel OIDC token"
-            )
+            raise CredentialsUnavailable("no usable Vercel OIDC token")
         return token
 
     def fallback(self, rejected: str) -> str | None:
