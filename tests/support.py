@@ -202,7 +202,9 @@ class LiveServer:
         self.env = env
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self._log_file = tempfile.NamedTemporaryFile("w+", prefix="aurora-todo-", suffix=".log", delete=False)
+        # The child writes its own copy of the descriptor; this process reads the file by name.
+        with tempfile.NamedTemporaryFile("w", prefix="aurora-todo-", suffix=".log", delete=False) as log_file:
+            self.log_path = Path(log_file.name)
         full_env = {**env, "PORT": str(self.port), "PYTHONUNBUFFERED": "1"}
         # `uvicorn app:app` instead of `python app.py`: uvicorn's own logging setup runs first
         argv = (
@@ -210,9 +212,10 @@ class LiveServer:
             if uvicorn_cli
             else [sys.executable, str(ROOT / "app.py")]
         )
-        self.process = subprocess.Popen(
-            argv, cwd=ROOT, env=full_env, stdout=self._log_file, stderr=subprocess.STDOUT
-        )
+        with open(self.log_path, "w") as log_file:
+            self.process = subprocess.Popen(
+                argv, cwd=ROOT, env=full_env, stdout=log_file, stderr=subprocess.STDOUT
+            )
         deadline = time.monotonic() + ready_timeout
         while True:
             if self.process.poll() is not None:
@@ -228,7 +231,7 @@ class LiveServer:
             time.sleep(0.05)
 
     def logs_text(self) -> str:
-        return Path(self._log_file.name).read_text(errors="replace")
+        return self.log_path.read_text(errors="replace")
 
     def logs(self) -> list[dict]:
         """Every log line, parsed; a line that is not one JSON object fails the test."""
