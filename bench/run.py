@@ -922,12 +922,14 @@ def cold_start(db: Database, args: argparse.Namespace, workdir: Path, pythons: d
     for mode in args.modes:
         password_env = {"DATABASE_URL": db.dsn, **pool}
         measure(
-            mode, "password", lambda target: password_env if mode == "vercel" else clean_env(password_env)
+            mode,
+            "password",
+            lambda target, env=password_env, mode=mode: env if mode == "vercel" else clean_env(env),
         )
     with IamLoopback(db, workdir, use_gateway=not args.no_gateway) as iam:
         out["iam_mode"] = iam.mode
         for mode in args.modes:
-            measure(mode, "iam", lambda target: iam.env(target, pool, mode), oidc_token=iam.jwt)
+            measure(mode, "iam", lambda target, mode=mode: iam.env(target, pool, mode), oidc_token=iam.jwt)
         if iam.gateway is not None:
             out["gateway_accepted"] = len(iam.gateway.accepted)
             out["gateway_refused"] = len(iam.gateway.refused)
@@ -1344,7 +1346,7 @@ def machine_info(db: Database) -> dict[str, str]:
         text=True,
     ).stdout.strip()
     return {
-        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "cpu": f"{cpu} × {os.cpu_count()} (shared)",
         "kernel": platform.release(),
         "python": platform.python_version(),
@@ -1747,13 +1749,14 @@ def write_chart(results: dict, args: argparse.Namespace, out_dir: Path) -> Path 
     size = args.datasets[0]
     fig, axes = plt.subplots(len(modes), 2, figsize=(11, 4 * len(modes)), squeeze=False)
     width = 0.8 / len(args.targets)
-    for row, mode in zip(axes, modes):
+    for row, mode in zip(axes, modes, strict=True):
         for ax, (key, label) in zip(
             row,
             (
                 ("cpu_us", "server CPU µs per request (lower is better)"),
                 ("rps", "requests/s (higher is better)"),
             ),
+            strict=True,
         ):
             for i, target in enumerate(args.targets):
                 values = [

@@ -360,7 +360,9 @@ def test_background_replacement_uses_the_latest_oidc_token(
         # unexpired, including after A (still in the old request context) had expired.
         idle_calls = [
             (t, token)
-            for t, token in zip(fresh_sts.web_identity_tokens.times, fresh_sts.web_identity_tokens)
+            for t, token in zip(
+                fresh_sts.web_identity_tokens.times, fresh_sts.web_identity_tokens, strict=True
+            )
             if t > quiet_from
         ]
         assert idle_calls, "no STS call during the idle replacements"

@@ -18,10 +18,7 @@ from pathlib import Path
 
 import pytest
 
-try:  # tests/ is on sys.path (rootdir insertion or conftest) unless it became a package
-    import vercel_schema
-except ImportError:
-    from tests import vercel_schema
+import vercel_schema
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CONFIG = json.loads((REPO_ROOT / "vercel.json").read_text())

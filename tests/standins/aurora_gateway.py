@@ -293,7 +293,7 @@ def _make_tls_files(directory: str) -> tuple[str, str, str]:
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     validity = (now - datetime.timedelta(minutes=5), now + datetime.timedelta(days=1))
 
     def name(cn: str) -> x509.Name:
@@ -458,7 +458,7 @@ class _Session:
         for writer in self.writers():
             try:
                 await asyncio.wait_for(writer.wait_closed(), 2)
-            except (asyncio.TimeoutError, ConnectionError, OSError, ssl.SSLError):
+            except (TimeoutError, ConnectionError, OSError, ssl.SSLError):
                 writer.transport.abort()
 
 

@@ -46,7 +46,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from standins.aurora_gateway import AuroraGateway, _Session, _error_response
+from standins.aurora_gateway import AuroraGateway, _error_response, _Session
 
 __all__ = ["DsqlGateway", "Refusal", "Injection", "classify", "OC000", "OC001"]
 
@@ -552,12 +552,10 @@ class DsqlGateway(AuroraGateway):
         self, talk: _Conversation, executed: list[Statement]
     ) -> tuple[str, str, str, Statement] | None:
         """One DDL per transaction, never with DML: judged over what this unit executes."""
-        in_block, kinds = talk.in_block, set(talk.kinds)
+        kinds = set(talk.kinds)
         for statement in executed:
-            if statement.kind == "begin":
-                in_block, kinds = True, set()
-            elif statement.kind == "end":
-                in_block, kinds = False, set()
+            if statement.kind in ("begin", "end"):
+                kinds = set()
             elif statement.kind in ("ddl", "dml"):
                 if statement.kind == "ddl" and "ddl" in kinds:
                     return (

@@ -56,7 +56,7 @@ def dsql_token(admin: bool, host: str = "localhost", expires: int = 900, session
 
 def signed_at(delta_seconds: float):
     """Make botocore sign as if the clock were shifted by delta_seconds."""
-    when = datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None) + datetime.timedelta(
+    when = datetime.datetime.now(datetime.UTC).replace(tzinfo=None) + datetime.timedelta(
         seconds=delta_seconds
     )
     return mock.patch("botocore.auth.get_current_datetime", return_value=when)

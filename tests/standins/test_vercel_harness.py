@@ -27,7 +27,7 @@ pytest.importorskip("vercel_runtime", reason="vercel-runtime is not installed")
 pytest.importorskip("vercel.functions", reason="the vercel SDK is not installed")
 pytest.importorskip("starlette", reason="starlette is not installed")
 
-from standins.vercel_harness import RuntimeFailed, VercelRuntime, fake_oidc_token
+from standins.vercel_harness import RuntimeFailed, VercelRuntime, fake_oidc_token  # noqa: E402
 
 APP_SOURCE = '''
 """Throwaway app for tests/standins/test_vercel_harness.py."""
