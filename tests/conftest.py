@@ -44,7 +44,7 @@ from standins.network_namespace import (  # noqa: E402
 )
 from standins.sts import Sts, recording_sts  # noqa: E402
 from standins.vercel_harness import BUILDER_RUNTIME, RuntimeVariant, hive_unavailable  # noqa: E402
-from support import InProcess, LiveServer, clean_environment, create_database, drop_database, run_sql  # noqa: E402
+from support import Client, InProcess, LiveServer, clean_environment, create_database, drop_database, run_sql  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -162,7 +162,7 @@ def server(database_url: str, backend: str, request: pytest.FixtureRequest) -> I
 
 
 @pytest.fixture(scope="module")
-def api(database_url: str, backend: str, request: pytest.FixtureRequest) -> Iterator[httpx.Client]:
+def api(database_url: str, backend: str, request: pytest.FixtureRequest) -> Iterator[Client]:
     """A client of the service on the module's backend: in this process on PostgreSQL, and
     through the process behind the DSQL stand-in (which counts its conflicts against the
     service's retries when it stops)."""

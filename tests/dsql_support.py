@@ -48,6 +48,7 @@ def dsql_environment(
     **overrides: str,
 ) -> dict[str, str]:
     """The service's environment for DSQL behind the stand-in; `overrides` win."""
+    assert gateway.ca_file, "the service verifies the stand-in's certificate (PGSSLROOTCERT)"
     settings = dict(
         PGHOST="127.0.0.1",
         PGPORT=str(gateway.port),

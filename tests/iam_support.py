@@ -51,6 +51,7 @@ def aurora(database_url: str, ttl: float, mode: str = "iam", **options):
 
 def iam_environment(gateway: AuroraGateway, sts: Sts, database_url: str, ttl: int, **overrides: str) -> dict:
     """The service's environment for IAM mode behind `gateway`; `overrides` win."""
+    assert gateway.ca_file, "the service verifies the stand-in's certificate (PGSSLROOTCERT)"
     settings = dict(
         PGHOST="127.0.0.1",
         PGPORT=str(gateway.port),

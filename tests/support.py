@@ -29,13 +29,21 @@ import threading
 import time
 import uuid
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeAlias
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import httpx
 from starlette.testclient import TestClient
 
+if TYPE_CHECKING:
+    import httpx2
+
 ROOT = Path(__file__).resolve().parent.parent
+# The suite's two HTTP clients: httpx against a process, and Starlette's TestClient (built on
+# httpx2) in this one. Helpers that serve both take and return these.
+Client: TypeAlias = "httpx.Client | TestClient"
+Response: TypeAlias = "httpx.Response | httpx2.Response"
 
 
 def run_sql(url: str, *statements: str) -> list:
@@ -73,7 +81,7 @@ def drop_database(admin_url: str, url: str) -> None:
 PROBLEM = "application/problem+json"
 
 
-def assert_problem(response: httpx.Response, status: int, field: str | None = None) -> dict:
+def assert_problem(response: Response, status: int, field: str | None = None) -> dict:
     """A problem+json error (RFC 9457) with this status, naming `field` in its detail."""
     assert response.status_code == status, response.text
     assert response.headers["content-type"] == PROBLEM
@@ -85,7 +93,7 @@ def assert_problem(response: httpx.Response, status: int, field: str | None = No
     return body
 
 
-def create_todo(client: httpx.Client, title: str, **fields: object) -> dict:
+def create_todo(client: Client, title: str, **fields: object) -> dict:
     """POST /todos, which must answer 201; the todo."""
     response = client.post("/todos", json={"title": title, **fields})
     assert response.status_code == 201, response.text
@@ -109,7 +117,7 @@ def clean_environment(**overrides: str) -> dict[str, str]:
     return env
 
 
-def wait_until_serving(client: httpx.Client, within: float, why: str, path: str = "/todos") -> None:
+def wait_until_serving(client: Client, within: float, why: str, path: str = "/todos") -> None:
     """Poll `path` until it answers 200; fail with `why` after `within` seconds."""
     deadline = time.monotonic() + within
     while client.get(path).status_code != 200:
@@ -135,7 +143,7 @@ class InProcess(TestClient):
         self._saved_environment: dict[str, str] = {}
         self._saved_logging: list[tuple[logging.Logger, list[logging.Handler], bool, int]] = []
         self._saved_request_log: tuple[list, list] = ([], [])
-        self._saved_lifecycle: object = None
+        self._saved_lifecycle: Any = None
         self._log_buffer = io.StringIO()
         # A fresh TodoApp: its middleware stack (CORS_ORIGINS) is built from this environment.
         super().__init__(

@@ -118,6 +118,7 @@ class Load:
 
     def _call(self, client: httpx.Client, method: str, path: str, **kwargs) -> httpx.Response | None:
         started = time.monotonic()
+        response: httpx.Response | None
         try:
             response = client.request(method, path, **kwargs)
         except httpx.HTTPError as error:

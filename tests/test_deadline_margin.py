@@ -49,6 +49,7 @@ async def insert_with_connection_back_at(url: str, left: float) -> tuple[BaseExc
     try:
         await db.list_todos(1, None, None)  # the pool and the schema
         pool = db.lifecycle.current
+        assert pool is not None
         held = await pool.acquire()
         pid = held.get_server_pid()
         await held.execute("SELECT 'held by the test'")

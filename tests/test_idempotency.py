@@ -27,10 +27,9 @@ import uuid
 from typing import NamedTuple
 from urllib.parse import parse_qs, urlsplit
 
-import httpx
 import pytest
 
-from support import InProcess, clean_environment, create_database, drop_database, run_sql
+from support import InProcess, Response, clean_environment, create_database, drop_database, run_sql
 
 PROBLEM = "application/problem+json"
 
@@ -50,7 +49,7 @@ def rows_titled(url: str, title: str) -> int:
     ]
 
 
-def assert_key_problem(response: httpx.Response) -> None:
+def assert_key_problem(response: Response) -> None:
     assert response.status_code == 422, response.text
     assert response.headers["content-type"] == PROBLEM
     assert response.json()["detail"].startswith("Idempotency-Key:"), response.json()
@@ -217,7 +216,7 @@ class ReplyHoldingProxy:
         self.closing = False
         self.sockets: list[socket.socket] = []
         self.executed: list[str] = []
-        self.withheld: list[str] = []
+        self.withheld: list[Withheld] = []
         self._drop_command: str | None = None
         self._lock = threading.Lock()
         threading.Thread(target=self._accept, daemon=True).start()
@@ -413,9 +412,7 @@ def test_a_retry_after_a_503_whose_insert_committed_stores_nothing_new(proxied, 
 # --- a PATCH or DELETE whose connection was lost after it committed -----------------------------
 
 
-def lost_after_commit(
-    proxy: ReplyHoldingProxy, command: str, send
-) -> tuple[httpx.Response, Withheld, list[str]]:
+def lost_after_commit(proxy: ReplyHoldingProxy, command: str, send) -> tuple[Response, Withheld, list[str]]:
     """Send a request whose `command` statement runs and commits, and whose connection is
     then reset before the reply reaches the service. The response, the reply the service
     never saw, and the `command` statements that reached PostgreSQL meanwhile."""
@@ -492,7 +489,7 @@ def test_a_todo_deleted_between_the_insert_and_the_read_is_inserted_anew(embedde
         f"INSERT INTO todos VALUES ('{todo_id}', 'doomed', false, now(), now())",
     )
     real_fetchrow = asyncpg.connection.Connection.fetchrow
-    deleted = []
+    deleted: list[object] = []
 
     async def fetchrow(self, query, *args, **kwargs):
         if query == db.GET_TODO and not deleted:  # between the two statements: someone deletes it

@@ -13,18 +13,18 @@ from __future__ import annotations
 import concurrent.futures
 import threading
 import uuid
+from typing import Any
 
-import httpx
 import pytest
 
 from dsql_support import SERVERS
-from support import PROBLEM, run_sql
+from support import PROBLEM, Client, Response, run_sql
 
 pytestmark = pytest.mark.parametrize("backend", SERVERS, indirect=True, scope="module")
 
 
 @pytest.fixture(scope="module")
-def http(api: httpx.Client) -> httpx.Client:
+def http(api: Client) -> Client:
     return api
 
 
@@ -38,7 +38,7 @@ def rows_titled(url: str, title: str) -> int:
     ]
 
 
-def assert_key_problem(response: httpx.Response) -> None:
+def assert_key_problem(response: Response) -> None:
     assert response.status_code == 422, response.text
     assert response.headers["content-type"] == PROBLEM
     assert response.json()["detail"].startswith("Idempotency-Key:"), response.json()
@@ -71,7 +71,7 @@ def test_the_same_fields_in_another_spelling_are_the_same_request(http, database
     """Sameness is judged on the todo the request asks for: trimmed title, completed."""
     headers = {"Idempotency-Key": key()}
     todo = http.post("/todos", json={"title": "water plants"}, headers=headers).json()
-    same = [
+    same: list[dict[str, Any]] = [
         dict(json={"title": "  water plants\n"}),
         dict(json={"completed": False, "title": "water plants"}),
         dict(params={"title": "water plants"}),
@@ -87,7 +87,7 @@ def test_twenty_concurrent_creates_with_one_key_store_one_todo(http, database_ur
     headers = {"Idempotency-Key": key()}
     barrier = threading.Barrier(20)
 
-    def create(_: int) -> httpx.Response:
+    def create(_: int) -> Response:
         barrier.wait(10)
         return http.post("/todos", json={"title": "concurrent once"}, headers=headers)
 

@@ -27,7 +27,16 @@ import pytest
 import db
 from dsql_support import dsql_environment, dsql_stand_in
 from standins.sts import Sts
-from support import ROOT, InProcess, LiveServer, clean_environment, create_database, drop_database, run_sql
+from support import (
+    ROOT,
+    Client,
+    InProcess,
+    LiveServer,
+    clean_environment,
+    create_database,
+    drop_database,
+    run_sql,
+)
 
 TOTAL, OPEN = 200_000, 100
 PAGE = 50  # the service asks for one row more than it shows: that row tells a next page exists
@@ -191,7 +200,7 @@ def indexes_of(url: str, schema: str = "public") -> set[str]:
     return {row[0] for row in rows} - {"todos_pkey"}
 
 
-def list_every_shape(client: httpx.Client) -> None:
+def list_every_shape(client: Client) -> None:
     """Each filter, and the page after each first page, through the service."""
     for query in ("", "&completed=true", "&completed=false"):
         first = client.get(f"/todos?limit={PAGE}{query}")

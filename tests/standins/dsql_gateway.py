@@ -142,7 +142,9 @@ def _tokens(sql: str) -> list[tuple[str, str]]:
     """(kind, text) pairs; words upper-cased, quoted identifiers unquoted; no blanks or comments."""
     out = []
     for match in _TOKEN.finditer(sql):
-        kind = match.lastgroup if match.lastgroup != "tag" else "dollar"
+        group = match.lastgroup
+        assert group is not None  # every alternative of _TOKEN is a named group
+        kind = group if group != "tag" else "dollar"
         if kind in ("space", "comment"):
             continue
         text = match.group(kind)
@@ -511,9 +513,9 @@ class DsqlGateway(AuroraGateway):
                     segment.index_async = "extended"
             elif kind == b"E":
                 portal, _ = _cstring(body, 0)
-                statement = dict(bound).get(portal) or talk.portals.get(portal)
-                if statement is not None:
-                    executed.append(statement)
+                to_execute = dict(bound).get(portal) or talk.portals.get(portal)
+                if to_execute is not None:
+                    executed.append(to_execute)
             elif kind == b"C" and body[:1] == b"S":
                 talk.statements.pop(_cstring(body, 1)[0], None)
             out.append(_message(kind, body))
@@ -541,8 +543,8 @@ class DsqlGateway(AuroraGateway):
 
         for name, statement in parsed:
             talk.statements[name] = statement
-        for portal, statement in bound:
-            talk.portals[portal] = statement
+        for portal, bound_statement in bound:
+            talk.portals[portal] = bound_statement
         self._account(talk, executed, ends_segment, segment)
         if ends_segment:
             talk.open_segment = None
@@ -626,6 +628,7 @@ class DsqlGateway(AuroraGateway):
                 if segment is None:
                     writer.write(head + body)
                 elif kind == b"Z":
+                    assert talk is not None  # a segment belongs to a conversation
                     if segment.drop_ready:
                         segment.drop_ready -= 1
                         continue

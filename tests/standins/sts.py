@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from unittest import mock
 
 from moto.server import ThreadedMotoServer
 from moto.sts.exceptions import STSClientError
@@ -101,12 +102,12 @@ def recording_sts() -> Iterator[Sts]:
             kwargs["duration"] = recorder.credential_lifetime
         return original_backend(self, **kwargs)
 
-    TokenResponse.assume_role_with_web_identity = recording
-    STSBackend.assume_role_with_web_identity = issuing
-    recorder.start()
-    try:
-        yield recorder
-    finally:
-        recorder.stop()
-        TokenResponse.assume_role_with_web_identity = original_response
-        STSBackend.assume_role_with_web_identity = original_backend
+    with (
+        mock.patch.object(TokenResponse, "assume_role_with_web_identity", recording),
+        mock.patch.object(STSBackend, "assume_role_with_web_identity", issuing),
+    ):
+        recorder.start()
+        try:
+            yield recorder
+        finally:
+            recorder.stop()

@@ -445,8 +445,8 @@ def test_gateway_lifecycle_and_errors(upstream):
     with pytest.raises(RuntimeError):
         gw.drop_connections()
     with gw:
-        assert gw.port and os.path.exists(gw.ca_file)
         ca_file = gw.ca_file
+        assert gw.port and ca_file and os.path.exists(ca_file)
     assert not os.path.exists(ca_file)
     gw.stop()  # idempotent
     with pytest.raises(ValueError):

@@ -57,13 +57,19 @@ def database(embedded_postgres: str):
     drop_database(embedded_postgres, url)
 
 
+class NamedGateway(DsqlGateway):
+    """The stand-in, knowing the name of the database behind it that the tests connect to."""
+
+    database = ""
+
+
 @pytest.fixture
 def stand_in(database: str):
     """Factory: stand_in(**options) → a started DsqlGateway on the module's database."""
     started = []
 
-    def start(**options) -> DsqlGateway:
-        gateway = DsqlGateway(
+    def start(**options) -> NamedGateway:
+        gateway = NamedGateway(
             *parse_upstream_url(database), credentials_lookup={AKID: SECRET}, region=REGION, seed=7, **options
         ).start()
         gateway.database = urlsplit(database).path.lstrip("/")
@@ -75,7 +81,7 @@ def stand_in(database: str):
         gateway.stop()
 
 
-async def connect(gateway: DsqlGateway, user: str = "admin", **options) -> asyncpg.Connection:
+async def connect(gateway: NamedGateway, user: str = "admin", **options) -> asyncpg.Connection:
     return await asyncpg.connect(
         host="127.0.0.1",
         port=gateway.port,
@@ -100,7 +106,7 @@ async def upstream(url: str, *statements: str) -> list:
 
 
 @asynccontextmanager
-async def session(gateway: DsqlGateway, user: str = "admin", **options):
+async def session(gateway: NamedGateway, user: str = "admin", **options):
     connection = await connect(gateway, user, **options)
     try:
         yield connection
