@@ -45,7 +45,9 @@ def assume(sts: Sts, token: str) -> dict:
         aws_secret_access_key="x",
         config=Config(retries={"total_max_attempts": 1}),
     )
-    return client.assume_role_with_web_identity(RoleArn=ROLE_ARN, RoleSessionName="stand-in", WebIdentityToken=token)
+    return client.assume_role_with_web_identity(
+        RoleArn=ROLE_ARN, RoleSessionName="stand-in", WebIdentityToken=token
+    )
 
 
 def test_sts_issues_credentials_only_for_unexpired_tokens_the_issuer_signed(fresh_sts: Sts):

@@ -217,7 +217,9 @@ def test_a_clients_own_oidc_header_wins_over_the_platforms(runtime: VercelRuntim
     cannot change")."""
     platform = fake_oidc_token(time.time() + 3600)
     client = fake_oidc_token(time.time() + 3600, sub="owner:mallory:project:x:environment:production")
-    both = runtime.request("GET", "/header-token", oidc_token=platform, headers={"x-vercel-oidc-token": client})
+    both = runtime.request(
+        "GET", "/header-token", oidc_token=platform, headers={"x-vercel-oidc-token": client}
+    )
     assert both.json()["sha"] == digest(client)
     assert runtime.request("GET", "/header-token", oidc_token=platform).json()["sha"] == digest(platform)
 
