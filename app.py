@@ -3,9 +3,9 @@
 Sections, in order:
 
 - routes: the endpoints, and `routes`, the one list of every path and method;
-- the app: RequestContext, the one middleware (request ids, the bearer token, problem+json
-  for every error, the request's log line), CORS when CORS_ORIGINS is set, the lifespan,
-  and `app`;
+- the app: its middleware layers, each absent when off (RequestContext: request ids, the
+  request's log line, problem+json for every error; CORS when CORS_ORIGINS is set; the
+  bearer token when API_TOKEN is set), the lifespan, and `app`;
 - messages: the msgspec Structs of every body, the encoder and decoders built once;
 - request parsing: bodies, query strings, titles, limits, cursors, Idempotency-Key;
 - responses and errors: JSON and problem+json (RFC 9457) responses;
@@ -44,6 +44,7 @@ from urllib.parse import quote, unquote_to_bytes, urlencode
 import msgspec
 from msgspec import UNSET, Meta, Struct, UnsetType
 from starlette.applications import Starlette
+from starlette.datastructures import Headers
 from starlette.endpoints import HTTPEndpoint
 from starlette.exceptions import HTTPException
 from starlette.middleware.cors import CORSMiddleware
@@ -156,7 +157,7 @@ routes = [
 ]
 
 
-# --- the app: its one middleware, CORS, the lifespan ---------------------------------
+# --- the app: its middleware layers, the lifespan --------------------------------------
 
 SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 # Request ids made here: a random per-process prefix and a counter (uuid4 per request costs
@@ -166,12 +167,12 @@ request_numbers = itertools.count(1)
 
 
 class RequestContext:
-    """The one middleware, a pure ASGI callable in front of the router.
+    """The outermost layer, a pure ASGI callable: what every response has, preflights included.
 
-    Gives each request an id (the caller's, if sane), answers 401 on /todos when API_TOKEN
-    is set and the bearer token is wrong, renders every error as problem+json (HTTPException,
-    the database being unavailable, and anything else as a 500 that carries the request id
-    but no traceback), and logs the request's line (RequestLog says when).
+    Gives each request an id (the caller's, if sane) and logs the request's line (RequestLog
+    says when). Without CORS it also renders every error as problem+json (error_response): here
+    rather than in a layer of its own, which every request would pay for. With CORS, `Problems`
+    renders them inside CORS, and what reaches this layer is the last resort.
     """
 
     def __init__(self, app: ASGIApp):
@@ -183,9 +184,8 @@ class RequestContext:
         if runtime_nodelay.state == "listener_done":
             runtime_nodelay.on_first_request()
         started = time.perf_counter()
-        path = scope["path"]
         if scope.get("root_path"):
-            scope, path = under_prefix(scope)
+            scope, _ = under_prefix(scope)
         headers = dict(scope["headers"])
         given = headers.get(b"x-request-id", b"").decode("latin-1")
         request_id = (
@@ -203,25 +203,11 @@ class RequestContext:
             await send(message)
 
         try:
-            if path.startswith("/todos") and not bearer_token_ok(headers):
-                error_response = problem(
-                    401,
-                    "send Authorization: Bearer <API_TOKEN>",
-                    {"WWW-Authenticate": 'Bearer realm="todos"'},
-                )
-            else:
-                error_response = None
-                await self.app(scope, receive, send_with_id)
-        except HTTPException as error:
-            error_response = http_error(scope["method"], error)
-        except (db.Unavailable, db.ConfigError) as error:
-            error_response = database_unavailable(error)
+            await self.app(scope, receive, send_with_id)
         except Exception as error:
-            log.error("unhandled error", exc_info=error, extra={"error": auth.redact(str(error))[:300]})
-            error_response = problem(500, f"internal error; request id {request_id}")
-        try:
-            if error_response is not None and not response_started:
-                await error_response(scope, receive, send_with_id)
+            answer = error_response(scope["method"], error)
+            if not response_started:
+                await answer(scope, receive, send_with_id)
         finally:
             duration = time.perf_counter() - started
             if log.isEnabledFor(logging.INFO) and request_log.wanted(status, duration):
@@ -233,6 +219,73 @@ class RequestContext:
                     round(duration * 1000, 2),
                     vercel_id.decode("latin-1") if vercel_id is not None else None,
                 )
+
+
+class Problems:
+    """Renders the errors of what it wraps as problem+json (error_response). Only inside CORS,
+    so that an error's answer passes through it and carries its headers; without CORS,
+    RequestContext renders them."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        response_started = False
+
+        async def watched_send(message: Message) -> None:
+            nonlocal response_started
+            response_started = response_started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watched_send)
+        except Exception as error:
+            if response_started:
+                raise  # too late for an answer: RequestContext logs it
+            await error_response(scope["method"], error)(scope, receive, send)
+
+
+class BearerToken:
+    """Present only when API_TOKEN is set: every /todos request without `Authorization: Bearer
+    <API_TOKEN>` gets a 401 problem. Inside CORS: a preflight (browsers send no token with
+    it) is answered before this, and the 401 carries the CORS headers."""
+
+    def __init__(self, app: ASGIApp, token: str):
+        self.app = app
+        self.token = token.encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and route_path(scope).startswith("/todos"):
+            given = next((value for name, value in scope["headers"] if name == b"authorization"), b"")
+            if not bearer_token_ok(given, self.token):
+                refusal = problem(
+                    401,
+                    "send Authorization: Bearer <API_TOKEN>",
+                    {"WWW-Authenticate": 'Bearer realm="todos"'},
+                )
+                return await refusal(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
+def bearer_token_ok(given: bytes, expected: bytes) -> bool:
+    """Whether an Authorization value is `Bearer <expected>` (the scheme in any case, RFC 9110),
+    compared in constant time."""
+    scheme, _, token = given.partition(b" ")
+    return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), expected)
+
+
+def error_response(method: str, error: Exception) -> Response:
+    """The problem+json answer to what a request raised: its HTTPException; a 503 when the
+    database or the configuration is unavailable; anything else a 500 that carries the request
+    id but no traceback (which goes to the log)."""
+    if isinstance(error, HTTPException):
+        return http_error(method, error)
+    if isinstance(error, db.Unavailable | db.ConfigError):
+        return database_unavailable(error)
+    log.error("unhandled error", exc_info=error, extra={"error": auth.redact(str(error))[:300]})
+    return problem(500, f"internal error; request id {request_id_var.get()}")
 
 
 def under_prefix(scope: Scope) -> tuple[Scope, str]:
@@ -266,13 +319,10 @@ def prefix(request: Request) -> str:
     return request.scope.get("root_path", "")
 
 
-def bearer_token_ok(headers: dict[bytes, bytes]) -> bool:
-    expected = os.environ.get("API_TOKEN")
-    if not expected:
-        return True
-    given = headers.get(b"authorization", b"")
-    scheme, _, token = given.partition(b" ")
-    return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), expected.encode())
+def route_path(scope: Scope) -> str:
+    """The path the routes match: the scope's path without the prefix (root_path) it carries."""
+    root_path = scope.get("root_path", "")
+    return scope["path"][len(root_path) :] if root_path else scope["path"]
 
 
 @contextlib.asynccontextmanager
@@ -286,33 +336,29 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
 
 
 class TodoApp(Starlette):
-    """Starlette with RequestContext as its whole middleware stack, and CORS around it when
-    CORS_ORIGINS is set.
+    """Starlette with its middleware stack made of layers that each do one thing, and are
+    absent when off: RequestContext (request id, request line, errors) outermost; CORS
+    when CORS_ORIGINS is set; the bearer token when API_TOKEN is set; then the router.
 
     Starlette wraps the router in ServerErrorMiddleware and ExceptionMiddleware; here
     RequestContext already renders every error and the 500, so those two layers only cost
-    time (README, "Benchmarks", says how much). CORS goes outside RequestContext: its errors
-    (401, 422, 503, 500) carry the CORS headers too, so a page can read their detail, and a
-    preflight is answered before the bearer token is asked for (browsers send none with it).
-    Built on the first request (or lifespan), not at import.
+    time (README, "Benchmarks", says how much). A preflight is answered by CORS, inside
+    RequestContext (it has an id and a line) and before the bearer token is asked for
+    (browsers send none with it); errors are rendered inside CORS (`Problems`), so that a
+    page can read them. Built on the first request (or lifespan), not at import.
     """
 
     def build_middleware_stack(self) -> ASGIApp:
+        stack: ASGIApp = self.router
         try:
             origins = cors_origins(os.environ)
         except db.ConfigError as error:
-            return RequestContext(Misconfigured(self.router, error))
-        stack: ASGIApp = RequestContext(self.router)
-        if origins is None:
-            return stack  # no CORS layer at all: nothing to pay for
-        return CORSMiddleware(
-            stack,
-            allow_origins=origins,
-            allow_methods=CORS_METHODS,
-            allow_headers=CORS_REQUEST_HEADERS,
-            expose_headers=CORS_EXPOSED_HEADERS,
-            max_age=CORS_MAX_AGE,
-        )
+            stack, origins = Misconfigured(stack, error), None
+        if token := os.environ.get("API_TOKEN"):
+            stack = BearerToken(stack, token)
+        if origins is not None:
+            stack = Cors(Problems(stack), origins)
+        return RequestContext(stack)
 
 
 # CORS (opt-in): what a browser page on another origin may send and read. No credentials:
@@ -352,6 +398,32 @@ def cors_origins(env: Mapping[str, str]) -> list[str] | None:
         if shape.group(2) is not None and _default_ports.get(shape.group(1)) == shape.group(2):
             raise db.ConfigError("CORS_ORIGINS", f"{origin[:100]!r}: browsers leave out the default port")
     return origins
+
+
+class Cors(CORSMiddleware):
+    """Starlette's CORSMiddleware with this API's policy; a preflight it refuses is a 400
+    problem (Starlette answers text/plain), like every error."""
+
+    def __init__(self, app: ASGIApp, origins: list[str]):
+        super().__init__(
+            app,
+            allow_origins=origins,
+            allow_methods=CORS_METHODS,
+            allow_headers=CORS_REQUEST_HEADERS,
+            expose_headers=CORS_EXPOSED_HEADERS,
+            max_age=CORS_MAX_AGE,
+        )
+
+    def preflight_response(self, request_headers: Headers) -> Response:
+        answer = super().preflight_response(request_headers)
+        if answer.status_code < 400:
+            return answer
+        headers = {
+            name: value
+            for name, value in answer.headers.items()
+            if name not in ("content-type", "content-length")
+        }
+        return problem(answer.status_code, bytes(answer.body).decode(), headers)
 
 
 class Misconfigured:

@@ -7,6 +7,8 @@ raise, so that the 503 and the 500 travel the same path as in production without
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 from starlette.requests import Request
 from starlette.routing import Route
@@ -14,6 +16,7 @@ from starlette.testclient import TestClient
 
 import app
 import db
+from support import InProcess, clean_environment
 
 PAGE = "http://localhost:3000"
 TOKEN = "cors-test-token"
@@ -92,6 +95,7 @@ def test_a_preflight_from_an_allowed_origin_needs_no_token_and_allows_the_api(cl
 
 
 def test_a_preflight_from_another_origin_or_for_another_header_is_refused(client_with):
+    """With a 400 problem, like every error, saying what was refused."""
     client = client_with(CORS_ORIGINS=PAGE)
     for response in (
         preflight(client, "http://localhost:3001"),
@@ -99,9 +103,63 @@ def test_a_preflight_from_another_origin_or_for_another_header_is_refused(client
         preflight(client, PAGE, headers="content-type, x-custom"),
         preflight(client, PAGE, "PUT"),
     ):
-        assert response.status_code == 400
+        assert response.status_code == 400 and response.headers["content-type"] == app.PROBLEM_JSON
+        assert response.json()["detail"].startswith("Disallowed CORS ")
         assert response.headers.get("access-control-allow-origin") != "http://localhost:3001"
     assert "access-control-allow-origin" not in preflight(client, "https://evil.example").headers
+
+
+def test_a_preflight_carries_the_callers_request_id_and_writes_its_request_line():
+    """CORS sits inside the request middleware: a preflight it answers, allowed or refused,
+    has an X-Request-ID (the caller's, when sane) and its line in the log, like any request."""
+    env = clean_environment(CORS_ORIGINS=PAGE, API_TOKEN=TOKEN, LOG_LEVEL="info")
+    with InProcess(env) as client:
+        allowed = client.options(
+            "/todos",
+            headers={
+                "Origin": PAGE,
+                "Access-Control-Request-Method": "POST",
+                "Access-Control-Request-Headers": PREFLIGHT_HEADERS,
+                "X-Request-ID": "preflight-1",
+            },
+        )
+        refused = client.options(
+            "/todos",
+            headers={"Origin": "https://evil.example", "Access-Control-Request-Method": "POST"},
+        )
+        lines = [entry for entry in client.logs() if entry["message"] == "request"]
+    assert allowed.status_code == 200 and allowed.headers["x-request-id"] == "preflight-1"
+    assert refused.status_code == 400 and refused.headers["x-request-id"]
+    assert [(line["request_id"], line["method"], line["path"], line["status"]) for line in lines] == [
+        ("preflight-1", "OPTIONS", "/todos", 200),
+        (refused.headers["x-request-id"], "OPTIONS", "/todos", 400),
+    ]
+
+
+def test_each_layer_is_there_only_when_its_setting_is(client_with):
+    """The request middleware outermost; CORS (rendering errors inside it) only with
+    CORS_ORIGINS; the bearer token only with API_TOKEN; then the router."""
+
+    def layers(client: TestClient) -> list[type]:
+        client.get("/healthz")  # the stack is built on the first request
+        service = client.app
+        assert isinstance(service, app.TodoApp)
+        found: list[type] = []
+        layer: Any = service.middleware_stack
+        while layer is not service.router:
+            found.append(type(layer))
+            layer = layer.app
+        return found
+
+    assert layers(client_with()) == [app.RequestContext]
+    assert layers(client_with(API_TOKEN=TOKEN)) == [app.RequestContext, app.BearerToken]
+    assert layers(client_with(CORS_ORIGINS=PAGE)) == [app.RequestContext, app.Cors, app.Problems]
+    assert layers(client_with(CORS_ORIGINS=PAGE, API_TOKEN=TOKEN)) == [
+        app.RequestContext,
+        app.Cors,
+        app.Problems,
+        app.BearerToken,
+    ]
 
 
 def test_errors_from_an_allowed_origin_carry_the_cors_headers_and_the_request_id(client_with):
