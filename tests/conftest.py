@@ -252,15 +252,19 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             deselected.setdefault(reason, []).append(item)
         else:
             kept.append(item)
-    for item in list(kept):  # a Hive variant of a Vercel-runtime test needs its mount namespace
+    for item in list(kept):  # a test on a chosen vercel-runtime needs Python 3.12; Hive, its namespace
         callspec = getattr(item, "callspec", None)
         variant = callspec.params.get("vercel_runtime") if callspec is not None else None
-        if isinstance(variant, RuntimeVariant) and variant.hive:
+        if not isinstance(variant, RuntimeVariant):
+            continue
+        reason = "vercel-runtime needs Python 3.12 or later" if sys.version_info < (3, 12) else None
+        if reason is None and variant.hive:
             if "hive" not in reasons:
                 reasons["hive"] = hive_unavailable()
-            if reasons["hive"]:
-                deselected.setdefault(reasons["hive"], []).append(item)
-                kept.remove(item)
+            reason = reasons["hive"]
+        if reason:
+            deselected.setdefault(reason, []).append(item)
+            kept.remove(item)
     if deselected:
         items[:] = kept
         reporter = config.pluginmanager.get_plugin("terminalreporter")
