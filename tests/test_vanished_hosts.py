@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import functools
+import os
 import socket
 import threading
 import time
@@ -69,31 +69,39 @@ def unix_socket_of(url: str) -> str:
     return f"{directory}/.s.PGSQL.{port}"
 
 
+def use_environment(monkeypatch: pytest.MonkeyPatch, **variables: str) -> None:
+    """The process's environment for an in-process service: no database settings but these."""
+    for key in list(os.environ):
+        if key.startswith(("PG", "DB_", "AWS_", "VERCEL")) or key == "DATABASE_URL":
+            monkeypatch.delenv(key)
+    for key, value in variables.items():
+        monkeypatch.setenv(key, value)
+
+
 @pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
-def test_every_pooled_connection_asks_the_kernel_to_watch_for_silence(embedded_postgres: str, loop: str):
-    """The pool's connections carry keepalives and a user timeout, under asyncio's loop and
-    uvloop's (uvicorn's choice when installed). The service reaches the socket through
-    asyncpg's private `_transport`: this test fails if asyncpg changes it."""
-    settings = db.Settings.from_env(
-        {
-            "DATABASE_URL": "postgresql://postgres@127.0.0.1:1/postgres",
-            "DB_TCP_KEEPALIVE_IDLE": "3",
-            "DB_TCP_KEEPALIVE_INTERVAL": "2",
-            "DB_TCP_KEEPALIVE_COUNT": "4",
-            "DB_TCP_USER_TIMEOUT": "2.5",
-        }
-    )
+def test_every_pooled_connection_asks_the_kernel_to_watch_for_silence(
+    embedded_database: str, loop: str, monkeypatch: pytest.MonkeyPatch
+):
+    """The service's pool opens its connections with keepalives and a user timeout as
+    configured, under asyncio's loop and uvloop's (uvicorn's choice when installed). The
+    service reaches the socket through asyncpg's private `_transport`: this test fails if
+    asyncpg changes it."""
 
     async def options() -> list[tuple[int, int, int, int, int]]:
-        async with TcpFront(unix_socket_of(embedded_postgres)) as port:
-            pool = await asyncpg.create_pool(
-                f"postgresql://postgres@127.0.0.1:{port}/postgres",
-                min_size=2,
-                max_size=2,
-                connection_class=db.PooledConnection,
-                init=functools.partial(db.prepare_connection, settings),
+        async with TcpFront(unix_socket_of(embedded_database)) as port:
+            name = urlsplit(embedded_database).path.lstrip("/")
+            use_environment(
+                monkeypatch,
+                DATABASE_URL=f"postgresql://postgres@127.0.0.1:{port}/{name}",
+                DB_POOL_MIN="2",
+                DB_POOL_MAX="2",
+                DB_TCP_KEEPALIVE_IDLE="3",
+                DB_TCP_KEEPALIVE_INTERVAL="2",
+                DB_TCP_KEEPALIVE_COUNT="4",
+                DB_TCP_USER_TIMEOUT="2.5",
             )
             try:
+                pool = await db.lifecycle.pool()
                 found = []
                 async with pool.acquire() as first, pool.acquire() as second:
                     for connection in (first, second):
@@ -109,7 +117,7 @@ def test_every_pooled_connection_asks_the_kernel_to_watch_for_silence(embedded_p
                         )
                 return found
             finally:
-                await pool.close()
+                await db.close()
 
     if loop == "uvloop":
         import uvloop
