@@ -282,8 +282,10 @@ def error_response(method: str, error: Exception) -> Response:
     id but no traceback (which goes to the log)."""
     if isinstance(error, HTTPException):
         return http_error(method, error)
-    if isinstance(error, db.Unavailable | db.ConfigError):
+    if isinstance(error, db.Unavailable):
         return database_unavailable(error)
+    if isinstance(error, db.ConfigError):
+        return configuration_error(error)
     log.error("unhandled error", exc_info=error, extra={"error": auth.redact(str(error))[:300]})
     return problem(500, f"internal error; request id {request_id_var.get()}")
 
@@ -804,13 +806,18 @@ def http_error(method: str, error: HTTPException) -> Response:
     return problem(error.status_code, detail, error.headers)
 
 
-def database_unavailable(error: db.Unavailable | db.ConfigError) -> Response:
+def database_unavailable(error: db.Unavailable) -> Response:
     detail = auth.redact(str(error))
     log.warning("database unavailable", extra={"error_type": type(error).__name__, "error": detail})
-    if isinstance(error, db.ConfigError):
-        detail = f"configuration error: {detail}"
-    wait = error.retry_after if isinstance(error, db.Unavailable) else db.RETRY_AFTER_SECONDS
-    return problem(503, detail, {"Retry-After": str(wait)})
+    return problem(503, detail, {"Retry-After": str(error.retry_after)})
+
+
+def configuration_error(error: db.ConfigError) -> Response:
+    """A configuration that cannot work: a 503 naming the variable, logged as what it is (the
+    message says what is wrong with the value, never the value of a secret)."""
+    detail = auth.redact(str(error))
+    log.error("configuration error", extra={"variable": error.variable, "error": detail})
+    return problem(503, f"configuration error: {detail}", {"Retry-After": str(db.RETRY_AFTER_SECONDS)})
 
 
 def json_response(content: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:

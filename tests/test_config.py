@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from db import ConfigError, Settings, on_vercel
+from support import InProcess, clean_environment
 
 AURORA = "mycluster.cluster-abc123xyz.eu-west-1.rds.amazonaws.com"
 DSQL = "abcdefghijklmnopqrstuvwxyz.dsql.us-east-2.on.aws"
@@ -189,3 +190,31 @@ def test_configuration_that_cannot_work_names_the_variable(env, variable):
     with pytest.raises(ConfigError) as raised:
         Settings.from_env(env)
     assert raised.value.variable == variable and variable in str(raised.value)
+
+
+@pytest.mark.parametrize(
+    "env, variable",
+    [
+        ({"PGHOST": AURORA, "DB_AUTH": "kerberos"}, "DB_AUTH"),
+        (
+            {"DATABASE_URL": "postgresql://u@db.local/todos", "CORS_ORIGINS": "http://localhost:3000/"},
+            "CORS_ORIGINS",
+        ),
+    ],
+)
+def test_a_configuration_error_is_a_503_naming_the_variable_and_logged_as_a_configuration_error(
+    env, variable
+):
+    """Not as the database being unavailable: the line says which variable to fix, and no
+    secret the service holds."""
+    secret = "config-secret-8d1e"
+    with InProcess(clean_environment(**env, PGPASSWORD=secret, LOG_LEVEL="info")) as client:
+        response = client.get("/todos")
+        entries = [entry for entry in client.logs() if entry["message"] != "request"]
+        text = client.logs_text()
+    assert response.status_code == 503 and int(response.headers["retry-after"]) >= 1
+    assert response.json()["detail"].startswith(f"configuration error: {variable}: ")
+    assert [(e["level"], e["message"], e["variable"]) for e in entries] == [
+        ("error", "configuration error", variable)
+    ]
+    assert entries[0]["error"].startswith(f"{variable}: ") and secret not in text
