@@ -4,7 +4,8 @@ before a database, the service's environment for it, and the soak that drives it
 - `aurora(database_url, ttl)`: `AuroraGateway` (standins/aurora_gateway.py) in front of
   `database_url`, checking SigV4 tokens against the credentials moto's STS issued.
 - `iam_environment(gateway, sts, database_url, ttl)`: the service's environment behind it.
-- `soak(live, workers, duration)`: clients create, read, complete and list todos; nothing lost.
+- `soak(live, workers, replaced=n)`: clients create, read, complete and list todos until the
+  pool has been replaced n times; nothing lost.
 - `assert_no_secrets(texts, sts, env)`: no token or STS secret anywhere in `texts`.
 """
 
@@ -99,8 +100,10 @@ def replacements(live: LiveServer) -> int:
     return sum(1 for entry in live.logs() if entry["message"] == "pool replaced")
 
 
-def soak(live: LiveServer, workers: int, duration: float) -> list[str]:
-    """`workers` clients create, read, complete and list todos for `duration` seconds.
+def soak(live: LiveServer, workers: int, *, replaced: int, within: float = 40.0) -> list[str]:
+    """`workers` clients create, read, complete and list todos until the service has replaced
+    its pool `replaced` times (the soak lasts as long as its bound needs, no longer); failing
+    if that takes more than `within` seconds.
 
     Every answer must be the one expected (none is retried here), and afterwards every todo
     created must read back completed. Returns the ids created.
@@ -108,12 +111,18 @@ def soak(live: LiveServer, workers: int, duration: float) -> list[str]:
     failures: list[str] = []
     created: list[str] = []
     lock = threading.Lock()
-    stop_at = time.monotonic() + duration
+    done = threading.Event()
+    give_up = time.monotonic() + within
+
+    def enough() -> None:
+        while not done.wait(0.25):
+            if replacements(live) >= replaced or time.monotonic() > give_up:
+                done.set()
 
     def worker(n: int) -> None:
         with httpx.Client(base_url=live.url, timeout=15) as client:
             i = 0
-            while time.monotonic() < stop_at:
+            while not done.is_set():
                 i += 1
                 made = client.post("/todos", json={"title": f"soak {n}-{i}"})
                 steps = [(made, 201)]
@@ -132,9 +141,12 @@ def soak(live: LiveServer, workers: int, duration: float) -> list[str]:
                                 f" -> {response.status_code} {response.text[:200]}"
                             )
 
-    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+    with concurrent.futures.ThreadPoolExecutor(workers + 1) as pool:
+        watcher = pool.submit(enough)
         list(pool.map(worker, range(workers)))
+        watcher.result()
 
+    assert replacements(live) >= replaced, f"only {replacements(live)} replacements in {within} s"
     assert failures == []
     with httpx.Client(base_url=live.url, timeout=15) as client:
         for todo_id in created:

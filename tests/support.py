@@ -29,7 +29,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeAlias
+from typing import TYPE_CHECKING, TypeAlias
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
@@ -38,6 +38,8 @@ from starlette.testclient import TestClient
 
 if TYPE_CHECKING:
     import httpx2
+
+    import db
 
 ROOT = Path(__file__).resolve().parent.parent
 # The suite's two HTTP clients: httpx against a process, and Starlette's TestClient (built on
@@ -143,7 +145,7 @@ class InProcess(TestClient):
         self._saved_environment: dict[str, str] = {}
         self._saved_logging: list[tuple[logging.Logger, list[logging.Handler], bool, int]] = []
         self._saved_request_log: tuple[list, list] = ([], [])
-        self._saved_lifecycle: Any = None
+        self._saved_lifecycle: db.PoolLifecycle | None = None
         self._log_buffer = io.StringIO()
         # A fresh TodoApp: its middleware stack (CORS_ORIGINS) is built from this environment.
         super().__init__(
@@ -186,7 +188,8 @@ class InProcess(TestClient):
         import app
         import db
 
-        db.lifecycle = self._saved_lifecycle
+        if self._saved_lifecycle is not None:
+            db.lifecycle = self._saved_lifecycle
         app.request_log.stream_handlers, app.request_log.record_handlers = self._saved_request_log
         os.environ.clear()
         os.environ.update(self._saved_environment)
@@ -203,10 +206,35 @@ class InProcess(TestClient):
         return [json.loads(line) for line in self.logs_text().splitlines() if line.strip()]
 
 
-class LiveServer:
-    """`python app.py` (or `uvicorn app:app`) in a subprocess; `url`, `env`, `logs()`, `stop()`."""
+# `python app.py` with some module-level timing constants of app.py and db.py set first (the
+# JSON object in argv[1], {"db.OPERATION_DEADLINE": 2.0, …}): the same code on a shorter clock.
+SHORTENED_MAIN = """
+import json, sys
+import app, db
+for name, value in json.loads(sys.argv[1]).items():
+    module, _, constant = name.partition(".")
+    assert hasattr(sys.modules[module], constant), name
+    setattr(sys.modules[module], constant, value)
+app.main()
+"""
 
-    def __init__(self, env: dict[str, str], *, ready_timeout: float = 30.0, uvicorn_cli: bool = False):
+
+class LiveServer:
+    """`python app.py` (or `uvicorn app:app`) in a subprocess; `url`, `env`, `logs()`, `stop()`.
+
+    `shortened` sets timing constants before the app starts, e.g. {"db.OPERATION_DEADLINE": 2.0}:
+    a test of a wait's mechanism need not wait as long as production does (the constants are
+    read where they are used, so the code under test is unchanged).
+    """
+
+    def __init__(
+        self,
+        env: dict[str, str],
+        *,
+        ready_timeout: float = 30.0,
+        uvicorn_cli: bool = False,
+        shortened: dict[str, float] | None = None,
+    ):
         self.env = env
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -215,11 +243,13 @@ class LiveServer:
             self.log_path = Path(log_file.name)
         full_env = {**env, "PORT": str(self.port), "PYTHONUNBUFFERED": "1"}
         # `uvicorn app:app` instead of `python app.py`: uvicorn's own logging setup runs first
-        argv = (
-            [sys.executable, "-m", "uvicorn", "app:app", "--port", str(self.port)]
-            if uvicorn_cli
-            else [sys.executable, str(ROOT / "app.py")]
-        )
+        if uvicorn_cli:
+            assert not shortened, "shortened constants need python app.py's main()"
+            argv = [sys.executable, "-m", "uvicorn", "app:app", "--port", str(self.port)]
+        elif shortened:
+            argv = [sys.executable, "-c", SHORTENED_MAIN, json.dumps(shortened)]
+        else:
+            argv = [sys.executable, str(ROOT / "app.py")]
         with open(self.log_path, "w") as log_file:
             self.process = subprocess.Popen(
                 argv, cwd=ROOT, env=full_env, stdout=log_file, stderr=subprocess.STDOUT

@@ -92,3 +92,22 @@ def test_a_statement_inside_the_margin_is_not_sent(margin_database: str):
     assert isinstance(error, db.Unavailable) and "not started" in str(error), error
     assert not sent, "the statement reached PostgreSQL with less than the margin left"
     assert not stored
+
+
+def test_the_production_waits_add_up_inside_the_specs_10_s():
+    """The outage tests run the service on a shorter deadline (tests/test_database_outages.py):
+    they prove the mechanism; this proves the figures. Every wait of a database call fits in
+    OPERATION_DEADLINE, and with the cancel's grace it leaves a second of the SPEC's 10 s for
+    the answer (the table at the top of db.py)."""
+    defaults = db.Settings.from_env({"DATABASE_URL": "postgresql://u@localhost/d"})
+    for wait in (
+        db.REPLACEMENT_WAIT,
+        db.RETRY_WAIT,
+        defaults.connect_timeout,
+        defaults.tcp_user_timeout,
+        db.THAW_CHECK_TIMEOUT,
+        db.STATEMENT_MARGIN,
+        db.READY_CHECK_TIMEOUT,
+    ):
+        assert 0 < wait < db.OPERATION_DEADLINE
+    assert db.OPERATION_DEADLINE + db.CANCEL_GRACE <= 10 - 1

@@ -56,13 +56,13 @@ def test_other_errors_are_not_conflicts(error):
 def test_soak_across_replacements_with_conflicts_loses_nothing(
     fresh_sts: Sts, embedded_postgres: str, role: bool
 ):
-    ttl, duration, workers = 3, 12.0, 8
+    ttl, workers = 3, 8
     url = create_database(embedded_postgres)
     ensure_role(embedded_postgres)
     try:
         with dsql_service(url, fresh_sts, role=role, ttl=ttl, DB_POOL_MAX="3") as (live, gateway):
-            created = soak(live, workers, duration)
-            assert len(created) > 50
+            created = soak(live, workers, replaced=2)
+            assert len(created) > 30
             with httpx.Client(base_url=live.url, timeout=15) as client:
                 ready = client.get("/readyz").json()
             assert ready["auth"] == "dsql" and ready["token"]["ttl_seconds"] == ttl
@@ -91,7 +91,7 @@ def test_pool_never_outlives_the_credentials_that_signed_its_token(fresh_sts: St
             assert client.post("/todos", json={"title": "signed by short-lived keys"}).status_code == 201
             left = client.get("/readyz").json()["token"]["seconds_left"]
             assert left <= 8, left
-            stop_at = time.monotonic() + 11  # past the first credentials' expiry
+            stop_at = time.monotonic() + left + 1.5  # past the first credentials' expiry
             while time.monotonic() < stop_at:
                 # Dropped connections make the pool open new ones, presenting its token.
                 gateway.drop_connections()

@@ -19,6 +19,7 @@ from support import LiveServer, clean_environment, unhandled
 
 pytestmark = pytest.mark.slow  # bodies that trickle and stall over raw sockets, past the read timeout
 
+BODY_READ_TIMEOUT = 3.0  # app.BODY_READ_TIMEOUT for this module's service (10 s in production)
 JSON = "application/json"
 PROBLEM = "application/problem+json"
 SUCCESS = {200, 201, 204}
@@ -26,7 +27,8 @@ SUCCESS = {200, 201, 204}
 
 @pytest.fixture(scope="module")
 def live(embedded_database: str):
-    with LiveServer(clean_environment(DATABASE_URL=embedded_database)) as server:
+    env = clean_environment(DATABASE_URL=embedded_database)
+    with LiveServer(env, shortened={"app.BODY_READ_TIMEOUT": BODY_READ_TIMEOUT}) as server:
         with httpx.Client(base_url=server.url, timeout=15) as client:
             assert client.get("/todos").status_code == 200  # pool and schema ready
         yield server
@@ -44,7 +46,7 @@ def assert_raw_problem(response: RawResponse, status: int) -> dict:
 def test_oversized_bodies_are_refused_before_they_are_read(live: LiveServer, method: str):
     """413 as soon as the body is known to be too big; the rest is never sent.
 
-    A server that read the body whole would wait for the missing bytes until its 10 s body
+    A server that read the body whole would wait for the missing bytes until its body
     timeout and answer 408 instead.
     """
     path = "/todos" if method == "POST" else f"/todos/{uuid.uuid4()}"
@@ -64,7 +66,7 @@ def test_oversized_bodies_are_refused_before_they_are_read(live: LiveServer, met
 
 
 def test_slow_and_stalled_bodies_are_cut_off_with_408(live: LiveServer):
-    """A body slower than BODY_READ_TIMEOUT (10 s) gets 408, and the server hangs up.
+    """A body slower than BODY_READ_TIMEOUT gets 408, and the server hangs up.
 
     The trickle would take 100 s and keeps sending after the 408: unless the server closes
     the connection, every byte re-arms uvicorn's keep-alive, and the connection stays pinned.
@@ -92,7 +94,7 @@ def test_slow_and_stalled_bodies_are_cut_off_with_408(live: LiveServer):
         waited = time.monotonic() - started
         for response in responses:
             assert_raw_problem(response, 408)
-        assert waited < 40, f"the 408 took {waited:.1f} s"  # the trickle alone would take 100 s
+        assert waited < 4 * BODY_READ_TIMEOUT, f"the 408 took {waited:.1f} s"  # the trickle: 100 s
         assert closed_by_server(trickling, 10), "the connection of a cut-off body stayed open"
         assert closed_by_server(stalled, 10)
     finally:
@@ -104,7 +106,7 @@ def test_slow_and_stalled_bodies_are_cut_off_with_408(live: LiveServer):
         body = b'{"title": "sent in pieces"}'
         sock.sendall(request_head("POST", "/todos", {"Content-Type": JSON, "Content-Length": str(len(body))}))
         for piece in (body[:5], body[5:15], body[15:]):
-            time.sleep(0.7)
+            time.sleep(BODY_READ_TIMEOUT / 10)
             sock.sendall(piece)
         assert read_response(sock, 30).status == 201
     assert unhandled(live) == []

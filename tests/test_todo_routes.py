@@ -13,17 +13,16 @@ import concurrent.futures
 import uuid
 from datetime import datetime
 
-import httpx
 import pytest
 
 from dsql_support import SERVERS
-from support import assert_problem, create_todo, run_sql
+from support import Client, assert_problem, create_todo, run_sql
 
 pytestmark = pytest.mark.parametrize("backend", SERVERS, indirect=True, scope="module")
 
 
 @pytest.fixture
-def empty(api: httpx.Client, database_url: str) -> httpx.Client:
+def empty(api: Client, database_url: str) -> Client:
     """The client, on a database with no todos."""
     run_sql(database_url, "DELETE FROM todos")
     return api
@@ -32,7 +31,7 @@ def empty(api: httpx.Client, database_url: str) -> httpx.Client:
 # --- routes ------------------------------------------------------------------------------
 
 
-def test_create_returns_the_todo_with_location(api: httpx.Client):
+def test_create_returns_the_todo_with_location(api: Client):
     response = api.post("/todos", json={"title": "  buy milk \n"})
     assert response.status_code == 201
     todo = response.json()
@@ -44,11 +43,11 @@ def test_create_returns_the_todo_with_location(api: httpx.Client):
     assert api.get(response.headers["location"]).json() == todo
 
 
-def test_create_completed(api: httpx.Client):
+def test_create_completed(api: Client):
     assert create_todo(api, "done already", completed=True)["completed"] is True
 
 
-def test_get_patch_delete(api: httpx.Client):
+def test_get_patch_delete(api: Client):
     todo = create_todo(api, "walk the dog")
     got = api.get(f"/todos/{todo['id']}")
     assert got.status_code == 200 and got.json() == todo
@@ -70,7 +69,7 @@ def test_get_patch_delete(api: httpx.Client):
     assert_problem(api.patch(f"/todos/{todo['id']}", json={"completed": False}), 404)
 
 
-def test_list_newest_first_with_limit_and_filter(empty: httpx.Client):
+def test_list_newest_first_with_limit_and_filter(empty: Client):
     made = [create_todo(empty, f"todo {i}", completed=i % 3 == 0) for i in range(7)]
     listed = empty.get("/todos")
     assert listed.status_code == 200 and listed.headers["content-type"] == "application/json"
@@ -83,7 +82,7 @@ def test_list_newest_first_with_limit_and_filter(empty: httpx.Client):
     assert all(not t["completed"] for t in empty.get("/todos", params={"completed": "false"}).json())
 
 
-def test_default_limit_is_50(empty: httpx.Client, database_url: str):
+def test_default_limit_is_50(empty: Client, database_url: str):
     run_sql(
         database_url,
         """
@@ -96,7 +95,7 @@ def test_default_limit_is_50(empty: httpx.Client, database_url: str):
     assert len(empty.get("/todos", params={"limit": 100}).json()) == 60
 
 
-def test_pagination_across_250_todos_has_no_duplicate_and_no_gap(empty: httpx.Client, database_url: str):
+def test_pagination_across_250_todos_has_no_duplicate_and_no_gap(empty: Client, database_url: str):
     # Some share a created_at, so the cursor must break ties on id.
     run_sql(
         database_url,
@@ -140,7 +139,7 @@ def test_pagination_across_250_todos_has_no_duplicate_and_no_gap(empty: httpx.Cl
         assert pages == -(-len(want) // 17)
 
 
-def test_titles_are_stored_verbatim(api: httpx.Client):
+def test_titles_are_stored_verbatim(api: Client):
     titles = [
         "Robert'); DROP TABLE todos;--",
         "' OR '1'='1",
@@ -156,7 +155,7 @@ def test_titles_are_stored_verbatim(api: httpx.Client):
     assert api.get("/todos").status_code == 200
 
 
-def test_concurrent_creates_and_updates(api: httpx.Client):
+def test_concurrent_creates_and_updates(api: Client):
     with concurrent.futures.ThreadPoolExecutor(16) as pool:
         made = list(pool.map(lambda i: create_todo(api, f"parallel {i}"), range(60)))
     assert len({t["id"] for t in made}) == 60
@@ -171,7 +170,7 @@ def test_concurrent_creates_and_updates(api: httpx.Client):
         assert api.get(f"/todos/{todo['id']}").status_code == 200
 
 
-def test_readyz_reports_the_database_the_auth_mode_and_the_pool(api: httpx.Client, backend: str):
+def test_readyz_reports_the_database_the_auth_mode_and_the_pool(api: Client, backend: str):
     ready = api.get("/readyz")
     assert ready.status_code == 200
     body = ready.json()
