@@ -95,3 +95,55 @@ def test_preset_and_limits() -> None:
     # within Hobby's 300 s ceiling so the file deploys on every plan.
     assert isinstance(settings["maxDuration"], int) and 10 < settings["maxDuration"] <= 300
     assert all(re.fullmatch(r"[a-z]{3}\d", r) for r in CONFIG["regions"])
+
+
+# --- the README's Vercel Services recipe ------------------------------------------------------
+
+SERVICES_SECTION = "## Behind a Next.js frontend (Vercel Services)"
+
+
+def readme_services_config() -> dict:
+    """The one JSON block of the README's Vercel Services section, parsed."""
+    readme = (REPO_ROOT / "README.md").read_text()
+    section = readme[readme.index(SERVICES_SECTION) :]
+    section = section[: section.find("\n## ", len(SERVICES_SECTION))]
+    (block,) = re.findall(r"```json\n(.*?)```", section, re.DOTALL)
+    return json.loads(block)
+
+
+def cli_errors(*configs: dict) -> list[list[str]]:
+    try:
+        return vercel_schema.cli_validation_errors(list(configs))
+    except vercel_schema.SchemaUnavailable as exc:
+        pytest.skip(f"cannot load the Vercel CLI's validator: {exc}")
+
+
+def test_the_readme_services_recipe_passes_the_cli_validator_and_the_schema(schema: dict) -> None:
+    """The README's vercel.json for a Next.js frontend beside this service at /api: what the
+    CLI's own validator accepts (strict on every service field), with no top-level key Vercel
+    does not know, and the backend served from this repository's files at the prefix the
+    end-to-end tests use."""
+    jsonschema = pytest.importorskip("jsonschema")
+    config = readme_services_config()
+    assert cli_errors(config, CONFIG) == [[], []]  # the project's own vercel.json too
+    assert list(jsonschema.Draft7Validator(schema).iter_errors(config)) == []
+    backend = config["experimentalServices"]["backend"]
+    assert backend["routePrefix"] == "/api" and backend["entrypoint"] == detected_entrypoint(REPO_ROOT)
+    assert backend["framework"] == CONFIG["framework"]
+    assert 10 < backend["maxDuration"] <= 300
+    frontend = config["experimentalServices"]["frontend"]
+    assert (frontend["root"], frontend["routePrefix"]) == ("frontend", "/")
+
+
+def test_the_cli_validator_refuses_what_vercel_refuses() -> None:
+    """Not vacuous: a misspelt service field, a wrong type, a service name the CLI refuses."""
+    config = readme_services_config()
+    services = config["experimentalServices"]
+    backend = services["backend"]
+    wrong = [
+        {**config, "experimentalServices": {**services, "backend": {**backend, "routePrefx": "/api"}}},
+        {**config, "experimentalServices": {**services, "backend": {**backend, "maxDuration": "30"}}},
+        {**config, "experimentalServices": {**services, "back end": backend}},
+        {**config, "services": {"Backend": {"root": "backend"}}},
+    ]
+    assert all(errors for errors in cli_errors(*wrong)), cli_errors(*wrong)

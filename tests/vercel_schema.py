@@ -10,6 +10,13 @@ Its top level allows unknown keys, so it cannot catch a misspelt one; the list
 of real top-level keys is the `VercelConfig` interface that Vercel generates
 from the public schema into `@vercel/config` (dist/types.d.ts).
 
+The keys it does type are checked strictly, `experimentalServices` and `services` among them,
+by a validator the CLI compiles ahead of time into one self-contained file of its package,
+`dist/chunks/config-validator.mjs` (`getConfigValidator()`; it imports only
+`@vercel/build-utils`). `cli_validation_errors()` runs that very file: it is taken out of the
+CLI's tarball (`npm pack vercel@64.0.2`, 2 MB, nothing installed) into the same cache, where
+its one import resolves to the build-utils installed below.
+
 So this module installs those two small packages (with their dependencies,
 about 11 MB; `@vercel/config` brings `@vercel/routing-utils`) at the versions
 the CLI pins into `.cache/npm` (git-ignored), once, and builds a draft-07
@@ -24,6 +31,8 @@ import json
 import re
 import shutil
 import subprocess
+import tarfile
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +63,21 @@ process.stdout.write(JSON.stringify({
   cleanUrls: r.cleanUrlsSchema,
   trailingSlash: r.trailingSlashSchema,
 }));
+"""
+
+
+CLI_VERSION = "64.0.2"  # the CLI whose validator and pins these are
+CLI_VALIDATOR = f"vercel-{CLI_VERSION}-config-validator.mjs"
+
+_VALIDATE_SCRIPT = """
+import { readFileSync } from "node:fs";
+import { pathToFileURL } from "node:url";
+const { getConfigValidator } = await import(pathToFileURL(process.argv[1]).href);
+const validate = getConfigValidator();
+const configs = JSON.parse(readFileSync(0, "utf8"));
+process.stdout.write(JSON.stringify(configs.map((config) =>
+  validate(config) ? [] : validate.errors.map((e) => `${e.dataPath || "<root>"}: ${e.message}` +
+    (e.params && e.params.additionalProperty ? ` (${e.params.additionalProperty})` : "")))));
 """
 
 
@@ -100,6 +124,51 @@ def ensure_packages(cache_dir: Path = CACHE_DIR) -> Path:
                 timeout=300,
             )
     return node_modules
+
+
+def ensure_cli_validator(cache_dir: Path = CACHE_DIR) -> Path:
+    """The CLI's compiled vercel.json validator, taken from its npm tarball into `cache_dir` once."""
+    node_modules = ensure_packages(cache_dir)
+    target = cache_dir / CLI_VALIDATOR
+    npm = shutil.which("npm")
+    assert npm is not None  # ensure_packages found it
+    with open(cache_dir / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not target.exists():
+            with tempfile.TemporaryDirectory(dir=cache_dir) as scratch:
+                subprocess.run(
+                    [npm, "pack", f"vercel@{CLI_VERSION}", "--pack-destination", scratch, "--silent"],
+                    check=True,
+                    capture_output=True,
+                    text=True,
+                    timeout=300,
+                )
+                (tarball,) = Path(scratch).glob("vercel-*.tgz")
+                with tarfile.open(tarball) as archive:
+                    member = archive.extractfile("package/dist/chunks/config-validator.mjs")
+                    assert member is not None, "the CLI's tarball has no config-validator.mjs"
+                    partial = target.with_suffix(".partial")
+                    partial.write_bytes(member.read())
+                    partial.rename(target)
+    assert node_modules.parent == target.parent  # where its `@vercel/build-utils` import resolves
+    return target
+
+
+def cli_validation_errors(configs: list[dict[str, Any]], cache_dir: Path = CACHE_DIR) -> list[list[str]]:
+    """For each config, what the Vercel CLI's own validator says is wrong with it ([] if nothing)."""
+    validator = ensure_cli_validator(cache_dir)
+    node = shutil.which("node")
+    if node is None:
+        raise SchemaUnavailable("node is not on PATH")
+    out = subprocess.run(
+        [node, "--input-type=module", "-e", _VALIDATE_SCRIPT, str(validator)],
+        input=json.dumps(configs),
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    return json.loads(out.stdout)
 
 
 def cli_property_schemas(node_modules: Path) -> dict[str, Any]:
