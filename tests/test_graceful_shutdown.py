@@ -3,18 +3,27 @@
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
+import os
+import shutil
 import signal
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 import httpx
 import pytest
 
 from support import (
+    ROOT,
     LiveServer,
     TableLock,
     clean_environment,
     create_database,
     drop_database,
+    free_port,
     run_sql,
     unhandled,
     waiting_on_lock,
@@ -61,3 +70,41 @@ def test_sigterm_lets_requests_in_flight_finish_then_closes_the_pool(embedded_po
         assert unhandled(server) == []
     finally:
         drop_database(embedded_postgres, url)
+
+
+def test_sigterm_stops_the_embedded_postgresql_that_python_app_py_started():
+    """`python app.py` with no database configured runs PostgreSQL under ./.data; SIGTERM
+    stops it, as Ctrl-C does, and the service still ends as SIGTERM ends a process."""
+    # Not under pytest's tmp_path: a concurrent pytest run deletes older session folders.
+    workdir = Path(tempfile.mkdtemp(prefix="aurora-todo-sigterm-"))
+    log_path, pid_file = workdir / "server.log", workdir / ".data" / "postgres" / "postmaster.pid"
+    env = {**clean_environment(), "PORT": str(free_port()), "PYTHONUNBUFFERED": "1"}
+    postmaster = None
+    try:
+        with log_path.open("w") as log_file:
+            process = subprocess.Popen(
+                [sys.executable, str(ROOT / "app.py")], cwd=workdir, env=env, stdout=log_file, stderr=log_file
+            )
+        deadline = time.monotonic() + 60
+        while "Uvicorn running" not in log_path.read_text():
+            assert process.poll() is None and time.monotonic() < deadline, log_path.read_text()
+            time.sleep(0.1)
+        postmaster = int(pid_file.read_text().split()[0])
+        assert running(postmaster)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(30) == -signal.SIGTERM, log_path.read_text()
+        assert not running(postmaster), "the embedded PostgreSQL outlived the service"
+        assert not pid_file.exists()
+    finally:
+        if process.poll() is None:
+            process.kill()
+        if postmaster is not None and running(postmaster):
+            os.kill(postmaster, signal.SIGTERM)
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def running(pid: int) -> bool:
+    """Whether process `pid` exists and is not a zombie that nobody reaped."""
+    with contextlib.suppress(FileNotFoundError):
+        return "\nState:\tZ" not in Path(f"/proc/{pid}/status").read_text()
+    return False
