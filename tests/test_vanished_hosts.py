@@ -422,3 +422,42 @@ def test_a_statement_waiting_6_seconds_for_a_row_lock_succeeds_on_its_connection
         # The same connection ran it: none opened, none lost, nothing retried.
         assert after == before, (before, after)
         assert logged(server, RETRIED) == 0
+
+
+@pytest.mark.slow
+def test_after_a_pause_one_answering_connection_does_not_vouch_for_the_others(network):
+    """Keepalives off (so the kernel finds nothing by itself): of a warm pool of 4, the
+    connection used last still answers and the other 3 went silent during a pause. After
+    the pause, 4 requests at once all answer 200 fast: each silent connection is checked
+    before its own use and replaced, not trusted because its sibling answered a ping."""
+    name = fresh_database(network)
+    admin = network.postgres.url()
+    env = clean_environment(
+        DATABASE_URL=network.postgres.tcp_url(name),
+        DB_POOL_MIN="4",
+        DB_POOL_MAX="4",
+        DB_TCP_KEEPALIVE_IDLE="0",
+        DB_TCP_USER_TIMEOUT="0",
+        LOG_LEVEL="info",
+    )
+    with LiveServer(env) as server, httpx.Client(base_url=server.url, timeout=15) as client:
+        assert client.get("/todos").status_code == 200
+        wait_for(lambda: len(backends(admin, name)) >= 4, 10, "the pool never warmed to 4")
+        assert client.get("/todos").status_code == 200
+        last_used = run_sql(
+            admin,
+            "SELECT client_port FROM pg_stat_activity "
+            f"WHERE datname = '{name}' AND pid <> pg_backend_pid() ORDER BY state_change DESC LIMIT 1",
+        )[0][0]
+        assert network.dropper.silence(network.postgres.port, spare=frozenset({last_used})) == 3
+        time.sleep(db.THAW_GAP + 0.5)
+
+        def one(n: int) -> Answer:
+            with httpx.Client(base_url=server.url, timeout=15) as own:
+                return ask(own, "GET", "/todos?limit=5")
+
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            answers = list(pool.map(one, range(4)))
+    assert [a.status for a in answers] == [200] * 4, answers
+    assert max(a.seconds for a in answers) < 2.0, answers
+    assert logged(server, "connection discarded: silent after a pause") == 3

@@ -124,10 +124,13 @@ class PacketDropper:
             self._nft("add table inet vanish")
             self._nft("add chain inet vanish input { type filter hook input priority 0 ; }")
 
-    def silence(self, server_port: int) -> int:
-        """Drop the packets of every connection established to `server_port` now; how many."""
+    def silence(self, server_port: int, spare: frozenset[int] = frozenset()) -> int:
+        """Drop the packets of every connection established to `server_port` now, but those
+        from the client ports in `spare`; how many."""
         clients = [
-            port for port in established_client_ports(server_port) if (server_port, port) not in self.silenced
+            port
+            for port in established_client_ports(server_port)
+            if (server_port, port) not in self.silenced and port not in spare
         ]
         for start in range(0, len(clients), 15):  # iptables' multiport takes 15 ports
             chunk = ",".join(map(str, clients[start : start + 15]))
