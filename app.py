@@ -187,7 +187,7 @@ class RequestContext:
             runtime_nodelay.on_first_request()
         started = time.perf_counter()
         if scope.get("root_path"):
-            scope, _ = under_prefix(scope)
+            scope = under_prefix(scope)
         headers = dict(scope["headers"])
         given = headers.get(b"x-request-id", b"").decode("latin-1")
         request_id = (
@@ -292,9 +292,8 @@ def error_response(method: str, error: Exception) -> Response:
     return problem(500, f"internal error; request id {request_id_var.get()}")
 
 
-def under_prefix(scope: Scope) -> tuple[Scope, str]:
-    """A request under a path prefix (the ASGI root_path): its scope in Starlette's convention,
-    and the path the routes match.
+def under_prefix(scope: Scope) -> Scope:
+    """A request under a path prefix (the ASGI root_path): its scope in Starlette's convention.
 
     Starlette (since 0.33) and `uvicorn --root-path` keep the prefix in `path` as well as in
     `root_path`; Vercel's runtime, stripping its service route prefix, takes it out of `path`
@@ -305,12 +304,11 @@ def under_prefix(scope: Scope) -> tuple[Scope, str]:
     """
     root_path, path = scope["root_path"].rstrip("/"), scope["path"]
     if path == root_path or path.startswith(f"{root_path}/"):
-        route_path = path[len(root_path) :] or "/"
-        return (scope if root_path == scope["root_path"] else {**scope, "root_path": root_path}), route_path
+        return scope if root_path == scope["root_path"] else {**scope, "root_path": root_path}
     scope = {**scope, "root_path": root_path, "path": root_path + path}
     if (raw_path := scope.get("raw_path")) is not None:
         scope["raw_path"] = quote(root_path).encode("ascii") + raw_path
-    return scope, path
+    return scope
 
 
 def prefix(request: Request) -> str:
@@ -439,7 +437,7 @@ class Misconfigured:
         self.variable, self.message = error.variable, str(error).removeprefix(f"{error.variable}: ")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"] != f"{scope.get('root_path', '')}/healthz":
+        if scope["type"] == "http" and route_path(scope) != "/healthz":
             raise db.ConfigError(self.variable, self.message)  # a fresh one: no traceback piles up
         await self.app(scope, receive, send)
 

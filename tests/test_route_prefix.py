@@ -260,3 +260,21 @@ def test_without_a_prefix_urls_and_the_document_are_what_they_always_were(embedd
 
     asyncio.run(call())
     assert seen == [scope] and seen[0] is scope
+
+
+@pytest.mark.parametrize("convention", CONVENTIONS)
+def test_under_the_prefix_a_configuration_that_cannot_work_leaves_healthz_open(
+    embedded_database: str, convention: str
+):
+    """/api/healthz answers 200 (the process is alive) and /api/todos the 503 naming the
+    variable, as /healthz and /todos do without a prefix."""
+
+    async def scenario(client: httpx.AsyncClient) -> tuple[httpx.Response, httpx.Response]:
+        return await client.get(f"{PREFIX}/healthz"), await client.get(f"{PREFIX}/todos")
+
+    health, todos = serve(
+        embedded_database, scenario, convention=convention, CORS_ORIGINS="https://a.example/"
+    )
+    assert health.status_code == 200
+    assert todos.status_code == 503 and todos.headers["content-type"] == PROBLEM
+    assert "CORS_ORIGINS" in todos.json()["detail"]
