@@ -1355,7 +1355,9 @@ class VercelKeepAlive:
       connection left to close (one watch task per instance looks every IDLE_POLL) — or
       when a later invocation releases a connection and takes the baton over, so under
       steady traffic an invocation ends as soon as the next one has taken over, and the
-      last one ends once the connections have closed. Node's `attachDatabasePool` keeps
+      last one ends once the connections have closed (a release while another call still
+      holds a connection leaves the baton where it is: that call's release takes it over).
+      Node's `attachDatabasePool` keeps
       every invocation alive for the idle timeout + 100 ms instead.
     - Drains: every invocation that sees a replaced pool closing waits for it (`until_drained`).
 
@@ -1383,6 +1385,11 @@ class VercelKeepAlive:
         """After this invocation released a connection: take the baton if `pool` holds idle
         connections that its timer will close."""
         if not _closes_when_idle(pool):
+            return
+        if self._baton is not None and not self._baton.done() and pool.get_size() > pool.get_idle_size():
+            # Another call still holds a connection: its release, later, takes the baton over.
+            # Meanwhile the holder keeps it, and this invocation may end: under concurrent
+            # traffic only the last release of a burst pays for the hand-over.
             return
         baton = asyncio.get_running_loop().create_future()
         try:

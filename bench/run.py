@@ -32,8 +32,9 @@ Phases:
               drift hits all equally; the tables are reseeded before every run, so every run
               sees the same rows. Per round also a keep-alive run (one connection, requests back
               to back). Server CPU per request; peak/idle RSS by psutil.
-  logging     the project through the runtime with LOG_LEVEL=info (a JSON line per request)
-              and warning, two servers taking turns: the request line's CPU cost.
+  logging     the project with and without a request line for every request, two servers
+              taking turns: plain uvicorn LOG_LEVEL=info vs warning; through the runtime debug vs
+              info (there info logs only errors and slow requests): the request line's CPU cost.
   cold start  fresh process, launch → first 200 from GET /todos, project vs reference, per
               mode, in password mode and in IAM mode (moto STS on loopback +
               tests/standins/aurora_gateway.py, which checks the SigV4 token and speaks TLS with a
@@ -661,14 +662,21 @@ def throughput(
     return results
 
 
+# The request line's cost, per mode: LOG_LEVEL with a line for every request, and without.
+LOG_LEVELS = {"uvicorn": ("info", "warning"), "vercel": ("debug", "info")}
+
+
 def logging_cost(
     db: Database, args: argparse.Namespace, workdir: Path, mode: str, pythons: dict[str, Path]
 ) -> dict:
-    """Server CPU per GET /todos with the request log line (LOG_LEVEL=info, the default) and
-    without it (warning): the project, two servers taking turns. Through the runtime each line
-    is a `log` message on its IPC socket (counted); under plain uvicorn a line on stderr."""
+    """Server CPU per GET /todos with a request line for every request and without: the project,
+    two servers taking turns. Under plain uvicorn LOG_LEVEL=info (the default: a line on stderr
+    per request) against warning. Through the runtime, where each line is a `log` message on
+    its IPC socket (counted), debug (a line per request) against info (the default there: a
+    line for errors and slow requests only)."""
     db.seed(20)
-    out: dict[str, Any] = {"runs": []}
+    on_level, off_level = LOG_LEVELS[mode]
+    out: dict[str, Any] = {"runs": [], "levels": [on_level, off_level]}
     base = {"DATABASE_URL": db.dsn, "DB_POOL_MIN": str(args.pool_min), "DB_POOL_MAX": str(args.pool_max)}
     servers = {
         level: Server(
@@ -679,7 +687,7 @@ def logging_cost(
             mode=mode,
             python=pythons.get("project"),
         )
-        for level in ("info", "warning")
+        for level in (on_level, off_level)
     }
 
     def lines_logged(server: Server) -> int:
@@ -703,7 +711,7 @@ def logging_cost(
                     proxy="vercel" if mode == "vercel" else "",
                 )
         for round_no in range(args.log_rounds):
-            order = ["info", "warning"] if round_no % 2 == 0 else ["warning", "info"]
+            order = [on_level, off_level] if round_no % 2 == 0 else [off_level, on_level]
             for level in order:
                 logs_before = lines_logged(servers[level])
                 result = run_wrk_cpu(
@@ -730,13 +738,13 @@ def logging_cost(
             server.stop()
     ratios = []
     for round_no in range(args.log_rounds):
-        on = [r["cpu_us"] for r in out["runs"] if r["round"] == round_no and r["level"] == "info"]
-        off = [r["cpu_us"] for r in out["runs"] if r["round"] == round_no and r["level"] == "warning"]
+        on = [r["cpu_us"] for r in out["runs"] if r["round"] == round_no and r["level"] == on_level]
+        off = [r["cpu_us"] for r in out["runs"] if r["round"] == round_no and r["level"] == off_level]
         if on and off and on[0] and off[0]:
             ratios.append(on[0] / off[0])
     out["cpu_us"] = {
         level: median([r["cpu_us"] for r in out["runs"] if r["level"] == level])
-        for level in ("info", "warning")
+        for level in (on_level, off_level)
     }
     out["ratio"] = median(ratios)
     out["ratio_range"] = (min(ratios), max(ratios)) if ratios else None
@@ -949,8 +957,8 @@ def cold_start(db: Database, args: argparse.Namespace, workdir: Path, pythons: d
             out["gateway_refused"] = len(iam.gateway.refused)
     for target in targets:
         out["import"][target] = import_time(target, args)
-    # what the project imports on its first request in IAM mode (auth.py: STS and the token signer)
-    out["import"]["project, first IAM request"] = import_time("project", args, "botocore.session")
+    # what the project imports on its first request in IAM mode (auth.py: its token signer, awscrt)
+    out["import"]["project, first IAM request"] = import_time("project", args, "awscrt.auth")
     return out
 
 
@@ -1435,16 +1443,16 @@ def write_report(results: dict, args: argparse.Namespace, out_dir: Path) -> Path
     r = ratio("vercel", f"{small}/list", "cpu_vs_reference")
     rows.append(
         (
-            "server CPU per GET /todos through vc_init, logging on",
-            "≤ 0.5× reference",
+            "server CPU per GET /todos through vc_init, LOG_LEVEL=info",
+            "≤ 0.4× reference",
             fmt(r, "{:.2f}×"),
-            None if r is None else r <= 0.5,
+            None if r is None else r <= 0.4,
         )
     )
     r = ratio("vercel", f"{small}/list", "cpu_vs_ceiling")
     rows.append(
         (
-            "server CPU per GET /todos through vc_init, logging on",
+            "server CPU per GET /todos through vc_init, LOG_LEVEL=info",
             "≤ 1.25× ceiling",
             fmt(r, "{:.2f}×"),
             None if r is None else r <= 1.25,
@@ -1467,7 +1475,8 @@ def write_report(results: dict, args: argparse.Namespace, out_dir: Path) -> Path
         if r is not None:
             rows.append(
                 (
-                    f"request log line, server CPU per request (on/off − 1), {MODE_TITLES[mode]}",
+                    f"a request line for every request, server CPU per request (on/off − 1), "
+                    f"{MODE_TITLES[mode]}",
                     "≤ 5 %",
                     fmt((r - 1) * 100, "{:+.1f} %"),
                     r <= 1.05,
@@ -1487,9 +1496,9 @@ def write_report(results: dict, args: argparse.Namespace, out_dir: Path) -> Path
         rows.append(
             (
                 f"plain uvicorn: list throughput, {size} todos",
-                "≥ 0.85× ceiling",
+                "≥ 0.75× ceiling",
                 fmt(r, "{:.2f}×"),
-                None if r is None else r >= 0.85,
+                None if r is None else r >= 0.75,
             )
         )
         r = ratio("uvicorn", f"{size}/create", "vs_reference")
@@ -1586,9 +1595,11 @@ def write_report(results: dict, args: argparse.Namespace, out_dir: Path) -> Path
         lines += [
             "## Cost of the request log line",
             "",
-            "The project, two servers side by side: `LOG_LEVEL=info` (the default: one JSON line per "
-            "request; through the runtime a `log` message on its IPC socket, under plain uvicorn a line "
-            "on stderr, here a file) and `warning` (no request line); `GET /todos` on 20 todos, "
+            "The project, two servers side by side, one writing a JSON line per request and one not. "
+            "Under plain uvicorn `LOG_LEVEL=info` (the default: a line per request on stderr, here a file) "
+            "against `warning`. Through the runtime, where each line is a `log` message on its IPC socket, "
+            "`debug` (a line per request) against `info` (the default there: a line only for errors and "
+            "slow requests, since the platform records every request itself); `GET /todos` on 20 todos, "
             f"{args.log_rounds} alternating rounds of {args.duration} s at a paced {args.log_rate} req/s "
             f"({args.log_connections} connections; both servers get the same rate, so CPU per request "
             "compares like with like).",
@@ -1600,7 +1611,7 @@ def write_report(results: dict, args: argparse.Namespace, out_dir: Path) -> Path
             logging_result = logging_results.get(mode)
             if not logging_result:
                 continue
-            for level in ("info", "warning"):
+            for level in logging_result.get("levels", LOG_LEVELS[mode]):
                 runs = [r for r in logging_result["runs"] if r["level"] == level]
                 per_request = median([r["log_messages"] / r["requests"] for r in runs if r["requests"]])
                 system = median([r.get("sys_us") for r in runs])
@@ -1613,8 +1624,9 @@ def write_report(results: dict, args: argparse.Namespace, out_dir: Path) -> Path
             logging_result = logging_results.get(mode)
             if logging_result:
                 rng = logging_result.get("ratio_range")
+                on_level, off_level = logging_result.get("levels", LOG_LEVELS[mode])
                 lines.append(
-                    f"- {MODE_TITLES[mode]}: info/warning {fmt(logging_result.get('ratio'), '{:.3f}')}× "
+                    f"- {MODE_TITLES[mode]}: {on_level}/{off_level} {fmt(logging_result.get('ratio'), '{:.3f}')}× "
                     f"(median of per-round ratios; rounds {fmt(rng and rng[0], '{:.3f}')}–"
                     f"{fmt(rng and rng[1], '{:.3f}')})."
                 )

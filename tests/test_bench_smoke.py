@@ -78,18 +78,23 @@ def test_runtime_serving_keepalive_logging_and_cold_start_measured(quick_run: Pa
     serving = results["throughput"]["vercel"]["serving"]
     # what each function environment makes the runtime's uvicorn pick, asked of the server
     assert (serving["project"]["loop"], serving["project"]["http"]) == ("uvloop", "httptools"), serving
-    assert (serving["ceiling"]["loop"], serving["ceiling"]["http"]) == ("asyncio", "h11"), serving
+    assert (serving["ceiling"]["loop"], serving["ceiling"]["http"]) == ("uvloop", "httptools"), serving
+    assert (serving["reference"]["loop"], serving["reference"]["http"]) == ("asyncio", "h11"), serving
     for target in ("project", "reference", "ceiling"):
         assert results["throughput_summary"]["vercel"][f"20/keepalive/{target}"]["p50_ms"] > 0
     for mode in ("vercel", "uvicorn"):
         logging = results["logging"][mode]
-        assert logging["cpu_us"]["info"] > 0 and logging["cpu_us"]["warning"] > 0
-        on = [r for r in logging["runs"] if r["level"] == "info"]
-        off = [r for r in logging["runs"] if r["level"] == "warning"]
-        assert all(r["log_messages"] >= r["requests"] for r in on), (
-            f"{mode}, LOG_LEVEL=info: a line per request"
+        # plain uvicorn: info (a line per request) vs warning; the runtime: debug vs info, where
+        # info writes a line only for an error or a slow request (the platform records the rest)
+        every, fewer = logging["levels"]
+        assert (every, fewer) == {"uvicorn": ("info", "warning"), "vercel": ("debug", "info")}[mode]
+        assert logging["cpu_us"][every] > 0 and logging["cpu_us"][fewer] > 0
+        on = [r for r in logging["runs"] if r["level"] == every]
+        off = [r for r in logging["runs"] if r["level"] == fewer]
+        assert all(r["log_messages"] >= r["requests"] for r in on), f"{mode}, {every}: a line per request"
+        assert all(r["log_messages"] <= r["requests"] // 10 for r in off), (
+            f"{mode}, {fewer}: (almost) no line"
         )
-        assert all(r["log_messages"] == 0 for r in off), f"{mode}, LOG_LEVEL=warning: no request line"
     for mode in ("vercel/password", "vercel/iam", "uvicorn/password", "uvicorn/iam"):
         for target in ("project", "reference"):
             assert results["cold_start"][mode][target]["median_s"] > 0, (mode, target)
