@@ -8,11 +8,13 @@ Set AURORA_GATEWAY_UPSTREAM=pgserver to force the latter.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import os
 import ssl
 import struct
 import time
+from collections.abc import Iterator
 from unittest import mock
 
 import asyncpg
@@ -54,12 +56,20 @@ def dsql_token(admin: bool, host: str = "localhost", expires: int = 900, session
     return client.generate_db_connect_auth_token(host, REGION, expires)
 
 
-def signed_at(delta_seconds: float):
-    """Make botocore sign as if the clock were shifted by delta_seconds."""
-    when = datetime.datetime.now(datetime.UTC).replace(tzinfo=None) + datetime.timedelta(
-        seconds=delta_seconds
-    )
-    return mock.patch("botocore.auth.get_current_datetime", return_value=when)
+@contextlib.contextmanager
+def signed_at(delta_seconds: float) -> Iterator[None]:
+    """Make botocore sign as if the clock were shifted by delta_seconds: its own SigV4 signer,
+    and awscrt's, which botocore uses instead when awscrt is installed (requirements.txt)."""
+    when = datetime.datetime.now(datetime.UTC) + datetime.timedelta(seconds=delta_seconds)
+
+    def shifted(remove_tzinfo: bool = True) -> datetime.datetime:
+        return when.replace(tzinfo=None) if remove_tzinfo else when
+
+    with (
+        mock.patch("botocore.auth.get_current_datetime", side_effect=shifted),
+        mock.patch("botocore.crt.auth.get_current_datetime", side_effect=shifted),
+    ):
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -86,16 +96,22 @@ def gateway(upstream):
 
 
 async def connect(gw: AuroraGateway, password: str, user: str = "postgres", ssl="require", **kw):
-    return await asyncpg.connect(
-        host="127.0.0.1",
-        port=gw.port,
-        user=user,
-        password=password,
-        database="postgres",
-        ssl=ssl,
-        timeout=10,
-        **kw,
-    )
+    try:
+        return await asyncpg.connect(
+            host="127.0.0.1",
+            port=gw.port,
+            user=user,
+            password=password,
+            database="postgres",
+            ssl=ssl,
+            timeout=10,
+            **kw,
+        )
+    except Exception:
+        # asyncpg closes a refused connection's transport, and the close completes on later
+        # turns of the loop: give it those before asyncio.run() closes the loop.
+        await asyncio.sleep(0.05)
+        raise
 
 
 async def query_one(gw, password, sql="SELECT 1", **kw):
