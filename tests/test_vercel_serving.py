@@ -51,8 +51,6 @@ from standins.vercel_harness import (  # noqa: E402
 
 pytestmark = pytest.mark.slow  # a function environment and Vercel's runtime per test
 
-pytestmark = pytest.mark.slow  # a function environment and Vercel's runtime per test
-
 PROBE = {"SERVING_PROBE_TARGET": "app.py:app"}
 EVERY_RUNTIME = pytest.mark.parametrize("vercel_runtime", RUNTIME_VARIANTS, indirect=True, ids=str)
 # Where Hive's mode changes nothing the test looks at (the accept path, the socket options).
