@@ -78,7 +78,19 @@ def test_schema_is_the_search_path_of_every_connection():
         "search_path": "public"
     }
     s = Settings.from_env({"DATABASE_URL": "postgresql://u@h/db", "DB_SCHEMA": "todo_app"})
-    assert s.connect_arguments()["server_settings"] == {"search_path": "todo_app"}
+    assert s.connect_arguments()["server_settings"]["search_path"] == "todo_app"
+
+
+def test_postgresql_runs_prepared_statements_on_generic_plans_but_dsql_and_rds_proxy_keep_their_default():
+    """Lists are written for generic plans; forcing them saves PostgreSQL planning on large
+    tables. DSQL (unverified there) and RDS Proxy (no prepared statements) are left alone."""
+    for env in ({"DATABASE_URL": "postgresql://u@h/db"}, {"PGHOST": AURORA}):
+        assert Settings.from_env(env).connect_arguments()["server_settings"]["plan_cache_mode"] == (
+            "force_generic_plan"
+        )
+    proxy = "app.proxy-abc123.eu-west-1.rds.amazonaws.com"
+    for env in ({"PGHOST": DSQL}, {"PGHOST": proxy}):
+        assert "plan_cache_mode" not in Settings.from_env(env).connect_arguments()["server_settings"]
 
 
 def test_explicit_settings_win(tmp_path):
