@@ -428,8 +428,9 @@ def test_a_statement_waiting_6_seconds_for_a_row_lock_succeeds_on_its_connection
 def test_after_a_pause_one_answering_connection_does_not_vouch_for_the_others(network):
     """Keepalives off (so the kernel finds nothing by itself): of a warm pool of 4, the
     connection used last still answers and the other 3 went silent during a pause. After
-    the pause, 4 requests at once all answer 200 fast: each silent connection is checked
-    before its own use and replaced, not trusted because its sibling answered a ping."""
+    the pause, a request takes the answering one (it waits behind a row lock), and 3 more
+    sent together take the silent ones: each is checked before its own use and replaced,
+    not trusted because its sibling answered a ping, and all 4 answer 200."""
     name = fresh_database(network)
     admin = network.postgres.url()
     env = clean_environment(
@@ -441,7 +442,7 @@ def test_after_a_pause_one_answering_connection_does_not_vouch_for_the_others(ne
         LOG_LEVEL="info",
     )
     with LiveServer(env) as server, httpx.Client(base_url=server.url, timeout=15) as client:
-        assert client.get("/todos").status_code == 200
+        todo = client.post("/todos", json={"title": "locked"}).json()["id"]
         wait_for(lambda: len(backends(admin, name)) >= 4, 10, "the pool never warmed to 4")
         assert client.get("/todos").status_code == 200
         last_used = run_sql(
@@ -452,12 +453,35 @@ def test_after_a_pause_one_answering_connection_does_not_vouch_for_the_others(ne
         assert network.dropper.silence(network.postgres.port, spare=frozenset({last_used})) == 3
         time.sleep(db.THAW_GAP + 0.5)
 
+        async def hold_the_row() -> None:
+            holder = await asyncpg.connect(network.postgres.url(name))
+            try:
+                async with holder.transaction():
+                    await holder.execute("SELECT 1 FROM todos WHERE id = $1 FOR UPDATE", uuid.UUID(todo))
+                    await asyncio.sleep(2)
+            finally:
+                await holder.close()
+
         def one(n: int) -> Answer:
             with httpx.Client(base_url=server.url, timeout=15) as own:
+                if n == 0:
+                    return ask(own, "PATCH", f"/todos/{todo}", json={"completed": True})
                 return ask(own, "GET", "/todos?limit=5")
 
-        with concurrent.futures.ThreadPoolExecutor(4) as pool:
-            answers = list(pool.map(one, range(4)))
+        locker = threading.Thread(target=asyncio.run, args=(hold_the_row(),))
+        locker.start()
+        try:
+            time.sleep(0.2)
+            with concurrent.futures.ThreadPoolExecutor(4) as pool:
+                patched = pool.submit(one, 0)
+                time.sleep(0.3)  # the PATCH holds the answering connection, behind the lock
+                answers = list(pool.map(one, range(1, 4)))
+                answers.append(patched.result())
+        finally:
+            locker.join()
     assert [a.status for a in answers] == [200] * 4, answers
-    assert max(a.seconds for a in answers) < 2.0, answers
+    assert max(a.seconds for a in answers[:3]) < 2.0, answers
+    # The pool's own check after the pause pinged the connection that still answers (so the
+    # pool was kept), and each silent one was checked and replaced before its own use.
+    assert logged(server, "idle connections did not answer after a pause: replacing the pool") == 0
     assert logged(server, "connection discarded: silent after a pause") == 3
