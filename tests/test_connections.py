@@ -82,6 +82,12 @@ class Writes:
             future.result()
         self._pool.shutdown()
 
+    def counts(self) -> tuple[int, int]:
+        """(201s, 503s) so far."""
+        with self._lock:
+            statuses = [a.status for a in self.answers]
+        return statuses.count(201), statuses.count(503)
+
     def first_success_after(self, moment: float, timeout: float) -> float | None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -132,13 +138,13 @@ def test_failover_to_a_read_only_writer_under_write_load(embedded_postgres: str)
                 )
                 terminate_sessions(embedded_postgres, database)
                 failed_over = time.monotonic()
-                time.sleep(5)
+                time.sleep(2.5)
                 # The new writer takes over. The service's read-only sessions stay open: its
                 # next write on each finds out (25006) and must move to fresh connections.
                 run_sql(embedded_postgres, f'ALTER DATABASE "{database}" RESET default_transaction_read_only')
                 back = time.monotonic()
                 recovered = writes.first_success_after(back, 10)
-                time.sleep(3)
+                time.sleep(2)
             finally:
                 writes.stop()
             answers = writes.answers
@@ -205,13 +211,20 @@ def test_fleet_against_a_connection_cap_is_503_never_500(embedded_postgres: str)
     )
     servers: list[LiveServer] = []
     try:
-        for _ in range(4):
-            servers.append(LiveServer(env))
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:  # four processes start at once
+            starting = [pool.submit(LiveServer, env) for _ in range(4)]
+        servers.extend(f.result() for f in starting if f.exception() is None)  # stopped below
+        for future in starting:
+            future.result()  # a server that did not start fails the test
         with httpx.Client(timeout=15) as client:
             wait_until_serving(client, 15, "the first instance never served", servers[0].url + "/todos")
         writes = Writes([server.url for server in servers], workers=24, pause=0)
         try:
-            time.sleep(8)
+            # Until the cap has refused some and 100 writes went through (at most 15 s).
+            give_up = time.monotonic() + 15
+            while time.monotonic() < give_up and not (writes.counts()[1] and writes.counts()[0] >= 100):
+                time.sleep(0.25)
+            time.sleep(0.5)
         finally:
             writes.stop()
         answers = writes.answers
