@@ -673,7 +673,8 @@ async def _run(operation: Operation[T]) -> T:
 
     A statement whose connection was lost (closed, or found dead by the kernel) is retried
     once, on a connection opened after it (`_trustworthy`); so is a statement refused as read-only
-    (SQLSTATE 25006), on fresh connections; an optimistic-concurrency conflict (`is_conflict`,
+    (SQLSTATE 25006), on fresh connections, and one refused by asyncpg on a connection that read
+    a server's goodbye while it idled (the close still on its way); an optimistic-concurrency conflict (`is_conflict`,
     under any SQLSTATE) and a refused new connection are retried with jittered exponential
     backoff. Everything else the database cannot do now becomes `Unavailable`. No attempt
     starts with less than STATEMENT_MARGIN of the deadline left.
@@ -706,6 +707,13 @@ async def _run(operation: Operation[T]) -> T:
                             with contextlib.suppress(Exception):
                                 await pool.release(connection, timeout=CANCEL_GRACE)
                             raise
+                        except asyncpg.InternalClientError:
+                            # asyncpg read a message it did not expect while the connection
+                            # idled: a server's goodbye (FATAL, then a close still on its
+                            # way). It refuses every statement before sending anything; the
+                            # connection is of no further use.
+                            connection.terminate()
+                            raise
                 except CONNECTION_LOST as error:
                     # A connection found dead condemns the ones opened before it, which likely
                     # lead to the same vanished host (see _trustworthy); the statement is
@@ -728,7 +736,17 @@ async def _run(operation: Operation[T]) -> T:
                         raise
                     read_only_retried = True
                     log.warning("read-only database: retrying on fresh connections")
-                except (asyncpg.InterfaceError, asyncpg.InternalClientError, asyncpg.QueryCanceledError):
+                except asyncpg.InternalClientError as error:
+                    # Retried once, on another connection: asyncpg refuses a statement before
+                    # sending it, and every operation here is safe to repeat anyway.
+                    if reconnected:
+                        raise
+                    reconnected = True
+                    log.warning(
+                        "connection out of step with its server: retrying on a fresh connection",
+                        extra={"error": _describe(error)},
+                    )
+                except (asyncpg.InterfaceError, asyncpg.QueryCanceledError):
                     # The pool we took was replaced and closed under this query: run it on
                     # the current one (an insert carries its id, so repeating it is safe).
                     if pool is lifecycle.current or reconnected:
