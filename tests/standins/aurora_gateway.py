@@ -441,6 +441,7 @@ class _Session:
     upstream: asyncio.StreamWriter | None = None
     relaying: bool = False
     black_holed: bool = False  # bytes are read and thrown away, in both directions
+    dropped: bool = False  # by the stand-in itself (abort): what the client did not send, it could not
     params: dict[str, str] = field(default_factory=dict)  # the client's startup parameters
     opened_at: float = field(default_factory=time.monotonic)
 
@@ -448,6 +449,7 @@ class _Session:
         return [w for w in (self.client, self.upstream) if w is not None]
 
     def abort(self) -> None:
+        self.dropped = True
         for writer in self.writers():
             writer.transport.abort()
 
@@ -730,7 +732,8 @@ class AuroraGateway:
         try:
             kind, payload = await _read_message(reader, MAX_PASSWORD_LEN)
         except asyncio.IncompleteReadError:
-            self.refused.append(Attempt(user, database, None, None, "no password sent", on_tls))
+            if not session.dropped:  # the client hung up; a drop by the stand-in refused nothing
+                self.refused.append(Attempt(user, database, None, None, "no password sent", on_tls))
             return
         if kind != b"p":
             refuse("protocol violation", "08P01", "expected password response")

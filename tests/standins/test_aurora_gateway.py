@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import datetime
 import os
+import socket
 import ssl
 import struct
 import time
@@ -359,6 +360,23 @@ def test_drop_connections_breaks_open_connection(gateway):
     while gw.active_connections and time.monotonic() < deadline:
         time.sleep(0.05)
     assert gw.active_connections == 0
+
+
+def test_a_connection_dropped_while_asked_for_its_password_is_no_refusal(gateway):
+    """A client that hangs up instead of sending its token is refused; one whose connection
+    the stand-in drops (drop_connections) at that moment never had the chance to send it."""
+    gw = gateway(tls=False)
+    for user in ("dropped", "hangs_up"):
+        startup = b"user\0" + user.encode() + b"\0database\0postgres\0\0"
+        with socket.create_connection((gw.host, gw.port)) as client:
+            client.sendall(struct.pack("!II", 8 + len(startup), 3 << 16) + startup)
+            assert client.recv(9)[:1] == b"R"  # asked for the password
+            if user == "dropped":
+                assert gw.drop_connections() == 1
+    deadline = time.monotonic() + 5
+    while not any(a.user == "hangs_up" for a in gw.refused) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert [(a.user, a.reason) for a in gw.refused] == [("hangs_up", "no password sent")]
 
 
 def test_pause_refuses_connections_until_resume(gateway):
