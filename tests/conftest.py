@@ -214,9 +214,22 @@ def node_missing() -> str | None:
     return None
 
 
+def wrk_path() -> str | None:
+    """wrk, for the benchmark's smoke test; installed from Debian when missing and run as root."""
+    if shutil.which("wrk") is None and os.geteuid() == 0 and shutil.which("apt-get"):
+        subprocess.run(["apt-get", "install", "-y", "-qq", "wrk"], capture_output=True)
+        if shutil.which("wrk") is None:  # the package lists may be missing on a fresh machine
+            subprocess.run(["apt-get", "update", "-qq"], capture_output=True)
+            subprocess.run(["apt-get", "install", "-y", "-qq", "wrk"], capture_output=True)
+    return shutil.which("wrk")
+
+
 # Tests that need a tool use its fixture; where the tool is missing they are deselected, with
 # the reason printed, rather than collected and skipped.
 TOOL_FIXTURES = {
+    "wrk": lambda: (
+        None if wrk_path() else "wrk is not installed and could not be (apt-get install wrk, as root)"
+    ),
     "chromium": lambda: (
         None
         if chromium_path()
@@ -225,6 +238,37 @@ TOOL_FIXTURES = {
     "isolated_network": unavailable_reason,
     "typescript_toolchain": node_missing,
 }
+
+
+# Modules that serve through Vercel's runtime, which needs Python 3.12 or later: below that they
+# are not collected at all (the run says so once), rather than imported and skipped.
+VERCEL_RUNTIME_MODULES = {
+    "test_bench_smoke.py",
+    "test_forged_oidc_headers_on_vercel.py",
+    "test_vercel_e2e.py",
+    "test_vercel_harness.py",
+    "test_vercel_serving.py",
+}
+NO_VERCEL_RUNTIME = (
+    f"vercel-runtime needs Python 3.12 or later (this is {sys.version.split()[0]})"
+    if sys.version_info < (3, 12)
+    else None
+)
+not_collected = pytest.StashKey[list[str]]()
+
+
+def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
+    if NO_VERCEL_RUNTIME and collection_path.name in VERCEL_RUNTIME_MODULES:
+        config.stash.setdefault(not_collected, []).append(collection_path.name)
+        return True
+    return None
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    modules = session.config.stash.get(not_collected, [])
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if modules and reporter is not None:
+        reporter.write_line(f"not collected: {', '.join(sorted(modules))}: {NO_VERCEL_RUNTIME}")
 
 
 def unavailable_server(item: pytest.Item) -> str | None:
@@ -272,6 +316,13 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             config.hook.pytest_deselected(items=dropped)
             if reporter is not None:
                 reporter.write_line(f"deselected {len(dropped)} test(s): {reason}")
+
+
+@pytest.fixture(scope="session")
+def wrk() -> str:
+    path = shutil.which("wrk")
+    assert path, "deselected at collection when wrk is missing"
+    return path
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,6 @@ and uv (requirements-dev.txt) for the function environments.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -29,19 +28,8 @@ if sys.version_info < (3, 12):  # every target is served through Vercel's runtim
     pytest.skip("vercel-runtime needs Python >= 3.12", allow_module_level=True)
 
 
-def _wrk() -> str | None:
-    if shutil.which("wrk") is None and os.geteuid() == 0 and shutil.which("apt-get"):
-        subprocess.run(["apt-get", "install", "-y", "-qq", "wrk"], capture_output=True)
-        if shutil.which("wrk") is None:  # the package lists may be missing on a fresh machine
-            subprocess.run(["apt-get", "update", "-qq"], capture_output=True)
-            subprocess.run(["apt-get", "install", "-y", "-qq", "wrk"], capture_output=True)
-    return shutil.which("wrk")
-
-
 @pytest.fixture(scope="module")
-def quick_run(tmp_path_factory) -> Path:
-    if _wrk() is None:
-        pytest.skip("wrk is not installed and could not be installed (apt-get install -y wrk as root)")
+def quick_run(tmp_path_factory, wrk: str) -> Path:
     out = tmp_path_factory.mktemp("bench")
     done = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "run.py"), "--quick", "--out", str(out)],
