@@ -837,7 +837,7 @@ class _ServingPool:
 
     def __init__(self, pool: asyncpg.Pool, issued_at: float, lifetime: float):
         self.pool = pool
-        self.issued_at = issued_at  # when its token was signed
+        self.issued_at = issued_at  # when its token's life began: the second it is dated
         self.lifetime = lifetime  # seconds it may serve: its token's, or its credentials' if shorter
         self.due_at = issued_at + DUE_AT * lifetime
         self.expires_at = issued_at + EXPIRED_AT * lifetime
@@ -1095,7 +1095,10 @@ class PoolLifecycle:
     async def _connect_new_pool(self) -> _ServingPool:
         """A new pool with a fresh token, connected and with the schema checked."""
         settings = self._load_settings()
-        issued_at = time.time()
+        # SigV4 dates a token to the whole second (X-Amz-Date) and AWS counts its life from
+        # there, so it may be nearly a second older than the clock says: its life starts at
+        # the second it is signed in (or an earlier one: it is signed below, after any STS call).
+        issued_at = float(math.floor(time.time()))
         lifetime = settings.pool_lifetime()
         password: str | Callable[[], str] | None = settings.password
         if self._signer is not None:

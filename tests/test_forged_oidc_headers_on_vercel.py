@@ -43,7 +43,7 @@ from support import free_port  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
-TTL = 3  # the timer replaces the pool 2.1 s after its token was signed; it expires at 2.85 s
+TTL = 3  # the timer replaces the pool 2.1 s after the second its token is dated; it expires at 2.85 s
 ROTATION = 3.0  # seconds between two platform tokens
 HONEST_RATE, ATTACK_RATE = 8, 40  # requests per second
 
