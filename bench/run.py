@@ -1413,8 +1413,9 @@ def write_report(results: dict, args: argparse.Namespace, out_dir: Path) -> Path
         "IPC side; wrk sends the proxy's headers |",
         f"| plain uvicorn | the dev venv's uvicorn, 1 worker, --loop {args.loop} --http {args.http} for "
         "every target, access log off |",
-        f"| logging | LOG_LEVEL={args.log_level} for the project (`info`, the default, logs one line per "
-        "request); the reference and ceiling log nothing per request |",
+        f"| logging | LOG_LEVEL={args.log_level} for the project (`info`, the default: a line per request "
+        "under plain uvicorn; through the runtime a line only for errors and slow requests, the platform "
+        "recording every request); the reference and ceiling log nothing per request |",
         f"| pool | DB_POOL_MIN={args.pool_min} DB_POOL_MAX={args.pool_max} for all targets |",
         f"| packages (dev venv) | {machine['packages']} |",
         f"| service | {machine['commit']} |",
