@@ -46,8 +46,9 @@ def test_locust_mix_runs_headless_without_a_failure(server: LiveServer, tmp_path
     )
     assert result.returncode == 0, result.stdout + result.stderr
     with open(tmp_path / "run_stats.csv") as stats:
-        total = next(row for row in csv.DictReader(stats) if row["Name"] == "Aggregated")
+        rows = list(csv.DictReader(stats))
+    total = next(row for row in rows if row["Name"] == "Aggregated")
     assert int(total["Request Count"]) > 50
     assert int(total["Failure Count"]) == 0
-    names = {row["Name"] for row in csv.DictReader(open(tmp_path / "run_stats.csv"))}
+    names = {row["Name"] for row in rows}
     assert {"/todos", "/todos/{id}"} <= names
