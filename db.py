@@ -674,9 +674,9 @@ async def _run(operation: Operation[T]) -> T:
     A statement whose connection was lost (closed, or found dead by the kernel) is retried
     once, on a connection opened after it (`_trustworthy`); so is a statement refused as read-only
     (SQLSTATE 25006), on fresh connections, and one refused by asyncpg on a connection that read
-    a server's goodbye while it idled (the close still on its way); an optimistic-concurrency conflict (`is_conflict`,
-    under any SQLSTATE) and a refused new connection are retried with jittered exponential
-    backoff. Everything else the database cannot do now becomes `Unavailable`. No attempt
+    a server's goodbye while it idled (the close still on its way); an optimistic-concurrency
+    conflict (`is_conflict`, under any SQLSTATE) and a refused new connection are retried with
+    jittered exponential backoff. Everything else the database cannot do now becomes `Unavailable`. No attempt
     starts with less than STATEMENT_MARGIN of the deadline left.
     """
     reconnected = read_only_retried = False
