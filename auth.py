@@ -651,7 +651,10 @@ class OidcTokens:
         now = time.time()
         with self._lock:
             candidate, accepted = self._candidate, self._accepted
-        if candidate is not None and candidate.exp > now:
+        # `observe` checks a signature before it takes the lock: a forgery it found unverifiable
+        # just before the keys arrived may be the candidate. Once they are loaded, only a signed
+        # candidate is presented.
+        if candidate is not None and candidate.exp > now and self.keys.signed(candidate) is not False:
             return candidate.raw
         if accepted is not None and accepted.exp > now:
             return accepted.raw

@@ -370,3 +370,35 @@ def test_a_signed_token_of_another_project_seen_before_the_first_acceptance_is_n
     assert tokens.first() == forged
     tokens.rejected(forged)
     assert tokens.fallback(forged) != other
+
+
+def test_a_forgery_found_unverifiable_just_before_the_keys_arrived_is_never_presented(monkeypatch):
+    """A request's header is checked on the event loop, and the check and the choice of the
+    candidate are two steps: between them, a refresh may load the keys and choose again. The
+    forgery the check let through (no keys yet) must not be presented once the keys are in."""
+    keys = KeySet()
+    tokens = book(fetch_jwks=keys)
+    accepted = ISSUER.token(issued_at=time.time() - 120)
+    tokens.accepted(accepted)
+    first_forgery = forged_token()
+    tokens.observe(first_forgery)
+    assert tokens.first() == first_forgery
+    tokens.rejected(first_forgery)
+    late_forgery = forged_token(lifetime=7200)
+    check = tokens.keys.signed
+    refreshed: list[str | None] = []
+
+    def keys_arrive_meanwhile(token: auth.OidcToken) -> bool | None:
+        verdict = check(token)
+        if token.raw == late_forgery and not refreshed:
+            refreshed.append(None)
+            refreshed[0] = tokens.fallback(first_forgery)  # the refresh that loads the keys
+        return verdict
+
+    monkeypatch.setattr(tokens.keys, "signed", keys_arrive_meanwhile)
+    tokens.observe(late_forgery)
+    # The refresh presented the accepted token, having fetched the keys (booleans: never
+    # print a token).
+    assert [refreshed == [accepted], len(keys.fetched)] == [True, 1]
+    presented = tokens.first()
+    assert [presented == late_forgery, presented == accepted] == [False, True]
