@@ -23,10 +23,8 @@ from __future__ import annotations
 import asyncio
 import calendar
 import contextlib
-import datetime
 import hashlib
 import hmac
-import ipaddress
 import os
 import shutil
 import socket
@@ -39,6 +37,8 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Self
 from urllib.parse import parse_qsl, quote, urlsplit
+
+from standins.tls import make_tls_files
 
 __all__ = [
     "AuroraGateway",
@@ -287,93 +287,6 @@ def moto_credentials_lookup(*, check_expiry: bool = True) -> CredentialsLookup:
 # --------------------------------------------------------------------------
 
 
-def _make_tls_files(directory: str) -> tuple[str, str, str]:
-    """Create a CA and a server certificate for 127.0.0.1/localhost; return paths."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
-    now = datetime.datetime.now(datetime.UTC)
-    validity = (now - datetime.timedelta(minutes=5), now + datetime.timedelta(days=1))
-
-    def name(cn: str) -> x509.Name:
-        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_cert = (
-        x509.CertificateBuilder()
-        .subject_name(name("aurora-gateway test CA"))
-        .issuer_name(name("aurora-gateway test CA"))
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(validity[0])
-        .not_valid_after(validity[1])
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                key_cert_sign=True,
-                crl_sign=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
-        .sign(ca_key, hashes.SHA256())
-    )
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name("localhost"))
-        .issuer_name(ca_cert.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(validity[0])
-        .not_valid_after(validity[1])
-        .add_extension(
-            x509.SubjectAlternativeName(
-                [
-                    x509.DNSName("localhost"),
-                    x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
-                ]
-            ),
-            critical=False,
-        )
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
-
-    ca_file = os.path.join(directory, "ca.pem")
-    cert_file = os.path.join(directory, "server.pem")
-    key_file = os.path.join(directory, "server.key")
-    with open(ca_file, "wb") as f:
-        f.write(ca_cert.public_bytes(serialization.Encoding.PEM))
-    with open(cert_file, "wb") as f:
-        f.write(cert.public_bytes(serialization.Encoding.PEM))
-    with open(key_file, "wb") as f:
-        f.write(
-            key.private_bytes(
-                serialization.Encoding.PEM,
-                serialization.PrivateFormat.PKCS8,
-                serialization.NoEncryption(),
-            )
-        )
-    os.chmod(key_file, 0o600)
-    return ca_file, cert_file, key_file
-
-
 # --------------------------------------------------------------------------
 # Wire protocol helpers
 # --------------------------------------------------------------------------
@@ -536,7 +449,9 @@ class AuroraGateway:
             raise RuntimeError("gateway already started")
         self._tmpdir = tempfile.mkdtemp(prefix="aurora-gateway-")
         if self.tls:
-            self.ca_file, cert_file, key_file = _make_tls_files(self._tmpdir)
+            self.ca_file, cert_file, key_file = make_tls_files(
+                self._tmpdir, ("localhost", "127.0.0.1"), "aurora-gateway test CA"
+            )
             self._ssl = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
             self._ssl.load_cert_chain(cert_file, key_file)
         self._loop = asyncio.new_event_loop()

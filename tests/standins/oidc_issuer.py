@@ -11,9 +11,7 @@ credentials.
 from __future__ import annotations
 
 import base64
-import datetime
 import json
-import os
 import re
 import shutil
 import socketserver
@@ -27,6 +25,8 @@ from typing import Any
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
+
+from standins.tls import make_tls_files
 
 TEAM = "acme"
 SUBJECT = f"owner:{TEAM}:project:todo:environment:production"
@@ -150,7 +150,9 @@ class IssuerHost:
         self.issuers = issuers or (ISSUER,)
         self.fetched: list[str] = []
         self._directory = tempfile.mkdtemp(prefix="oidc-host-")
-        self.ca_file, cert_file, key_file = _tls_files(self._directory, "oidc.vercel.com")
+        self.ca_file, cert_file, key_file = make_tls_files(
+            self._directory, ("oidc.vercel.com",), "oidc issuer stand-in CA"
+        )
         self._tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         self._tls.load_cert_chain(cert_file, key_file)
         self._server = socketserver.ThreadingTCPServer(
@@ -210,65 +212,3 @@ class IssuerHost:
                     )
 
         return Tunnel
-
-
-def _tls_files(directory: str, hostname: str) -> tuple[str, str, str]:
-    """A CA, and a certificate it signed for `hostname`; their paths (CA, certificate, key)."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    now = datetime.datetime.now(datetime.UTC)
-
-    def certificate(subject: str, issuer: str, public_key: Any, signer: Any, ca: bool) -> x509.Certificate:
-        builder = (
-            x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
-            .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer)]))
-            .public_key(public_key)
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.BasicConstraints(ca=ca, path_length=0 if ca else None), critical=True)
-        )
-        if ca:
-            builder = builder.add_extension(
-                x509.KeyUsage(
-                    digital_signature=True,
-                    key_cert_sign=True,
-                    crl_sign=True,
-                    content_commitment=False,
-                    key_encipherment=False,
-                    data_encipherment=False,
-                    key_agreement=False,
-                    encipher_only=False,
-                    decipher_only=False,
-                ),
-                critical=True,
-            )
-        else:
-            builder = builder.add_extension(
-                x509.SubjectAlternativeName([x509.DNSName(hostname)]), critical=False
-            )
-        return builder.sign(signer, hashes.SHA256())
-
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca = certificate("oidc issuer stand-in CA", "oidc issuer stand-in CA", ca_key.public_key(), ca_key, True)
-    key = ec.generate_private_key(ec.SECP256R1())
-    leaf = certificate(hostname, "oidc issuer stand-in CA", key.public_key(), ca_key, False)
-    paths = tuple(os.path.join(directory, name) for name in ("ca.pem", "server.pem", "server.key"))
-    for path, data in zip(
-        paths,
-        (
-            ca.public_bytes(serialization.Encoding.PEM),
-            leaf.public_bytes(serialization.Encoding.PEM),
-            key.private_bytes(
-                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-            ),
-        ),
-        strict=True,
-    ):
-        with open(path, "wb") as file:
-            file.write(data)
-    return paths[0], paths[1], paths[2]
