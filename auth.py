@@ -122,9 +122,11 @@ class TokenSigner:
         if self.oidc is None:
             return
         # The runtime imports the SDK's header module before it calls the app; when it is
-        # not loaded, no request carries headers for it (and importing it would cost).
-        headers_module = sys.modules.get("vercel.headers")
-        headers = headers_module.get_headers() if headers_module is not None else None
+        # not loaded, no request carries headers for it (and importing it would cost). Nor
+        # while another thread is still importing it (the SDK's OIDC getter, in `_sign`):
+        # the half-made module has no `get_headers` yet.
+        get_headers = getattr(sys.modules.get("vercel.headers"), "get_headers", None)
+        headers = get_headers() if get_headers is not None else None
         token = headers.get(OIDC_HEADER) if headers else None
         if token:
             self.oidc.observe(token)

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import base64
 import json
+import sys
 import time
 
 import pytest
 
 import auth
+import db
 from standins.oidc_issuer import ISSUER, SUBJECT, Issuer, forged_token, jwks
 
 SDK_TOKEN = ISSUER.token(lifetime=3600, issued_at=time.time() - 600)
@@ -402,3 +404,25 @@ def test_a_forgery_found_unverifiable_just_before_the_keys_arrived_is_never_pres
     assert [refreshed == [accepted], len(keys.fetched)] == [True, 1]
     presented = tokens.first()
     assert [presented == late_forgery, presented == accepted] == [False, True]
+
+
+def test_a_request_met_while_another_thread_imports_the_sdks_header_module_is_served(monkeypatch):
+    """The first requests and the first STS call overlap: `_sign`, in a thread, imports the
+    SDK's OIDC getter (and with it `vercel.headers`) while a request on the event loop looks
+    for that module's headers. A module still being imported is in sys.modules without its
+    functions; the request must pass it by, not fail with an AttributeError (a 500)."""
+    import importlib.machinery
+    import types
+
+    half_made = types.ModuleType("vercel.headers")
+    half_made.__spec__ = importlib.machinery.ModuleSpec("vercel.headers", None)
+    half_made.__spec__._initializing = True  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "vercel.headers", half_made)
+    settings = db.Settings.from_env(
+        {"PGHOST": "cluster.dsql.us-east-1.on.aws", "AWS_ROLE_ARN": "arn:aws:iam::123456789012:role/todo"}
+    )
+    signer = auth.TokenSigner(settings)
+    try:
+        signer.observe_request()  # no header module to read yet: nothing observed, no error
+    finally:
+        signer.close()
