@@ -33,6 +33,9 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+# The support modules assert too (soaks, services on their way out): have pytest explain
+# their failures as it does a test's.
+pytest.register_assert_rewrite("support", "iam_support", "dsql_support", "raw_http")
 
 from dsql_support import SCHEMA, dsql_service, ensure_role  # noqa: E402
 from standins.function_env import REPO_ROOT, function_env, requirement_lines  # noqa: E402

@@ -147,7 +147,7 @@ def soak(live: LiveServer, workers: int, *, replaced: int, within: float = 40.0)
         watcher.result()
 
     assert replacements(live) >= replaced, f"only {replacements(live)} replacements in {within} s"
-    assert failures == []
+    assert failures == [], "\n".join(failures[:20])
     with httpx.Client(base_url=live.url, timeout=15) as client:
         for todo_id in created:
             got = client.get(f"/todos/{todo_id}")
