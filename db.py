@@ -1309,16 +1309,23 @@ async def _trustworthy(connection: PooledConnection) -> bool:
         log.info("connection discarded: opened before one found dead")
     elif time.time() - connection.last_used <= THAW_GAP:
         return True
+    elif await _pings(connection, THAW_CHECK_TIMEOUT):
+        return True
     else:
-        try:
-            async with asyncio.timeout(THAW_CHECK_TIMEOUT):
-                await connection.fetchval(PING)
-            connection.answered()
-            return True
-        except (TimeoutError, *UNAVAILABLE):
-            log.info("connection discarded: silent after a pause")
+        log.info("connection discarded: silent after a pause")
     connection.terminate()  # no goodbye: a dead socket never confirms one
     return False
+
+
+async def _pings(connection: PooledConnection, timeout: float) -> bool:
+    """Does `connection` answer a ping within `timeout`? If it does, it is dated anew."""
+    try:
+        async with asyncio.timeout(timeout):
+            await connection.fetchval(PING)
+    except (TimeoutError, *UNAVAILABLE):
+        return False
+    connection.answered()
+    return True
 
 
 async def _answers(pool: asyncpg.Pool, timeout: float) -> bool:
@@ -1328,11 +1335,8 @@ async def _answers(pool: asyncpg.Pool, timeout: float) -> bool:
     except (TimeoutError, *UNAVAILABLE):
         return False
     try:
-        async with asyncio.timeout(timeout):
-            await connection.fetchval(PING)
-        connection.answered()
-        return True
-    except (TimeoutError, *UNAVAILABLE):
+        if await _pings(connection, timeout):
+            return True
         connection.terminate()  # do not wait for a cancel that a dead socket never confirms
         return False
     finally:
