@@ -17,15 +17,14 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
-from urllib.parse import urlsplit
 
 import pytest
 
-from iam_support import REGION, ROLE_ARN, oidc_token
+from iam_support import REGION, iam_environment
 from standins.aurora_gateway import moto_credentials_lookup, parse_upstream_url
 from standins.dsql_gateway import DsqlGateway
 from standins.sts import Sts
-from support import ROOT, LiveServer, clean_environment, run_sql
+from support import ROOT, LiveServer, run_sql
 
 ROLE, SCHEMA = "todo_app", "todo"  # different names: the stand-in gives "$user" no favours
 SERVERS = [
@@ -47,28 +46,12 @@ def dsql_environment(
     ttl: int = 900,
     **overrides: str,
 ) -> dict[str, str]:
-    """The service's environment for DSQL behind the stand-in; `overrides` win."""
-    assert gateway.ca_file, "the service verifies the stand-in's certificate (PGSSLROOTCERT)"
-    settings = dict(
-        PGHOST="127.0.0.1",
-        PGPORT=str(gateway.port),
-        PGUSER=user,
-        PGDATABASE=urlsplit(database_url).path.lstrip("/"),
-        DB_AUTH="dsql",
-        AWS_REGION=REGION,
-        AWS_ROLE_ARN=ROLE_ARN,
-        AWS_ENDPOINT_URL_STS=sts.url,
-        AWS_EC2_METADATA_DISABLED="true",
-        VERCEL_OIDC_TOKEN=oidc_token(),
-        PGSSLROOTCERT=gateway.ca_file,
-        DB_TOKEN_TTL=str(ttl),
-        DB_POOL_MIN="1",
-        DB_POOL_MAX="6",
-        LOG_LEVEL="info",
-    )
+    """The service's environment for DSQL behind the stand-in: IAM mode's, as `user` with
+    DB_AUTH=dsql; `overrides` win."""
+    settings = {"PGUSER": user, "DB_AUTH": "dsql", "LOG_LEVEL": "info"}
     if schema:
         settings["DB_SCHEMA"] = schema
-    return clean_environment(**{**settings, **overrides})
+    return iam_environment(gateway, sts, database_url, ttl, **{**settings, **overrides})
 
 
 def migrate_as_admin(

@@ -29,6 +29,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
+from idempotency_support import assert_key_problem, count, key, rows_titled
 from support import InProcess, Response, clean_environment, create_database, drop_database, run_sql
 
 PROBLEM = "application/problem+json"
@@ -37,26 +38,6 @@ PROBLEM = "application/problem+json"
 @pytest.fixture(scope="module")
 def http(app_client: InProcess) -> InProcess:
     return app_client
-
-
-def count(url: str) -> int:
-    return run_sql(url, "SELECT count(*) FROM todos")[0][0]
-
-
-def rows_titled(url: str, title: str) -> int:
-    return run_sql(url, "SELECT count(*) FROM todos WHERE title = '{}'".format(title.replace("'", "''")))[0][
-        0
-    ]
-
-
-def assert_key_problem(response: Response) -> None:
-    assert response.status_code == 422, response.text
-    assert response.headers["content-type"] == PROBLEM
-    assert response.json()["detail"].startswith("Idempotency-Key:"), response.json()
-
-
-def key() -> str:
-    return str(uuid.uuid4())
 
 
 @pytest.mark.parametrize(

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import concurrent.futures
 import threading
-import uuid
 from typing import Any
 
 import pytest
 
 from dsql_support import SERVERS
-from support import PROBLEM, Client, Response, run_sql
+from idempotency_support import assert_key_problem, count, key, rows_titled
+from support import Client, Response
 
 pytestmark = pytest.mark.parametrize("backend", SERVERS, indirect=True, scope="module")
 
@@ -26,26 +26,6 @@ pytestmark = pytest.mark.parametrize("backend", SERVERS, indirect=True, scope="m
 @pytest.fixture(scope="module")
 def http(api: Client) -> Client:
     return api
-
-
-def count(url: str) -> int:
-    return run_sql(url, "SELECT count(*) FROM todos")[0][0]
-
-
-def rows_titled(url: str, title: str) -> int:
-    return run_sql(url, "SELECT count(*) FROM todos WHERE title = '{}'".format(title.replace("'", "''")))[0][
-        0
-    ]
-
-
-def assert_key_problem(response: Response) -> None:
-    assert response.status_code == 422, response.text
-    assert response.headers["content-type"] == PROBLEM
-    assert response.json()["detail"].startswith("Idempotency-Key:"), response.json()
-
-
-def key() -> str:
-    return str(uuid.uuid4())
 
 
 # --- the same key, the same todo ----------------------------------------------------------
