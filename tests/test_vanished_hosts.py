@@ -245,6 +245,17 @@ def logged(server: LiveServer, message: str) -> int:
 RETRIED = "connection lost: retrying on a fresh connection"
 
 
+async def hold_the_row(url: str, todo: str, seconds: float) -> None:
+    """Hold `todo`'s row lock for `seconds`, from a connection of the test's own."""
+    holder = await asyncpg.connect(url)
+    try:
+        async with holder.transaction():
+            await holder.execute("SELECT 1 FROM todos WHERE id = $1 FOR UPDATE", uuid.UUID(todo))
+            await asyncio.sleep(seconds)
+    finally:
+        await holder.close()
+
+
 def fresh_database(network) -> str:
     """A new database on the namespace's PostgreSQL; its name."""
     return urlsplit(create_database(network.postgres.url())).path.lstrip("/")
@@ -401,16 +412,9 @@ def test_a_statement_waiting_6_seconds_for_a_row_lock_succeeds_on_its_connection
         todo = created.json()["id"]
         before = backends(admin, name)
 
-        async def hold_the_row() -> None:
-            holder = await asyncpg.connect(network.postgres.url(name))
-            try:
-                async with holder.transaction():
-                    await holder.execute("SELECT 1 FROM todos WHERE id = $1 FOR UPDATE", uuid.UUID(todo))
-                    await asyncio.sleep(6)
-            finally:
-                await holder.close()
-
-        locker = threading.Thread(target=asyncio.run, args=(hold_the_row(),))
+        locker = threading.Thread(
+            target=asyncio.run, args=(hold_the_row(network.postgres.url(name), todo, 6),)
+        )
         locker.start()
         time.sleep(0.3)
         try:
@@ -453,22 +457,15 @@ def test_after_a_pause_one_answering_connection_does_not_vouch_for_the_others(ne
         assert network.dropper.silence(network.postgres.port, spare=frozenset({last_used})) == 3
         time.sleep(db.THAW_GAP + 0.5)
 
-        async def hold_the_row() -> None:
-            holder = await asyncpg.connect(network.postgres.url(name))
-            try:
-                async with holder.transaction():
-                    await holder.execute("SELECT 1 FROM todos WHERE id = $1 FOR UPDATE", uuid.UUID(todo))
-                    await asyncio.sleep(2)
-            finally:
-                await holder.close()
-
         def one(n: int) -> Answer:
             with httpx.Client(base_url=server.url, timeout=15) as own:
                 if n == 0:
                     return ask(own, "PATCH", f"/todos/{todo}", json={"completed": True})
                 return ask(own, "GET", "/todos?limit=5")
 
-        locker = threading.Thread(target=asyncio.run, args=(hold_the_row(),))
+        locker = threading.Thread(
+            target=asyncio.run, args=(hold_the_row(network.postgres.url(name), todo, 2),)
+        )
         locker.start()
         try:
             time.sleep(0.2)
