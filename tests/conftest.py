@@ -17,6 +17,8 @@ deselected at collection, with the reason printed once, never collected and skip
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import os
 import shutil
@@ -26,6 +28,7 @@ import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
@@ -217,13 +220,23 @@ def node_missing() -> str | None:
     return None
 
 
+@contextlib.contextmanager
+def one_at_a_time(name: str) -> Iterator[None]:
+    """Holds a lock that every process on this machine shares (xdist's workers, a second run)."""
+    with open(Path(tempfile.gettempdir()) / f"aurora-todo-{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
 def wrk_path() -> str | None:
     """wrk, for the benchmark's smoke test; installed from Debian when missing and run as root."""
     if shutil.which("wrk") is None and os.geteuid() == 0 and shutil.which("apt-get"):
-        subprocess.run(["apt-get", "install", "-y", "-qq", "wrk"], capture_output=True)
-        if shutil.which("wrk") is None:  # the package lists may be missing on a fresh machine
-            subprocess.run(["apt-get", "update", "-qq"], capture_output=True)
-            subprocess.run(["apt-get", "install", "-y", "-qq", "wrk"], capture_output=True)
+        with one_at_a_time("apt-get"):  # every xdist worker collects, and apt-get takes one at a time
+            if shutil.which("wrk") is None:
+                subprocess.run(["apt-get", "install", "-y", "-qq", "wrk"], capture_output=True)
+            if shutil.which("wrk") is None:  # the package lists may be missing on a fresh machine
+                subprocess.run(["apt-get", "update", "-qq"], capture_output=True)
+                subprocess.run(["apt-get", "install", "-y", "-qq", "wrk"], capture_output=True)
     return shutil.which("wrk")
 
 
@@ -269,9 +282,40 @@ def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
     modules = session.config.stash.get(not_collected, [])
-    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
-    if modules and reporter is not None:
-        reporter.write_line(f"not collected: {', '.join(sorted(modules))}: {NO_VERCEL_RUNTIME}")
+    if modules:
+        announce(session.config, f"not collected: {', '.join(sorted(modules))}: {NO_VERCEL_RUNTIME}")
+
+
+# What collection left out is said once. A serial run prints it as it collects. Under
+# pytest-xdist (pytest.ini runs the suite on workers) each worker collects on its own and its
+# output is not shown: the first worker to finish hands its lines to the controller, which
+# prints them in the summary at the end.
+announced = pytest.StashKey[list[str]]()
+
+
+def announce(config: pytest.Config, line: str) -> None:
+    if hasattr(config, "workerinput"):  # an xdist worker: the controller prints it
+        config.stash.setdefault(announced, []).append(line)
+        return
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        reporter.write_line(line)
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    if hasattr(session.config, "workeroutput"):
+        session.config.workeroutput["announced"] = session.config.stash.get(announced, [])
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node: Any, error: object) -> None:  # xdist's controller: a worker ended
+    if announced not in node.config.stash:
+        node.config.stash[announced] = getattr(node, "workeroutput", {}).get("announced", [])
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: pytest.Config) -> None:
+    for line in config.stash.get(announced, []):  # set on xdist's controller only
+        terminalreporter.write_line(line)
 
 
 def unavailable_server(item: pytest.Item) -> str | None:
@@ -314,11 +358,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             kept.remove(item)
     if deselected:
         items[:] = kept
-        reporter = config.pluginmanager.get_plugin("terminalreporter")
         for reason, dropped in deselected.items():
             config.hook.pytest_deselected(items=dropped)
-            if reporter is not None:
-                reporter.write_line(f"deselected {len(dropped)} test(s): {reason}")
+            announce(config, f"deselected {len(dropped)} test(s): {reason}")
 
 
 @pytest.fixture(scope="session")
@@ -347,7 +389,9 @@ def typescript_toolchain() -> Path:
     lockfile = (TYPESCRIPT_SOURCES / "package-lock.json").read_bytes()
     stamp = TYPESCRIPT_CACHE / "installed-from.sha256"
     wanted = hashlib.sha256(lockfile).hexdigest()
-    if not stamp.exists() or stamp.read_text() != wanted:
+    with one_at_a_time("typescript"):
+        if stamp.exists() and stamp.read_text() == wanted:
+            return TYPESCRIPT_CACHE
         TYPESCRIPT_CACHE.mkdir(parents=True, exist_ok=True)
         for name in ("package.json", "package-lock.json"):
             shutil.copyfile(TYPESCRIPT_SOURCES / name, TYPESCRIPT_CACHE / name)
@@ -358,7 +402,7 @@ def typescript_toolchain() -> Path:
             timeout=600,
         )
         stamp.write_text(wanted)
-    return TYPESCRIPT_CACHE
+        return TYPESCRIPT_CACHE
 
 
 # --- Vercel's runtime: which version, in which mode ---------------------------------------------
