@@ -48,7 +48,9 @@ def test_locust_mix_runs_headless_without_a_failure(server: LiveServer, tmp_path
     with open(tmp_path / "run_stats.csv") as stats:
         rows = list(csv.DictReader(stats))
     total = next(row for row in rows if row["Name"] == "Aggregated")
-    assert int(total["Request Count"]) > 50
+    # 8 users with 0.05-0.5 s between requests; on a busy machine locust's own start takes
+    # most of the 6 s, so the floor is a few requests a user, not a throughput.
+    assert int(total["Request Count"]) >= 24
     assert int(total["Failure Count"]) == 0
     names = {row["Name"] for row in rows}
     assert {"/todos", "/todos/{id}"} <= names
