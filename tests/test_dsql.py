@@ -99,7 +99,11 @@ def test_pool_never_outlives_the_credentials_that_signed_its_token(fresh_sts: St
                 assert response.status_code == 200, response.text
                 time.sleep(1.0)
             assert replacements(live) >= 1
-            assert gateway.refused == [], gateway.refused
+            # An attempt given up mid-handshake (its pool closed while reopening a dropped
+            # connection, or its connect timeout passed on a loaded machine) hangs up before it
+            # sends a token: it presents nothing, expired or not.
+            presented = [a for a in gateway.refused if a.reason != "no password sent"]
+            assert presented == [], presented
 
 
 @pytest.mark.slow  # a process behind the stand-in
