@@ -1348,6 +1348,20 @@ def place_scale_section(text: str, section: str) -> str:
 # --- report ----------------------------------------------------------------------------
 
 
+def commit_of(directory: Path) -> str:
+    """The checkout's short commit, and whether its service modules differ from it."""
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=directory, capture_output=True, text=True
+    ).stdout.strip()
+    dirty = subprocess.run(
+        ["git", "status", "--porcelain", "--", "app.py", "db.py", "auth.py"],
+        cwd=directory,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    return (commit or "no commit yet") + (" + uncommitted service changes" if dirty else "")
+
+
 def machine_info(db: Database) -> dict[str, str]:
     cpu = "unknown"
     with contextlib.suppress(OSError):
@@ -1360,15 +1374,6 @@ def machine_info(db: Database) -> dict[str, str]:
         with contextlib.suppress(importlib.metadata.PackageNotFoundError):
             versions[package] = importlib.metadata.version(package)
     wrk = subprocess.run(["wrk", "--version"], capture_output=True, text=True).stdout.split("Copyright")[0]
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
-    ).stdout.strip()
-    dirty = subprocess.run(
-        ["git", "status", "--porcelain", "--", "app.py", "db.py", "auth.py"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-    ).stdout.strip()
     return {
         "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "cpu": f"{cpu} × {os.cpu_count()} (shared)",
@@ -1377,7 +1382,7 @@ def machine_info(db: Database) -> dict[str, str]:
         "postgres": db.version,
         "wrk": wrk.strip(),
         "packages": ", ".join(f"{k} {v}" for k, v in versions.items()),
-        "commit": (commit or "no commit yet") + (" + uncommitted service changes" if dirty else ""),
+        "commit": commit_of(ROOT),
         "load": " ".join(f"{x:.2f}" for x in os.getloadavg()),
     }
 
