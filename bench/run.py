@@ -4,6 +4,7 @@
     .venv/bin/python bench/run.py            # full run (~15 min), writes bench/RESULTS.md + throughput.png
     .venv/bin/python bench/run.py --quick    # one short round (~1 min), for the smoke test
     .venv/bin/python bench/run.py --scale    # only the scale table (~2 min), into its own section
+    .venv/bin/python bench/run.py --baseline DIR   # adds DIR's app.py (another checkout) as a target
 
 Everything is measured side by side in one run on one machine, and reported as ratios:
 absolute numbers on a shared 2-core box mean little, ratios between targets that took turns
@@ -14,16 +15,23 @@ Targets, with the same pool size (DB_POOL_MIN/DB_POOL_MAX) and the same seeded d
   project    app.py:app                      (the service, uuid ids, table `todos`)
   reference  bench/reference_app.py:app      (FastAPI + asyncpg snippet, SERIAL ids, `todos_ref`)
   ceiling    bench/ceiling_app.py:app        (bare ASGI callable over `todos`, msgspec)
+  baseline   DIR/app.py:app                  (--baseline DIR: the service at another checkout, e.g.
+                                              a git worktree of an earlier commit; `todos`)
+
+The baseline is served exactly like the project (the same environment, its own function
+environment) and takes turns with the others in the throughput phase only; RESULTS.md then
+compares the two commits' server CPU per request in a section of its own.
 
 Served two ways (--modes):
   vercel   the way Vercel serves them: `vercel_runtime.vc_init` (its vendored uvicorn) in each
            target's own function environment, built from its own requirements plus
            vercel-runtime (tests/standins/function_env.py, cached under .cache/): requirements.txt,
-           bench/requirements-reference.txt, bench/requirements-ceiling.txt. The platform's
-           IPC side is tests/standins/vercel_harness.py; wrk adds the proxy's headers. The runtime's
-           uvicorn picks uvloop/httptools only where the environment has them; each server is
-           asked which (tests/serving_probe.py).
-  uvicorn  plain uvicorn from the dev venv, one worker, the same --loop/--http for all.
+           bench/requirements-reference.txt, bench/requirements-ceiling.txt, and DIR/requirements.txt
+           for the baseline. The platform's IPC side is tests/standins/vercel_harness.py; wrk adds
+           the proxy's headers. The runtime's uvicorn picks uvloop/httptools only where the
+           environment has them; each server is asked which (tests/serving_probe.py).
+  uvicorn  plain uvicorn from the dev venv, one worker, the same --loop/--http for all
+           (`--app-dir DIR` for the baseline, as for the project).
 
 Phases:
   throughput  wrk (Debian package) over 127.0.0.1 with bench/wrk.lua: list, get, create, mixed,
@@ -596,8 +604,13 @@ def throughput(
                 server.peak_rss = server.idle_rss
                 sampler.servers.append(server)
                 results["serving"][target] = server.serving()
-            style = {"project": "json", "ceiling": "json", "reference": "query"}
-            ids_of = {"project": str(ids_json), "ceiling": str(ids_json), "reference": str(ids_int)}
+            style = {"project": "json", "ceiling": "json", "reference": "query", "baseline": "json"}
+            ids_of = {
+                "project": str(ids_json),
+                "ceiling": str(ids_json),
+                "reference": str(ids_int),
+                "baseline": str(ids_json),
+            }
             log(f"{mode}, {size} todos: warming up; serving {results['serving']}")
             dirty = False
             for workload in WORKLOADS:
@@ -773,7 +786,7 @@ def summarize_throughput(raw: dict, args: argparse.Namespace) -> dict:
                     "requests": sum(r["requests"] for r in mine),
                     "rounds": len(mine),
                 }
-            for other in ("reference", "ceiling"):
+            for other in ("reference", "ceiling", "baseline"):
                 for key, prefix in (("rps", "vs"), ("cpu_us", "cpu_vs")):
                     per_round = []
                     for round_no in range(args.rounds):
@@ -1395,6 +1408,66 @@ def verdict(ok: bool | None) -> str:
     return "n/a" if ok is None else ("**met**" if ok else "**missed**")
 
 
+def baseline_report(results: dict, args: argparse.Namespace) -> list[str]:
+    """The section that compares the project with the --baseline checkout: server CPU per request
+    per mode, data set and workload, and where the project costs more."""
+    baseline = results["baseline"]
+    summary = results.get("throughput_summary", {})
+    lines = [
+        "## Against an earlier commit",
+        "",
+        f"The project ({results['machine']['commit']}) against the service at {baseline['commit']} "
+        f"(`{baseline['dir']}`, target `baseline`), served exactly like the project: the same "
+        f"environment (LOG_LEVEL={args.log_level}, DB_POOL_MIN={args.pool_min} "
+        f"DB_POOL_MAX={args.pool_max}), `--app-dir` under plain uvicorn, and through the runtime a "
+        "function environment of its own, built from its own requirements.txt. It took turns with "
+        "the other targets in the rounds above, on the same `todos` rows. Server CPU µs per request, "
+        "median over rounds; project/baseline is the median of per-round ratios (min–max); the "
+        "project costs more where that median is above 1. The schema of `todos` is this checkout's; "
+        "the baseline applies its own on first use, idempotently, on top of it, so writes maintain "
+        "every index of this checkout's schema: that costs PostgreSQL, not the server process "
+        "measured here.",
+        "",
+        "| served | data | workload | project µs/req | baseline µs/req | project/baseline | "
+        "project costs more |",
+        "| --- | --- | --- | ---: | ---: | ---: | --- |",
+    ]
+    more = []
+    for mode in MODES:
+        runs = results.get("throughput", {}).get(mode, {}).get("runs", [])
+        for size in sorted({r["dataset"] for r in runs}):
+            for workload in WORKLOADS:
+                here = summary[mode].get(f"{size}/{workload}", {})
+                project, old = (here.get(t, {}).get("cpu_us") for t in ("project", "baseline"))
+                ratio = here.get("cpu_vs_baseline")
+                flag = "–"
+                if ratio is not None:
+                    flag = "no"
+                    if ratio["median"] > 1:
+                        flag = "**yes**" if ratio["min"] > 1 else "**yes** (not in every round)"
+                        more.append(f"{MODE_TITLES[mode]}, {size} todos, {workload}")
+                ratio_text = (
+                    f"{ratio['median']:.2f}× ({ratio['min']:.2f}–{ratio['max']:.2f})" if ratio else "–"
+                )
+                lines.append(
+                    f"| {MODE_TITLES[mode]} | {size} | {workload} | {fmt(project)} | {fmt(old)} | "
+                    f"{ratio_text} | {flag} |"
+                )
+    lines.append("")
+    if more:
+        lines.append(
+            f"The project costs more server CPU per request than {baseline['commit']} in: "
+            + "; ".join(more)
+            + "."
+        )
+    else:
+        lines.append(
+            f"The project costs no more server CPU per request than {baseline['commit']} in any "
+            "workload measured here."
+        )
+    return [*lines, ""]
+
+
 def write_report(results: dict, args: argparse.Namespace, out_dir: Path) -> Path:
     machine = results["machine"]
     modes = [m for m in MODES if m in results.get("throughput", {})]
@@ -1596,6 +1669,8 @@ def write_report(results: dict, args: argparse.Namespace, out_dir: Path) -> Path
         lines.append("")
     if modes:
         lines += ["![throughput per target](throughput.png)", ""]
+    if modes and results.get("baseline"):
+        lines += baseline_report(results, args)
 
     if logging_results:
         lines += [
@@ -1779,7 +1854,7 @@ def write_chart(results: dict, args: argparse.Namespace, out_dir: Path) -> Path 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    colors = {"project": "#2b7bba", "reference": "#d9822b", "ceiling": "#8c8c8c"}
+    colors = {"project": "#2b7bba", "reference": "#d9822b", "ceiling": "#8c8c8c", "baseline": "#7fb3de"}
     size = args.datasets[0]
     fig, axes = plt.subplots(len(modes), 2, figsize=(11, 4 * len(modes)), squeeze=False)
     width = 0.8 / len(args.targets)
@@ -1874,6 +1949,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="serve the project's app:app from this directory (A/B-test a changed copy)",
     )
     parser.add_argument(
+        "--baseline",
+        type=Path,
+        metavar="DIR",
+        help="also serve DIR/app.py (another checkout, e.g. a git worktree of an earlier commit) as "
+        "target `baseline`, exactly like the project, and compare their CPU per request",
+    )
+    parser.add_argument(
         "--report-only",
         action="store_true",
         help="rewrite RESULTS.md and throughput.png from --out/results.json, measure nothing",
@@ -1916,12 +1998,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--targets must include project, from {', '.join(TARGETS)}")
     if set(args.modes) - set(MODES):
         parser.error(f"--modes: from {', '.join(MODES)}")
+    if args.baseline:
+        args.baseline = args.baseline.resolve()
+        for needed in ("app.py", "requirements.txt"):
+            if not (args.baseline / needed).is_file():
+                parser.error(f"--baseline: no {needed} in {args.baseline}")
+        args.targets = [*args.targets, "baseline"]
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     APPS["project"] = ("app:app", args.project_dir.resolve())
+    if args.baseline:
+        APPS["baseline"] = ("app:app", args.baseline)
+        FUNCTION_REQUIREMENTS["baseline"] = args.baseline / "requirements.txt"
     if args.report_only:
         saved = json.loads((args.out / "results.json").read_text())
         log(f"wrote {write_report(saved, args, args.out)} and {write_chart(saved, args, args.out)}")
@@ -1949,6 +2040,8 @@ def main(argv: list[str] | None = None) -> int:
         "notes": [],
         "args": {k: str(v) for k, v in vars(args).items()},
     }
+    if args.baseline:
+        results["baseline"] = {"dir": str(args.baseline), "commit": commit_of(args.baseline)}
     log(f"work dir {workdir} (server logs), database {results['database']}")
     sampler = RssSampler()
     pythons: dict[str, Path] = {}
