@@ -14,7 +14,6 @@ DSQL stand-in (tests/standins/dsql_gateway.py) with optimistic-concurrency failu
 from __future__ import annotations
 
 import subprocess
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -24,7 +23,7 @@ from iam_support import REGION, iam_environment
 from standins.aurora_gateway import moto_credentials_lookup, parse_upstream_url
 from standins.dsql_gateway import DsqlGateway
 from standins.sts import Sts
-from support import ROOT, LiveServer, run_sql
+from support import LiveServer, migrate, run_sql
 
 ROLE, SCHEMA = "todo_app", "todo"  # different names: the stand-in gives "$user" no favours
 SERVERS = [
@@ -56,17 +55,9 @@ def dsql_environment(
 
 def migrate_as_admin(
     gateway: DsqlGateway, sts: Sts, database_url: str, schema: str | None, role: str | None = None
-) -> subprocess.CompletedProcess:
+) -> subprocess.CompletedProcess[str]:
     """`python db.py migrate [role]` as DSQL's admin, through the stand-in."""
-    env = dsql_environment(gateway, sts, database_url, user="admin", schema=schema)
-    return subprocess.run(
-        [sys.executable, str(ROOT / "db.py"), "migrate", *([role] if role else [])],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    return migrate(dsql_environment(gateway, sts, database_url, user="admin", schema=schema), role)
 
 
 def ensure_role(admin_url: str, role: str = ROLE) -> None:

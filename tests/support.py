@@ -6,6 +6,8 @@
   lifespan run) with exactly that environment; `logs()` reads the JSON lines it wrote.
 - `assert_problem(response, status, field)` and `create_todo(client, title)`: the checks and
   the step most HTTP tests share.
+- `run_python(*arguments, env=…)` runs this Python in the repository root, its output kept;
+  `migrate(env)` is `python db.py migrate` with that environment.
 - `LiveServer` starts `python app.py` (uvicorn) in a subprocess with a chosen environment,
   waits for /healthz, and keeps its stderr (the JSON logs) for tests to read;
   `unhandled(server)` is what it logged as an error.
@@ -117,6 +119,19 @@ def clean_environment(**overrides: str) -> dict[str, str]:
     }
     env.update(overrides)
     return env
+
+
+def run_python(*arguments: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """`python *arguments` in the repository root with exactly `env`, for at most a minute;
+    its exit code and output (text), for the test to judge."""
+    return subprocess.run(
+        [sys.executable, *arguments], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
+    )
+
+
+def migrate(env: dict[str, str], role: str | None = None) -> subprocess.CompletedProcess[str]:
+    """`python db.py migrate [role]`, a process of its own with exactly `env`."""
+    return run_python(str(ROOT / "db.py"), "migrate", *([role] if role else []), env=env)
 
 
 def wait_until_serving(client: Client, within: float, why: str, path: str = "/todos") -> None:

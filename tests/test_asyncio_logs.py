@@ -11,10 +11,8 @@ one JSON object.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
-from support import ROOT, clean_environment
+from support import clean_environment, run_python
 
 REPORT = """
 import asyncio
@@ -35,14 +33,7 @@ asyncio.run(main())
 
 
 def test_an_exception_no_task_retrieved_is_logged_as_json():
-    done = subprocess.run(
-        [sys.executable, "-c", REPORT],
-        cwd=ROOT,
-        env=clean_environment(),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    done = run_python("-c", REPORT, env=clean_environment())
     assert done.returncode == 0, done.stderr
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     assert lines, "the loop reported nothing"

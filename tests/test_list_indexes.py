@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import subprocess
-import sys
 import uuid
 from datetime import datetime
 from typing import Any
@@ -28,13 +26,13 @@ import db
 from dsql_support import dsql_environment, dsql_stand_in
 from standins.sts import Sts
 from support import (
-    ROOT,
     Client,
     InProcess,
     LiveServer,
     clean_environment,
     create_database,
     drop_database,
+    migrate,
     run_sql,
 )
 
@@ -234,17 +232,7 @@ def test_migrate_adds_the_new_index_to_an_existing_table_once(postgres_url: str)
     url = create_database(postgres_url)
     try:
         old_schema(url, 2_000)
-        runs = [
-            subprocess.run(
-                [sys.executable, str(ROOT / "db.py"), "migrate"],
-                cwd=ROOT,
-                env=clean_environment(DATABASE_URL=url),
-                capture_output=True,
-                text=True,
-                timeout=60,
-            )
-            for _ in range(2)
-        ]
+        runs = [migrate(clean_environment(DATABASE_URL=url)) for _ in range(2)]
         assert [r.returncode for r in runs] == [0, 0], [r.stderr for r in runs]
         assert "schema applied" in runs[0].stdout and "already up to date" in runs[1].stdout
         assert indexes_of(url) == set(INDEXES)

@@ -24,7 +24,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from support import ROOT, LiveServer, clean_environment, free_port
+from support import ROOT, LiveServer, clean_environment, free_port, run_python
 
 
 @pytest.mark.parametrize("uvicorn_cli", [True, False], ids=["uvicorn app:app", "python app.py"])
@@ -87,14 +87,7 @@ print(json.dumps([before, snapshot()]))
 def test_importing_the_app_changes_no_logging() -> None:
     """Logging is set up by one call (app.configure_logging), made by whatever starts serving;
     `import app` alone leaves every logger, Python's warnings and logging's switches as they were."""
-    done = subprocess.run(
-        [sys.executable, "-c", SNAPSHOT],
-        cwd=ROOT,
-        env=clean_environment(),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    done = run_python("-c", SNAPSHOT, env=clean_environment())
     assert done.returncode == 0, done.stderr
     before, after = json.loads(done.stdout)
     assert after == before
@@ -110,14 +103,7 @@ warnings.warn("a warning at run time", RuntimeWarning)
 
 
 def test_a_python_warning_is_a_json_line() -> None:
-    done = subprocess.run(
-        [sys.executable, "-c", WARN],
-        cwd=ROOT,
-        env=clean_environment(LOG_LEVEL="info"),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    done = run_python("-c", WARN, env=clean_environment(LOG_LEVEL="info"))
     assert done.returncode == 0, done.stderr
     entries = [json.loads(line) for line in done.stderr.splitlines() if line.strip()]  # plain text fails
     assert len(entries) == 1, done.stderr

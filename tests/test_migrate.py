@@ -4,9 +4,6 @@ migrate prints the grants and the service then serves."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import httpx
 import pytest
 
@@ -20,24 +17,14 @@ from dsql_support import (
     migrate_as_admin,
 )
 from standins.sts import Sts
-from support import ROOT, InProcess, LiveServer, clean_environment, create_database, drop_database, run_sql
-
-
-def migrate(url: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, str(ROOT / "db.py"), "migrate"],
-        cwd=ROOT,
-        env=clean_environment(DATABASE_URL=url),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+from support import InProcess, LiveServer, clean_environment, create_database, drop_database, migrate, run_sql
 
 
 def test_schema_applies_twice_without_harm(postgres_url: str):
     url = create_database(postgres_url)
     try:
-        first, second = migrate(url), migrate(url)
+        env = clean_environment(DATABASE_URL=url)
+        first, second = migrate(env), migrate(env)
         assert first.returncode == 0 and "schema applied" in first.stdout, first.stderr
         assert second.returncode == 0 and "already up to date" in second.stdout, second.stderr
         columns = run_sql(
@@ -76,14 +63,7 @@ def test_schema_uses_nothing_dsql_lacks():
 
 
 def test_migrate_reports_bad_configuration():
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "db.py"), "migrate"],
-        cwd=ROOT,
-        env=clean_environment(PGHOST="db.example.com", DB_AUTH="nonsense"),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = migrate(clean_environment(PGHOST="db.example.com", DB_AUTH="nonsense"))
     assert result.returncode == 1 and "DB_AUTH" in result.stderr
 
 

@@ -8,12 +8,10 @@ logging), calls it as an ASGI server would, and reads the JSON lines it writes t
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 
-from support import ROOT, clean_environment
+from support import clean_environment, run_python
 
 CALLS = """
 import asyncio
@@ -66,14 +64,7 @@ EVERY = ["quick-success", "not-found", "wrong-method", "slow-success"]
     ],
 )
 def test_requests_that_write_their_own_line(environment: dict[str, str], logged: list[str]) -> None:
-    done = subprocess.run(
-        [sys.executable, "-c", CALLS],
-        cwd=ROOT,
-        env=clean_environment(**environment),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    done = run_python("-c", CALLS, env=clean_environment(**environment))
     assert done.returncode == 0, done.stderr
     lines = [json.loads(line) for line in done.stderr.splitlines()]  # every line one JSON object
     requests = [line for line in lines if line["message"] == "request"]
