@@ -3,7 +3,8 @@ before a database, the service's environment for it, and the soak that drives it
 
 - `aurora(database_url, ttl)`: `AuroraGateway` (standins/aurora_gateway.py) in front of
   `database_url`, checking SigV4 tokens against the credentials moto's STS issued.
-- `iam_environment(gateway, sts, database_url, ttl)`: the service's environment behind it.
+- `iam_environment(gateway, sts, database_url, ttl)`: the service's environment behind it;
+  `vercel_iam_environment(…)` the same under Vercel's runtime, where requests carry the OIDC token.
 - `soak(live, workers, replaced=n)`: clients create, read, complete and list todos until the
   pool has been replaced n times; nothing lost.
 - `assert_no_secrets(texts, sts, env)`: no token or STS secret anywhere in `texts`.
@@ -50,26 +51,50 @@ def aurora(database_url: str, ttl: float, mode: str = "iam", **options):
         yield gateway
 
 
-def iam_environment(gateway: AuroraGateway, sts: Sts, database_url: str, ttl: int, **overrides: str) -> dict:
-    """The service's environment for IAM mode behind `gateway`; `overrides` win."""
+def iam_settings(gateway: AuroraGateway, sts: Sts, database_url: str, ttl: int) -> dict[str, str]:
+    """What the service is configured with for IAM mode behind `gateway`, wherever it runs:
+    the database, the role to assume through `sts`, the stand-in's CA, the token TTL, the pool."""
     assert gateway.ca_file, "the service verifies the stand-in's certificate (PGSSLROOTCERT)"
-    settings = dict(
-        PGHOST="127.0.0.1",
-        PGPORT=str(gateway.port),
-        PGUSER="postgres",
-        PGDATABASE=urlsplit(database_url).path.lstrip("/"),
-        DB_AUTH="iam",
-        AWS_REGION=REGION,
-        AWS_ROLE_ARN=ROLE_ARN,
-        AWS_ENDPOINT_URL_STS=sts.url,
-        AWS_EC2_METADATA_DISABLED="true",
-        VERCEL_OIDC_TOKEN=oidc_token(),
-        PGSSLROOTCERT=gateway.ca_file,
-        DB_TOKEN_TTL=str(ttl),
-        DB_POOL_MIN="1",
-        DB_POOL_MAX="6",
-    )
+    return {
+        "PGHOST": "127.0.0.1",
+        "PGPORT": str(gateway.port),
+        "PGUSER": "postgres",
+        "PGDATABASE": urlsplit(database_url).path.lstrip("/"),
+        "DB_AUTH": "iam",
+        "AWS_ROLE_ARN": ROLE_ARN,
+        "AWS_ENDPOINT_URL_STS": sts.url,
+        "AWS_EC2_METADATA_DISABLED": "true",
+        "PGSSLROOTCERT": gateway.ca_file,
+        "DB_TOKEN_TTL": str(ttl),
+        "DB_POOL_MIN": "1",
+        "DB_POOL_MAX": "6",
+    }
+
+
+def iam_environment(gateway: AuroraGateway, sts: Sts, database_url: str, ttl: int, **overrides: str) -> dict:
+    """The service's environment for IAM mode behind `gateway`, as a process of this machine
+    (the OIDC token in VERCEL_OIDC_TOKEN); `overrides` win."""
+    settings = {
+        **iam_settings(gateway, sts, database_url, ttl),
+        "AWS_REGION": REGION,
+        "VERCEL_OIDC_TOKEN": oidc_token(),
+    }
     return clean_environment(**{**settings, **overrides})
+
+
+def vercel_iam_environment(
+    gateway: AuroraGateway, sts: Sts, database_url: str, ttl: int, **extra: str
+) -> dict[str, str]:
+    """The service's environment for IAM mode behind `gateway` under Vercel's runtime
+    (standins/vercel_harness.py), at LOG_LEVEL=info, with `extra`.
+
+    The harness adds VERCEL=1, AWS_REGION and the rest of a Vercel function's environment and
+    nothing from this process, and there is no VERCEL_OIDC_TOKEN: the only OIDC tokens are
+    those the requests carry, as on Vercel.
+    """
+    env = {**iam_settings(gateway, sts, database_url, ttl), "LOG_LEVEL": "info", **extra}
+    assert "VERCEL_OIDC_TOKEN" not in env
+    return env
 
 
 def apply_postgres_schema(url: str) -> None:

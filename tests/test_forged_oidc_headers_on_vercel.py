@@ -23,7 +23,6 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from urllib.parse import urlsplit
 
 import pytest
 
@@ -34,8 +33,8 @@ try:  # only the package root: importing vercel_runtime.vc_init would start a se
 except ImportError as error:
     pytest.skip(f"vercel-runtime cannot be imported: {error}", allow_module_level=True)
 
-from iam_support import REGION, ROLE_ARN  # noqa: E402
-from standins.aurora_gateway import AuroraGateway, moto_credentials_lookup, parse_upstream_url  # noqa: E402
+from iam_support import aurora, vercel_iam_environment  # noqa: E402
+from standins.aurora_gateway import AuroraGateway  # noqa: E402
 from standins.oidc_issuer import ISSUER, IssuerHost, claims_of, forged_token  # noqa: E402
 from standins.sts import Sts  # noqa: E402
 from standins.vercel_harness import VercelRuntime  # noqa: E402
@@ -57,27 +56,10 @@ def vercel_service(
     With `keys`, Vercel's key set is reachable (the issuer stand-in, through a proxy);
     without, the proxy is a closed port: the service cannot fetch it, as if offline.
     """
-    host, port = parse_upstream_url(database_url)
     offline = {"HTTPS_PROXY": f"http://127.0.0.1:{free_port()}", "NO_PROXY": "127.0.0.1,localhost"}
-    with AuroraGateway(
-        host, port, max_token_age=TTL, region=REGION, mode="iam", credentials_lookup=moto_credentials_lookup()
-    ) as gateway:
-        env = {
-            "PGHOST": "127.0.0.1",
-            "PGPORT": str(gateway.port),
-            "PGUSER": "postgres",
-            "PGDATABASE": urlsplit(database_url).path.lstrip("/"),
-            "DB_AUTH": "iam",
-            "AWS_ROLE_ARN": ROLE_ARN,
-            "AWS_ENDPOINT_URL_STS": sts.url,
-            "AWS_EC2_METADATA_DISABLED": "true",
-            "PGSSLROOTCERT": gateway.ca_file,
-            "DB_TOKEN_TTL": str(TTL),
-            "DB_POOL_MIN": "1",
-            "DB_POOL_MAX": "6",
-            "LOG_LEVEL": "info",
-            **(keys.environment() if keys is not None else offline),
-        }
+    with aurora(database_url, TTL) as gateway:
+        proxy = keys.environment() if keys is not None else offline
+        env = vercel_iam_environment(gateway, sts, database_url, TTL, **proxy)
         with VercelRuntime(env=env) as runtime:
             yield runtime, gateway
 
