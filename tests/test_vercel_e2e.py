@@ -54,11 +54,11 @@ except ImportError as error:
 
 import asyncpg  # noqa: E402
 
-from iam_support import ROLE_ARN, aurora, oidc_token  # noqa: E402
+from iam_support import aurora, oidc_token, vercel_iam_environment  # noqa: E402
 from standins.aurora_gateway import AuroraGateway  # noqa: E402
 from standins.sts import Sts  # noqa: E402
 from standins.vercel_harness import Response, VercelRuntime  # noqa: E402
-from support import create_database, drop_database, run_sql  # noqa: E402
+from support import create_database, drop_database, run_sql, waiting_on_lock  # noqa: E402
 
 pytestmark = pytest.mark.slow  # Vercel's runtime end to end, with token lifetimes and idle timeouts
 
@@ -96,30 +96,16 @@ def serve(label: str, env: dict[str, str]) -> Iterator[VercelRuntime]:
         CAPTURED.append((label, runtime.output()))
 
 
-def iam_env(gateway: AuroraGateway, sts: Sts, database_url: str, ttl: int, **extra: str) -> dict[str, str]:
-    """The environment of iam_support.iam_environment(), minus VERCEL_OIDC_TOKEN.
-
-    The harness adds VERCEL=1, AWS_REGION and the rest of a Vercel function's environment
-    and nothing from this process, so the only OIDC tokens are those the requests carry.
-    """
-    env = {
-        "PGHOST": "127.0.0.1",
-        "PGPORT": str(gateway.port),
-        "PGUSER": "postgres",
-        "PGDATABASE": urlsplit(database_url).path.lstrip("/"),
-        "DB_AUTH": "iam",
-        "AWS_ROLE_ARN": ROLE_ARN,
-        "AWS_ENDPOINT_URL_STS": sts.url,
-        "AWS_EC2_METADATA_DISABLED": "true",
-        "PGSSLROOTCERT": gateway.ca_file,
-        "DB_TOKEN_TTL": str(ttl),
-        "DB_POOL_MIN": "1",
-        "DB_POOL_MAX": "6",
-        "LOG_LEVEL": "info",
-        **extra,
-    }
-    assert "VERCEL_OIDC_TOKEN" not in env
-    return env
+@contextmanager
+def serve_iam(
+    label: str, sts: Sts, database_url: str, ttl: int
+) -> Iterator[tuple[AuroraGateway, VercelRuntime]]:
+    """serve() in IAM mode, behind Aurora's stand-in for `database_url` (tokens live `ttl` s)."""
+    with (
+        aurora(database_url, ttl) as gateway,
+        serve(label, vercel_iam_environment(gateway, sts, database_url, ttl)) as runtime,
+    ):
+        yield gateway, runtime
 
 
 @dataclass(frozen=True)
@@ -292,10 +278,7 @@ def test_password_mode_api_through_the_vercel_runtime(embedded_postgres: str):
 
 def test_iam_mode_uses_the_request_oidc_token(fresh_sts: Sts, embedded_database: str):
     token = new_oidc_token(3600)
-    with (
-        aurora(embedded_database, 60) as gateway,
-        serve("iam", iam_env(gateway, fresh_sts, embedded_database, 60)) as runtime,
-    ):
+    with serve_iam("iam", fresh_sts, embedded_database, 60) as (gateway, runtime):
         crud_round_trip(runtime, token)
         ready = runtime.request("GET", "/readyz", oidc_token=token)
         assert ready.status == 200 and ready.json()["auth"] == "iam"
@@ -317,10 +300,7 @@ def test_background_replacement_uses_the_latest_oidc_token(
     fresh_sts.credential_lifetime = 15
     monkeypatch.setattr(fresh_sts, "web_identity_tokens", StampedList())
 
-    with (
-        aurora(embedded_database, ttl) as gateway,
-        serve("iam-background", iam_env(gateway, fresh_sts, embedded_database, ttl)) as runtime,
-    ):
+    with serve_iam("iam-background", fresh_sts, embedded_database, ttl) as (gateway, runtime):
         # Token A expires a few seconds after B arrives, during the quiet phase, so that a
         # replacement reading a stale request context would find an expired token there.
         token_a = new_oidc_token(6)
@@ -391,10 +371,7 @@ def test_oidc_token_in_its_last_15_minutes_is_used(fresh_sts: Sts, embedded_data
     assert is_expired(get_token_payload(token))
     ttl = 3
     fresh_sts.credential_lifetime = 15
-    with (
-        aurora(embedded_database, ttl) as gateway,
-        serve("iam-last-15-minutes", iam_env(gateway, fresh_sts, embedded_database, ttl)) as runtime,
-    ):
+    with serve_iam("iam-last-15-minutes", fresh_sts, embedded_database, ttl) as (gateway, runtime):
         crud_round_trip(runtime, token)
         runtime.wait_idle()
         calls = fresh_sts.calls
@@ -444,19 +421,24 @@ class RowLock:
         self.release()
 
 
-def waiting_on_locks(database_url: str) -> int:
-    database = urlsplit(database_url).path.lstrip("/")
-    return run_sql(
-        database_url,
-        f"SELECT count(*) FROM pg_stat_activity WHERE datname = '{database}' AND wait_event_type = 'Lock'",
-    )[0][0]
-
-
 def in_thread(call: Any, *args: Any, **kwargs: Any) -> tuple[threading.Thread, list]:
     result: list = []
     thread = threading.Thread(target=lambda: result.append(call(*args, **kwargs)), daemon=True)
     thread.start()
     return thread, result
+
+
+def patch_held_by_the_row_lock(
+    runtime: VercelRuntime, database_url: str, location: str, title: str, token: str, deadline: float
+) -> tuple[threading.Thread, list]:
+    """PATCH the todo at `location` from a thread, and return once the PATCH waits in the
+    database behind a RowLock, failing if it does not by `deadline` (time.monotonic()): its
+    connection stays busy until the lock is released. The thread and its answer, as in_thread()."""
+    patch, patched = in_thread(runtime.request, "PATCH", location, json={"title": title}, oidc_token=token)
+    while waiting_on_lock(database_url) == 0:
+        assert time.monotonic() < deadline, "the PATCH never reached the row lock"
+        time.sleep(0.02)
+    return patch, patched
 
 
 def test_thawed_request_keeps_the_instance_alive_until_the_old_pool_closed(
@@ -476,10 +458,7 @@ def test_thawed_request_keeps_the_instance_alive_until_the_old_pool_closed(
     """
     ttl = 3  # timer at 2.1 s, due at 2.4 s, expired at 2.85 s, from the second the token is dated
     token = new_oidc_token(3600)
-    with (
-        aurora(embedded_database, ttl) as gateway,
-        serve("iam-wait-until", iam_env(gateway, fresh_sts, embedded_database, ttl)) as runtime,
-    ):
+    with serve_iam("iam-wait-until", fresh_sts, embedded_database, ttl) as (gateway, runtime):
         made = runtime.request("POST", "/todos", json={"title": "locked"}, oidc_token=token)
         assert made.status == 201, made.text
         with RowLock(embedded_database, made.json()["id"]) as lock:
@@ -487,16 +466,9 @@ def test_thawed_request_keeps_the_instance_alive_until_the_old_pool_closed(
             # after the second its token is dated: 1.1 to 2.1 s after it was made).
             wait_for_log(runtime, "pool replaced", len(runtime.messages), ttl)
             anchor = time.monotonic()
-            patch, patched = in_thread(
-                runtime.request,
-                "PATCH",
-                made.header("location"),
-                json={"title": "after the thaw"},
-                oidc_token=token,
+            patch, patched = patch_held_by_the_row_lock(
+                runtime, embedded_database, made.header("location"), "after the thaw", token, anchor + 1.5
             )
-            while waiting_on_locks(embedded_database) == 0:
-                assert time.monotonic() - anchor < 1.5, "the PATCH never reached the row lock"
-                time.sleep(0.02)
 
             # Freeze the instance, as Vercel does between invocations, until its pool is due;
             # its timer cannot fire meanwhile. A request arrives while it is frozen and waits
@@ -548,10 +520,7 @@ def test_no_secret_in_runtime_output(fresh_sts: Sts, embedded_database: str):
     token = new_oidc_token(3600)
     fresh_sts.credential_lifetime = 15
     bodies = []
-    with (
-        aurora(embedded_database, ttl) as gateway,
-        serve("iam-secrets", iam_env(gateway, fresh_sts, embedded_database, ttl)) as runtime,
-    ):
+    with serve_iam("iam-secrets", fresh_sts, embedded_database, ttl) as (gateway, runtime):
         crud_round_trip(runtime, token)
         for method, path, body in (
             ("POST", "/todos", "{not json"),
@@ -656,25 +625,19 @@ def test_drain_is_terminated_at_the_invocation_deadline(fresh_sts: Sts, embedded
 
     ttl = 3  # the timer replaces the pool 2.1 s after the second its token is dated
     token = new_oidc_token(3600)
-    with (
-        aurora(embedded_database, ttl) as gateway,
-        serve("iam-drain-deadline", iam_env(gateway, fresh_sts, embedded_database, ttl)) as runtime,
-    ):
+    with serve_iam("iam-drain-deadline", fresh_sts, embedded_database, ttl) as (gateway, runtime):
         made = runtime.request("POST", "/todos", json={"title": "locked"}, oidc_token=token)
         assert made.status == 201, made.text
         with RowLock(embedded_database, made.json()["id"]) as lock:
             since = len(runtime.messages)
-            patch, patched = in_thread(
-                runtime.request,
-                "PATCH",
+            patch, patched = patch_held_by_the_row_lock(
+                runtime,
+                embedded_database,
                 made.header("location"),
-                json={"title": "after the drain"},
-                oidc_token=token,
+                "after the drain",
+                token,
+                time.monotonic() + 2,
             )
-            started = time.monotonic()
-            while waiting_on_locks(embedded_database) == 0:
-                assert time.monotonic() - started < 2, "the PATCH never reached the row lock"
-                time.sleep(0.02)
             wait_for_log(runtime, "pool replaced", since, ttl + 2)  # the PATCH's pool now drains
 
             budget = 2.5
@@ -685,7 +648,7 @@ def test_drain_is_terminated_at_the_invocation_deadline(fresh_sts: Sts, embedded
             assert got.status == 200, got.text
             runtime.wait_for_end(got.invocation_id, timeout=budget + 2)
             ended = time.monotonic() - asked
-            assert waiting_on_locks(embedded_database) >= 1, "the lock was meant to outlast the GET"
+            assert waiting_on_lock(embedded_database) >= 1, "the lock was meant to outlast the GET"
             assert ended < budget, f"the GET ended {ended:.2f} s after it was sent, past its deadline"
             assert ended > budget - db.DEADLINE_MARGIN - 0.5, "the GET did not wait for the drain at all"
             lock.release()
