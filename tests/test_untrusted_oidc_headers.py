@@ -36,6 +36,23 @@ def book(
     return auth.OidcTokens(baseline, environment, project_id, lambda: sdk_token, fetch_jwks)
 
 
+def assert_not_a_candidate(token: str) -> auth.OidcTokens:
+    """A new book that has seen `token` still presents the SDK's own token: `token` is no
+    candidate. The book, for a test that goes on with it."""
+    tokens = book()
+    tokens.observe(token)
+    assert tokens.first() == SDK_TOKEN
+    return tokens
+
+
+def presented_and_rejected(tokens: auth.OidcTokens, forged: str) -> None:
+    """`forged` arrives in a request's header, is the candidate the next refresh presents to
+    STS, and STS rejects it."""
+    tokens.observe(forged)
+    assert tokens.first() == forged
+    tokens.rejected(forged)
+
+
 class KeySet:
     """The issuer's JWKS endpoint, as the service fetches it: records every URL asked for."""
 
@@ -111,9 +128,7 @@ RS256 = {"alg": "RS256", "typ": "JWT", "kid": "vercel-oidc-1"}
     ],
 )
 def test_a_malformed_header_token_is_never_a_candidate(token: str):
-    tokens = book()
-    tokens.observe(token)
-    assert tokens.first() == SDK_TOKEN
+    assert_not_a_candidate(token)
 
 
 @pytest.mark.parametrize(
@@ -126,9 +141,7 @@ def test_a_malformed_header_token_is_never_a_candidate(token: str):
     ids=["expired", "exp ten years away", "issued an hour from now"],
 )
 def test_an_expired_or_implausibly_timed_token_is_never_a_candidate(token: str):
-    tokens = book()
-    tokens.observe(token)
-    assert tokens.first() == SDK_TOKEN
+    assert_not_a_candidate(token)
 
 
 def test_a_token_in_its_last_minutes_is_still_a_candidate():
@@ -158,9 +171,7 @@ def test_a_token_in_its_last_minutes_is_still_a_candidate():
     ],
 )
 def test_before_any_acceptance_only_this_deployments_vercel_claims_are_candidates(token: str):
-    tokens = book()
-    tokens.observe(token)
-    assert tokens.first() == SDK_TOKEN
+    tokens = assert_not_a_candidate(token)
     good = ISSUER.token()
     tokens.observe(good)
     assert tokens.first() == good
@@ -211,9 +222,7 @@ def test_a_rejected_token_is_never_presented_again_and_the_refresh_falls_back_to
     accepted = ISSUER.token(issued_at=time.time() - 60)
     tokens.accepted(accepted)
     forged = forged_token()
-    tokens.observe(forged)
-    assert tokens.first() == forged
-    tokens.rejected(forged)
+    presented_and_rejected(tokens, forged)
     assert tokens.fallback(forged) == accepted
     tokens.observe(ISSUER.token(issued_at=time.time() - 120))  # between two arrivals of the forgery
     tokens.observe(forged)
@@ -223,9 +232,7 @@ def test_a_rejected_token_is_never_presented_again_and_the_refresh_falls_back_to
 def test_without_an_unexpired_accepted_token_the_fallback_is_the_sdks_own_and_never_a_rejected_one():
     tokens = book()
     forged = forged_token()
-    tokens.observe(forged)
-    assert tokens.first() == forged
-    tokens.rejected(forged)
+    presented_and_rejected(tokens, forged)
     assert tokens.fallback(forged) == SDK_TOKEN
     tokens.rejected(SDK_TOKEN)
     assert tokens.fallback(SDK_TOKEN) is None
@@ -291,9 +298,7 @@ def test_a_cold_instance_attacked_before_any_acceptance_recovers_in_the_same_ref
     platform = ISSUER.token(issued_at=time.time() - 30)
     tokens.observe(platform)
     forged = forged_token()
-    tokens.observe(forged)
-    assert tokens.first() == forged
-    tokens.rejected(forged)
+    presented_and_rejected(tokens, forged)
     assert tokens.fallback(forged) == platform
 
 
@@ -309,9 +314,7 @@ def test_when_the_key_set_cannot_be_fetched_a_rejection_still_falls_back_and_the
     tokens.accepted(accepted)
     for _ in range(3):
         forged = forged_token(lifetime=3000 + len(fetched) + _)
-        tokens.observe(forged)
-        assert tokens.first() == forged  # unverifiable: still a candidate, STS decides
-        tokens.rejected(forged)
+        presented_and_rejected(tokens, forged)  # unverifiable: still a candidate, STS decides
         assert tokens.fallback(forged) == accepted
     assert len(fetched) == 1  # retried only after auth.JWKS_REFETCH
 
@@ -321,9 +324,7 @@ def test_keys_are_fetched_only_from_vercels_issuer():
     baseline = ISSUER.token(iss="https://token.example.com/acme")
     tokens = book(baseline=baseline, fetch_jwks=keys)
     forged = forged_token(iss="https://token.example.com/acme")
-    tokens.observe(forged)
-    assert tokens.first() == forged
-    tokens.rejected(forged)
+    presented_and_rejected(tokens, forged)
     assert tokens.fallback(forged) == SDK_TOKEN and keys.fetched == []
 
 
@@ -351,9 +352,7 @@ def test_a_forgery_that_arrives_during_a_refresh_is_never_its_fallback():
     accepted = ISSUER.token(issued_at=time.time() - 60)
     tokens.accepted(accepted)
     forged = forged_token(lifetime=3000)
-    tokens.observe(forged)
-    assert tokens.first() == forged
-    tokens.rejected(forged)
+    presented_and_rejected(tokens, forged)
     tokens.observe(forged_token(lifetime=3001))  # the next forgery, while STS was answering
     assert tokens.fallback(forged) == accepted
 
@@ -368,9 +367,7 @@ def test_a_signed_token_of_another_project_seen_before_the_first_acceptance_is_n
     tokens.observe(other)
     tokens.accepted(ISSUER.token(issued_at=time.time() - 120))  # this deployment's: now the reference
     forged = forged_token()
-    tokens.observe(forged)
-    assert tokens.first() == forged
-    tokens.rejected(forged)
+    presented_and_rejected(tokens, forged)
     assert tokens.fallback(forged) != other
 
 
@@ -383,9 +380,7 @@ def test_a_forgery_found_unverifiable_just_before_the_keys_arrived_is_never_pres
     accepted = ISSUER.token(issued_at=time.time() - 120)
     tokens.accepted(accepted)
     first_forgery = forged_token()
-    tokens.observe(first_forgery)
-    assert tokens.first() == first_forgery
-    tokens.rejected(first_forgery)
+    presented_and_rejected(tokens, first_forgery)
     late_forgery = forged_token(lifetime=7200)
     check = tokens.keys.signed
     refreshed: list[str | None] = []
