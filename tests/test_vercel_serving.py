@@ -35,6 +35,8 @@ import statistics
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 
@@ -61,6 +63,24 @@ EVERY_VERSION = pytest.mark.parametrize(
 
 def serve(vercel_runtime: RuntimeVariant, function_python, entrypoint: str, **env: str) -> VercelRuntime:
     return VercelRuntime(entrypoint, python=str(function_python), env=env, hive=vercel_runtime.hive)
+
+
+@contextmanager
+def started_in_a_thread(runtime: VercelRuntime, announce_within: float) -> Iterator[threading.Thread]:
+    """`runtime` starting in a thread of its own (which ends when start() returns), entered as
+    soon as the runtime has announced its port, while the app's startup may still be running;
+    on the way out the start is awaited and the runtime stopped."""
+    starting = threading.Thread(target=runtime.start)
+    starting.start()
+    try:
+        deadline = time.monotonic() + announce_within
+        while runtime.port is None:
+            assert time.monotonic() < deadline and starting.is_alive(), "the runtime never announced its port"
+            time.sleep(0.002)
+        yield starting
+    finally:
+        starting.join(60)
+        runtime.stop()
 
 
 def pins() -> dict[str, str]:
@@ -132,13 +152,7 @@ def test_keep_alive_requests_are_not_stalled_by_nagle(vercel_runtime, function_p
         python=str(function_python),
         env={**PROBE, "SERVING_PROBE_STARTUP_DELAY": "1.0"},
     )
-    starting = threading.Thread(target=runtime.start)
-    starting.start()
-    try:
-        deadline = time.monotonic() + 30
-        while runtime.port is None:
-            assert time.monotonic() < deadline and starting.is_alive(), "the runtime never announced its port"
-            time.sleep(0.002)
+    with started_in_a_thread(runtime, 30) as starting:
         early = runtime.connect()
         starting.join(60)
         assert runtime.returncode is None and not starting.is_alive()
@@ -152,9 +166,6 @@ def test_keep_alive_requests_are_not_stalled_by_nagle(vercel_runtime, function_p
             assert runtime.request("GET", "/_probe/serving", connection=connection).json()["nodelay"] is True
             connection.close()
         assert "listening socket was not found" not in runtime.output()
-    finally:
-        starting.join(60)
-        runtime.stop()
 
 
 # --- 3. logs through the runtime's logging, with their level ------------------------------
@@ -251,20 +262,11 @@ def test_on_hive_the_port_is_announced_after_lifespan_startup(vercel_runtime, fu
     runtime = serve(
         vercel_runtime, function_python, "tests/serving_probe.py", **PROBE, SERVING_PROBE_STARTUP_DELAY="2.0"
     )
-    starting = threading.Thread(target=runtime.start)
-    starting.start()
-    try:
-        deadline = time.monotonic() + 60
-        while runtime.port is None:
-            assert time.monotonic() < deadline and starting.is_alive(), "the runtime never announced its port"
-            time.sleep(0.002)
+    with started_in_a_thread(runtime, 60) as starting:
         announced = time.monotonic()
         starting.join(60)
         answered = time.monotonic() - announced  # start() returns once a ping is answered
         assert runtime.returncode is None and runtime.request("GET", "/healthz").status == 200
-    finally:
-        starting.join(60)
-        runtime.stop()
     if vercel_runtime.hive:
         assert answered < 1.0, answered
     else:
