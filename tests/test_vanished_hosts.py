@@ -31,6 +31,8 @@ import pytest
 import db
 from dsql_support import dsql_service
 from iam_support import aurora, iam_environment
+from standins.aurora_gateway import AuroraGateway
+from standins.network_namespace import PacketDropper
 from support import LiveServer, clean_environment, create_database, run_sql
 
 # --- the socket options, on any machine ----------------------------------------------
@@ -309,6 +311,22 @@ def vanish_under_load(
     assert "unhandled error" not in {entry["message"] for entry in server.logs()}
 
 
+def vanish_behind_the_stand_in(
+    server: LiveServer, gateway: AuroraGateway, dropper: PacketDropper, url: str
+) -> None:
+    """vanish_under_load where a stand-in (Aurora's or DSQL's) is the database host: once the
+    pool is warm through it, its port goes silent, and the connections it accepted since count
+    as opened."""
+    assert httpx.get(server.url + "/todos", timeout=15).status_code == 200
+    wait_for(lambda: gateway.active_connections >= 8, 10, "the pool never warmed to 8")
+    vanish_under_load(
+        server,
+        lambda: dropper.silence(gateway.port),
+        lambda since: sum(attempt.at >= since for attempt in gateway.accepted),
+        lambda: stored_ids(url),
+    )
+
+
 @pytest.mark.slow
 def test_a_vanished_database_host_under_load_costs_the_next_requests_under_2_5_seconds(network):
     name = fresh_database(network)
@@ -338,14 +356,7 @@ def test_a_vanished_host_is_found_through_the_aurora_gateway_with_iam_tokens(net
             gateway, fresh_sts, url, 900, DB_POOL_MIN="8", DB_POOL_MAX="12", LOG_LEVEL="info"
         )
         with LiveServer(env) as server:
-            assert httpx.get(server.url + "/todos", timeout=15).status_code == 200
-            wait_for(lambda: gateway.active_connections >= 8, 10, "the pool never warmed to 8")
-            vanish_under_load(
-                server,
-                lambda: network.dropper.silence(gateway.port),
-                lambda since: sum(attempt.at >= since for attempt in gateway.accepted),
-                lambda: stored_ids(url),
-            )
+            vanish_behind_the_stand_in(server, gateway, network.dropper, url)
             assert fresh_sts.calls == 1  # a reconnect presents the pool's token: no STS call
         assert gateway.refused == []
 
@@ -359,14 +370,7 @@ def test_a_vanished_host_is_found_through_the_dsql_stand_in(network, fresh_sts):
     with dsql_service(
         url, fresh_sts, role=False, gateway_options={"conflict_rate": 0}, DB_POOL_MIN="8", DB_POOL_MAX="12"
     ) as (server, gateway):
-        assert httpx.get(server.url + "/todos", timeout=15).status_code == 200
-        wait_for(lambda: gateway.active_connections >= 8, 10, "the pool never warmed to 8")
-        vanish_under_load(
-            server,
-            lambda: network.dropper.silence(gateway.port),
-            lambda since: sum(attempt.at >= since for attempt in gateway.accepted),
-            lambda: stored_ids(url),
-        )
+        vanish_behind_the_stand_in(server, gateway, network.dropper, url)
 
 
 @pytest.mark.slow
