@@ -6,7 +6,8 @@ before a database, the service's environment for it, and the soak that drives it
 - `iam_environment(gateway, sts, database_url, ttl)`: the service's environment behind it;
   `vercel_iam_environment(…)` the same under Vercel's runtime, where requests carry the OIDC token.
 - `soak(live, workers, replaced=n)`: clients create, read, complete and list todos until the
-  pool has been replaced n times; nothing lost.
+  pool has been replaced n times; nothing lost. `ready_after_soak(live, auth, ttl, n)`: what
+  /readyz says then.
 - `assert_no_secrets(texts, sts, env)`: no token or STS secret anywhere in `texts`.
 """
 
@@ -178,3 +179,13 @@ def soak(live: LiveServer, workers: int, *, replaced: int, within: float = 40.0)
             got = client.get(f"/todos/{todo_id}")
             assert got.status_code == 200 and got.json()["completed"] is True
     return created
+
+
+def ready_after_soak(live: LiveServer, auth: str, ttl: int, replaced: int) -> dict:
+    """/readyz once a soak is over: it names the auth mode `auth` and tokens of `ttl` seconds,
+    and the pool has been replaced at least `replaced` times. The report, for a secrets check."""
+    with httpx.Client(base_url=live.url, timeout=15) as client:
+        ready = client.get("/readyz").json()
+    assert ready["auth"] == auth and ready["token"]["ttl_seconds"] == ttl
+    assert replacements(live) >= replaced, f"only {replacements(live)} replacements"
+    return ready

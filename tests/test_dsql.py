@@ -18,7 +18,7 @@ import pytest
 
 import db
 from dsql_support import ROLE, SCHEMA, dsql_environment, dsql_service, dsql_stand_in, ensure_role
-from iam_support import assert_no_secrets, replacements, soak
+from iam_support import assert_no_secrets, ready_after_soak, replacements, soak
 from standins.sts import Sts
 from support import LiveServer, create_database, drop_database
 
@@ -63,10 +63,7 @@ def test_soak_across_replacements_with_conflicts_loses_nothing(
         with dsql_service(url, fresh_sts, role=role, ttl=ttl, DB_POOL_MAX="3") as (live, gateway):
             created = soak(live, workers, replaced=2)
             assert len(created) > 30
-            with httpx.Client(base_url=live.url, timeout=15) as client:
-                ready = client.get("/readyz").json()
-            assert ready["auth"] == "dsql" and ready["token"]["ttl_seconds"] == ttl
-            assert replacements(live) >= 2, f"only {replacements(live)} replacements"
+            ready = ready_after_soak(live, "dsql", ttl, replaced=2)
             assert gateway.refused == []  # every token presented was accepted
             actions = {a.action for a in gateway.accepted if a.user != "admin" or not role}
             assert actions == {"DbConnect" if role else "DbConnectAdmin"}

@@ -25,6 +25,7 @@ from iam_support import (
     assert_no_secrets,
     aurora,
     iam_environment,
+    ready_after_soak,
     replacements,
     soak,
 )
@@ -45,10 +46,7 @@ def test_soak_across_many_replacements_loses_nothing(fresh_sts: Sts, embedded_da
         with LiveServer(env) as live:
             created = soak(live, workers, replaced=4)
             assert len(created) > 50
-            with httpx.Client(base_url=live.url, timeout=15) as client:
-                ready = client.get("/readyz").json()
-            assert ready["auth"] == "iam" and ready["token"]["ttl_seconds"] == ttl
-            assert replacements(live) >= 4, f"only {replacements(live)} replacements"
+            ready = ready_after_soak(live, "iam", ttl, replaced=4)
             # Credentials are reused until shortly before they expire: not one STS call per pool.
             assert 1 <= fresh_sts.calls <= 2
             assert fresh_sts.web_identity_tokens[0] == env["VERCEL_OIDC_TOKEN"]
