@@ -1507,6 +1507,14 @@ def write_report(results: dict, args: argparse.Namespace, out_dir: Path) -> Path
     def ratio(mode: str, key: str, name: str) -> float | None:
         return cell(mode, key).get(name, {}).get("median")
 
+    def ratio_row(
+        target: str, measured: float | None, sign: str, limit: float, of: str
+    ) -> tuple[str, str, str, bool | None]:
+        """The row of a target on a ratio to `of` (the reference or the ceiling): `measured` at
+        most (`sign` "≤") or at least ("≥") `limit`; the goal is written from the same numbers."""
+        met = None if measured is None else (measured <= limit if sign == "≤" else measured >= limit)
+        return (target, f"{sign} {limit:g}× {of}", fmt(measured, "{:.2f}×"), met)
+
     # Targets first: where the project stands.
     rows = []
     small = args.datasets[0]
@@ -1519,35 +1527,15 @@ def write_report(results: dict, args: argparse.Namespace, out_dir: Path) -> Path
             None if keepalive is None else keepalive < 5,
         )
     )
-    r = ratio("vercel", f"{small}/list", "cpu_vs_reference")
-    rows.append(
-        (
-            "server CPU per GET /todos through vc_init, LOG_LEVEL=info",
-            "≤ 0.4× reference",
-            fmt(r, "{:.2f}×"),
-            None if r is None else r <= 0.4,
-        )
-    )
-    r = ratio("vercel", f"{small}/list", "cpu_vs_ceiling")
-    rows.append(
-        (
-            "server CPU per GET /todos through vc_init, LOG_LEVEL=info",
-            "≤ 1.25× ceiling",
-            fmt(r, "{:.2f}×"),
-            None if r is None else r <= 1.25,
-        )
-    )
+    cpu = "server CPU per GET /todos through vc_init, LOG_LEVEL=info"
+    rows += [
+        ratio_row(cpu, ratio("vercel", f"{small}/list", "cpu_vs_reference"), "≤", 0.4, "reference"),
+        ratio_row(cpu, ratio("vercel", f"{small}/list", "cpu_vs_ceiling"), "≤", 1.25, "ceiling"),
+    ]
     cold = results.get("cold_start", {})
     iam_p, iam_r = (cold.get("vercel/iam", {}).get(t, {}).get("median_s") for t in ("project", "reference"))
     r = iam_p / iam_r if iam_p and iam_r else None
-    rows.append(
-        (
-            "IAM cold start through vc_init",
-            "≤ 0.5× reference",
-            fmt(r, "{:.2f}×"),
-            None if r is None else r <= 0.5,
-        )
-    )
+    rows.append(ratio_row("IAM cold start through vc_init", r, "≤", 0.5, "reference"))
     logging_results = results.get("logging", {})
     for mode in MODES:
         r = logging_results.get(mode, {}).get("ratio")
@@ -1562,33 +1550,13 @@ def write_report(results: dict, args: argparse.Namespace, out_dir: Path) -> Path
                 )
             )
     for size in args.datasets[:1]:
-        r = ratio("uvicorn", f"{size}/list", "vs_reference")
-        rows.append(
-            (
-                f"plain uvicorn: list throughput, {size} todos",
-                "≥ 2.2× reference",
-                fmt(r, "{:.2f}×"),
-                None if r is None else r >= 2.2,
-            )
-        )
-        r = ratio("uvicorn", f"{size}/list", "vs_ceiling")
-        rows.append(
-            (
-                f"plain uvicorn: list throughput, {size} todos",
-                "≥ 0.75× ceiling",
-                fmt(r, "{:.2f}×"),
-                None if r is None else r >= 0.75,
-            )
-        )
-        r = ratio("uvicorn", f"{size}/create", "vs_reference")
-        rows.append(
-            (
-                f"plain uvicorn: create throughput, {size} todos",
-                "≥ 1.5× reference",
-                fmt(r, "{:.2f}×"),
-                None if r is None else r >= 1.5,
-            )
-        )
+        listing = f"plain uvicorn: list throughput, {size} todos"
+        creating = f"plain uvicorn: create throughput, {size} todos"
+        rows += [
+            ratio_row(listing, ratio("uvicorn", f"{size}/list", "vs_reference"), "≥", 2.2, "reference"),
+            ratio_row(listing, ratio("uvicorn", f"{size}/list", "vs_ceiling"), "≥", 0.75, "ceiling"),
+            ratio_row(creating, ratio("uvicorn", f"{size}/create", "vs_reference"), "≥", 1.5, "reference"),
+        ]
     rot = results.get("rotation", {})
     r = rot.get("ratio")
     errors = rot.get("errors", 0)
