@@ -538,6 +538,17 @@ def run_wrk(
 # --- phase 1: throughput -------------------------------------------------------------
 
 
+def wrk_proxy(server: Server) -> str:
+    """The proxy whose headers wrk sends to `server` (wrk.lua): Vercel's under vc_init, else none."""
+    return "vercel" if server.mode == "vercel" else ""
+
+
+def warm_up(server: Server, workload: str, style: str, ids_file: str, args: argparse.Namespace) -> None:
+    """An unmeasured wrk run of `args.warmup` seconds (none when 0), sent as the measured ones are."""
+    if args.warmup:
+        run_wrk(server.port, workload, style, ids_file, args.warmup, args, proxy=wrk_proxy(server))
+
+
 def run_wrk_cpu(
     server: Server,
     workload: str,
@@ -558,7 +569,7 @@ def run_wrk_cpu(
         duration,
         args,
         connections=connections,
-        proxy="vercel" if server.mode == "vercel" else "",
+        proxy=wrk_proxy(server),
         rate=rate,
     )
     user_after, system_after = server.cpu_seconds()
@@ -617,16 +628,7 @@ def throughput(
                 for target, server in servers.items():
                     if dirty:
                         db.seed(size)
-                    if args.warmup:
-                        run_wrk(
-                            server.port,
-                            workload,
-                            style[target],
-                            ids_of[target],
-                            args.warmup,
-                            args,
-                            proxy="vercel" if mode == "vercel" else "",
-                        )
+                    warm_up(server, workload, style[target], ids_of[target], args)
                     dirty = workload in ("create", "mixed")
             if dirty:
                 db.seed(size)
@@ -713,16 +715,7 @@ def logging_cost(
         for server in servers.values():
             server.start()
             server.wait_ready()
-            if args.warmup:
-                run_wrk(
-                    server.port,
-                    "list",
-                    "json",
-                    "-",
-                    args.warmup,
-                    args,
-                    proxy="vercel" if mode == "vercel" else "",
-                )
+            warm_up(server, "list", "json", "-", args)
         for round_no in range(args.log_rounds):
             order = [on_level, off_level] if round_no % 2 == 0 else [off_level, on_level]
             for level in order:
