@@ -49,7 +49,12 @@ from standins.network_namespace import (  # noqa: E402
     unavailable_reason,
 )
 from standins.sts import Sts, recording_sts  # noqa: E402
-from standins.vercel_harness import BUILDER_RUNTIME, RuntimeVariant, hive_unavailable  # noqa: E402
+from standins.vercel_harness import (  # noqa: E402
+    BUILDER_RUNTIME,
+    NO_VERCEL_RUNTIME,
+    RuntimeVariant,
+    hive_unavailable,
+)
 from support import Client, InProcess, LiveServer, clean_environment, create_database, drop_database, run_sql  # noqa: E402
 
 
@@ -265,11 +270,6 @@ VERCEL_RUNTIME_MODULES = {
     "test_vercel_harness.py",
     "test_vercel_serving.py",
 }
-NO_VERCEL_RUNTIME = (
-    f"vercel-runtime needs Python 3.12 or later (this is {sys.version.split()[0]})"
-    if sys.version_info < (3, 12)
-    else None
-)
 not_collected = pytest.StashKey[list[str]]()
 
 
@@ -348,7 +348,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         variant = callspec.params.get("vercel_runtime") if callspec is not None else None
         if not isinstance(variant, RuntimeVariant):
             continue
-        reason = "vercel-runtime needs Python 3.12 or later" if sys.version_info < (3, 12) else None
+        reason = NO_VERCEL_RUNTIME
         if reason is None and variant.hive:
             if "hive" not in reasons:
                 reasons["hive"] = hive_unavailable()

@@ -66,6 +66,14 @@ RUNTIME_PIN = "0.23.2"
 # The newest on PyPI: the builder moves to it without asking, so the serving tests run on it too.
 NEWEST_RUNTIME = "0.24.1"
 HIVE_IPC_PATH = "/opt/vercel/ipc.sock"
+# Why Vercel's runtime cannot serve here, or None: it needs Python 3.12 or later. A value
+# rather than a version check at each use, so that the type checker (set to 3.11, the oldest
+# Python the service runs on) still reads what follows such a check.
+NO_VERCEL_RUNTIME = (
+    f"vercel-runtime needs Python 3.12 or later (this is {sys.version.split()[0]})"
+    if sys.version_info < (3, 12)
+    else None
+)
 
 
 @dataclass(frozen=True)
@@ -152,6 +160,13 @@ class Response:
     def header(self, name: str) -> str | None:
         name = name.lower()
         return next((v for k, v in self.headers if k.lower() == name), None)
+
+    @property
+    def location(self) -> str:
+        """The Location header, which a test reading it expects the response to carry."""
+        location = self.header("location")
+        assert location is not None, f"no Location header: {self.status} {self.text[:300]}"
+        return location
 
     @property
     def text(self) -> str:
@@ -386,6 +401,11 @@ class VercelRuntime:
     @property
     def returncode(self) -> int | None:
         return None if self.proc is None else self.proc.poll()
+
+    def signal(self, signum: int) -> None:
+        """Send the started runtime a signal (SIGSTOP and SIGCONT: a frozen instance)."""
+        assert self.proc is not None, "the runtime was never started"
+        self.proc.send_signal(signum)
 
     # -- platform side: reading what the runtime says ------------------------
 
