@@ -22,6 +22,7 @@ import io
 import json
 import logging
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -104,10 +105,23 @@ def create_todo(client: Client, title: str, **fields: object) -> dict:
     return response.json()
 
 
+# Ports for servers the tests start come from below the kernel's ephemeral range (Linux:
+# 32768 and up, macOS: 49152 and up), from which every outgoing connection takes its local
+# port. A port the kernel hands out for bind(0) is free only until the server binds it: with
+# four xdist workers opening connections meanwhile, one of them took it.
+SERVER_PORTS = range(10_000, 32_768)
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A port on 127.0.0.1 that nothing is bound to, for a server about to listen on it."""
+    while True:
+        port = random.choice(SERVER_PORTS)
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:  # in use: another
+                continue
+            return port
 
 
 def clean_environment(**overrides: str) -> dict[str, str]:

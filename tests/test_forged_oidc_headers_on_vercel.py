@@ -179,8 +179,10 @@ def test_forged_header_tokens_at_five_times_the_honest_rate_cost_no_honest_reque
         assert fresh_sts.attempts <= 2 * new_tokens, f"{fresh_sts.attempts} STS calls for {new_tokens} tokens"
         assert gateway.refused == []
         if keys is not None:
-            assert len(forged_presented) == 1
             assert keys.fetched == ["/acme/.well-known/jwks"]
+            # More than one means the service went on without the keys: the fetch failed or
+            # took longer than auth.JWKS_TIMEOUT, and the next is a minute away.
+            assert len(forged_presented) == 1, f"{len(forged_presented)} forged tokens reached STS"
             # The platform kept rotating its token, and the service kept up despite the forgeries.
             adopted = {
                 token
