@@ -361,10 +361,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         for reason, dropped in deselected.items():
             config.hook.pytest_deselected(items=dropped)
             announce(config, f"deselected {len(dropped)} test(s): {reason}")
-    # Modules with slow tests first: xdist hands out whole modules in this order, so the long
-    # ones start at once and the many short ones fill in at the end.
-    slow_modules = {item.path for item in items if item.get_closest_marker("slow")}
-    items.sort(key=lambda item: item.path not in slow_modules)
 
 
 @pytest.fixture(scope="session")
