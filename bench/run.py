@@ -706,10 +706,23 @@ def logging_cost(
     }
 
     def lines_logged(server: Server) -> int:
-        if server.runtime is not None:
-            return server.runtime.counts.get("log", 0)
-        with open(server.log_path, "rb") as written:
-            return sum(1 for line in written if b'"message":"request"' in line)
+        """The server's request lines so far, once they stop arriving: a line is written after
+        its response is sent, so on a busy machine the last ones land after wrk has stopped."""
+
+        def count() -> int:
+            if server.runtime is not None:
+                return server.runtime.counts.get("log", 0)
+            with open(server.log_path, "rb") as written:
+                return sum(1 for line in written if b'"message":"request"' in line)
+
+        seen, deadline = count(), time.monotonic() + 5
+        while time.monotonic() < deadline:
+            time.sleep(0.25)
+            now = count()
+            if now == seen:
+                break
+            seen = now
+        return seen
 
     try:
         for server in servers.values():

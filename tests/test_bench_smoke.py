@@ -81,9 +81,12 @@ def test_runtime_serving_keepalive_logging_and_cold_start_measured(quick_run: Pa
         assert logging["cpu_us"][every] > 0 and logging["cpu_us"][fewer] > 0
         on = [r for r in logging["runs"] if r["level"] == every]
         off = [r for r in logging["runs"] if r["level"] == fewer]
-        assert all(r["log_messages"] >= r["requests"] for r in on), f"{mode}, {every}: a line per request"
+        counts = [(r["log_messages"], r["requests"]) for r in logging["runs"]]
+        assert all(r["log_messages"] >= r["requests"] for r in on), (
+            f"{mode}, {every}: a line per request; (lines, requests) {counts}"
+        )
         assert all(r["log_messages"] <= r["requests"] // 10 for r in off), (
-            f"{mode}, {fewer}: (almost) no line"
+            f"{mode}, {fewer}: (almost) no line; (lines, requests) {counts}"
         )
     for mode in ("vercel/password", "vercel/iam", "uvicorn/password", "uvicorn/iam"):
         for target in ("project", "reference"):

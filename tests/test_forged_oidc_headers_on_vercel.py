@@ -248,9 +248,10 @@ def test_after_a_thousand_forged_tokens_the_services_secrets_are_still_redacted(
         since = len(runtime.logs)
         for secret in (secret_key, session_token, adopted):
             # A path is logged as sent: the request line carries the secret unless redaction knows it.
-            # An AWS secret key may hold "/" and end with one; Starlette redirects that path (307).
-            status = runtime.request("GET", f"/todos/{secret}", oidc_token=platform.current).status
-            assert status in (307, 404)
+            # An AWS secret key may hold "/" and end with one: Starlette would redirect that path,
+            # and on Vercel a redirect writes no request line. The suffix keeps every one a 404.
+            status = runtime.request("GET", f"/todos/{secret}-", oidc_token=platform.current).status
+            assert status == 404
         runtime.wait_idle(15)
         lines = [line.text for line in runtime.logs[since:]]
         request_lines = [line for line in lines if '"message":"request"' in line.replace(" ", "")]
