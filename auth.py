@@ -39,6 +39,7 @@ import base64
 import binascii
 import contextlib
 import contextvars
+import logging
 import math
 import os
 import re
@@ -54,6 +55,7 @@ import msgspec
 if TYPE_CHECKING:
     from db import Settings
 
+log = logging.getLogger("aurora_todo.auth")
 OIDC_HEADER = "x-vercel-oidc-token"  # where Vercel's runtime puts a request's OIDC token
 
 
@@ -509,13 +511,32 @@ class IssuerKeys:
             return self.loaded
         self._fetched_at = time.monotonic()
         self.wanted = False
+        url = f"{issuer}/.well-known/jwks"
         try:
             import jwt
 
-            keyset = jwt.PyJWKSet.from_dict(msgspec.json.decode(self._fetch(f"{issuer}/.well-known/jwks")))
-        except Exception:  # unreachable or malformed: STS still checks every token it is shown
+            keyset = jwt.PyJWKSet.from_dict(msgspec.json.decode(self._fetch(url)))
+        except Exception as error:  # unreachable or malformed: STS still checks every token it is shown
+            log.warning(
+                "the OIDC issuer's key set could not be fetched",
+                extra={
+                    "url": url,
+                    "error_type": type(error).__name__,
+                    "error": str(error)[:200],
+                    "duration_ms": round((time.monotonic() - self._fetched_at) * 1000, 1),
+                    "next_fetch_in_s": JWKS_REFETCH,
+                },
+            )
             return self.loaded
         self._keys = {key.key_id: key for key in keyset.keys if key.key_id and key.key_type == "RSA"}
+        log.info(
+            "the OIDC issuer's key set was fetched",
+            extra={
+                "url": url,
+                "keys": len(self._keys),
+                "duration_ms": round((time.monotonic() - self._fetched_at) * 1000, 1),
+            },
+        )
         return True
 
     def signed(self, token: OidcToken) -> bool | None:

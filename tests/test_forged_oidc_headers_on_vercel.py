@@ -182,7 +182,11 @@ def test_forged_header_tokens_at_five_times_the_honest_rate_cost_no_honest_reque
             assert keys.fetched == ["/acme/.well-known/jwks"]
             # More than one means the service went on without the keys: the fetch failed or
             # took longer than auth.JWKS_TIMEOUT, and the next is a minute away.
-            assert len(forged_presented) == 1, f"{len(forged_presented)} forged tokens reached STS"
+            fetches = [line.text for line in runtime.logs if "key set" in line.text]
+            assert len(forged_presented) == 1, f"{len(forged_presented)} forged tokens reached STS; {fetches}"
+            assert [json.loads(line)["message"] for line in fetches] == [
+                "the OIDC issuer's key set was fetched"
+            ]
             # The platform kept rotating its token, and the service kept up despite the forgeries.
             adopted = {
                 token

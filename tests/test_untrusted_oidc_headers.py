@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
+import queue
 import sys
 import time
+from logging.handlers import QueueHandler
 
 import pytest
 
@@ -302,7 +305,12 @@ def test_a_cold_instance_attacked_before_any_acceptance_recovers_in_the_same_ref
     assert tokens.fallback(forged) == platform
 
 
-def test_when_the_key_set_cannot_be_fetched_a_rejection_still_falls_back_and_the_fetch_waits():
+def test_when_the_key_set_cannot_be_fetched_a_rejection_still_falls_back_and_the_fetch_waits(
+    monkeypatch: pytest.MonkeyPatch,
+):
+    logged: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
+    monkeypatch.setattr(logging.getLogger("aurora_todo.auth"), "handlers", [QueueHandler(logged)])
+    monkeypatch.setattr(logging.getLogger("aurora_todo.auth"), "propagate", False)
     fetched: list[str] = []
 
     def unreachable(url: str) -> bytes:
@@ -317,6 +325,11 @@ def test_when_the_key_set_cannot_be_fetched_a_rejection_still_falls_back_and_the
         presented_and_rejected(tokens, forged)  # unverifiable: still a candidate, STS decides
         assert tokens.fallback(forged) == accepted
     assert len(fetched) == 1  # retried only after auth.JWKS_REFETCH
+    # The operator learns why forgeries still reach STS: one warning per failed fetch.
+    records = [logged.get_nowait() for _ in range(logged.qsize())]
+    assert [(r.levelname, r.getMessage(), vars(r)["url"], vars(r)["error_type"]) for r in records] == [
+        ("WARNING", "the OIDC issuer's key set could not be fetched", fetched[0], "OSError")
+    ]
 
 
 def test_keys_are_fetched_only_from_vercels_issuer():
