@@ -247,6 +247,7 @@ class VercelRuntime:
         self._ipc_thread: threading.Thread | None = None
         self._request_ids = itertools.count(1)
         self._ids_lock = threading.Lock()
+        self._answered: set[str] = set()  # invocations whose response `request` has read
         self._stopping = threading.Event()
 
     # -- lifecycle ---------------------------------------------------------
@@ -496,10 +497,13 @@ class VercelRuntime:
         )
 
     def wait_idle(self, timeout: float = 10.0) -> None:
-        """Wait until every started invocation has sent `end`.
+        """Wait until every started invocation, and every one `request` has the response of,
+        has sent `end`.
 
         A client has its response before `end` arrives (wait_until work and
-        bookkeeping run after the body), so check this, not the responses.
+        bookkeeping run after the body), so check this, not the responses. It may have it
+        before even `handler-started` was read here (another socket, another thread): the
+        answered invocations count too.
         """
         end = time.monotonic() + timeout
         while pending := self.unended():
@@ -509,8 +513,9 @@ class VercelRuntime:
                 self._c.cond.wait(0.05)
 
     def unended(self) -> set[str]:
-        """Invocations that started but whose `end` has not arrived."""
-        started: set[str] = set()
+        """Invocations that started or were answered, but whose `end` has not arrived."""
+        with self._ids_lock:
+            started: set[str] = set(self._answered)
         ended: set[str] = set()
         for m in self.messages:
             if m["type"] in ("handler-started", "end"):
@@ -644,6 +649,9 @@ class VercelRuntime:
             conn.endheaders(payload)
             resp = conn.getresponse()
             data = resp.read()
+            if self.record:  # without records, `end` is only counted
+                with self._ids_lock:
+                    self._answered.add(invocation_id)
             return Response(
                 status=resp.status,
                 headers=resp.getheaders(),
