@@ -604,6 +604,7 @@ class OidcTokens:
         self._rejected: set[str] = set()
         self._rejected_order: deque[str] = deque()
         self._forged_issuer: str | None = None  # the issuer a rejected header token named
+        self._presented: OidcToken | None = None  # the header token last handed out to present
         self._last_seen: str | None = None  # most requests carry what the previous one did
 
     @classmethod
@@ -678,7 +679,7 @@ class OidcTokens:
         # just before the keys arrived may be the candidate. Once they are loaded, only a signed
         # candidate is presented.
         if candidate is not None and candidate.exp > now and self.keys.signed(candidate) is not False:
-            return candidate.raw
+            return self._present(candidate)
         if accepted is not None and accepted.exp > now:
             return accepted.raw
         token = self._sdk_token()
@@ -701,13 +702,20 @@ class OidcTokens:
             and candidate.exp > now
             and self.keys.signed(candidate)
         ):
-            return candidate.raw
+            return self._present(candidate)
         if accepted is not None and accepted.raw != rejected and accepted.exp > now:
             return accepted.raw
         token = self._sdk_token()
         if token is None or token == rejected or self._was_rejected(token):
             return None
         return token
+
+    def _present(self, header_token: OidcToken) -> str:
+        """Hand out a header token to present; `rejected` knows it by this, even after a newer
+        one has replaced it as the candidate while STS considered it."""
+        with self._lock:
+            self._presented = header_token
+        return header_token.raw
 
     def _verify_when_needed(self) -> None:
         """Once a forgery was seen: load the keys, and choose the candidate again among the
@@ -750,6 +758,8 @@ class OidcTokens:
         with self._lock:
             if self._candidate is not None and self._candidate.raw == raw:
                 self._candidate = None
+            if self._presented is not None and self._presented.raw == raw:
+                self._presented = None
             if token is not None and (self._accepted is None or token.order >= self._accepted.order):
                 self._accepted = token
                 if self._candidate is not None and not self._expected(self._candidate):
@@ -760,8 +770,10 @@ class OidcTokens:
         forgeries are about, so signatures are checked from now on."""
         with self._lock:
             if self._candidate is not None and self._candidate.raw == raw:
-                self._forged_issuer = self._candidate.iss
                 self._candidate = None
+            if self._presented is not None and self._presented.raw == raw:
+                self._forged_issuer = self._presented.iss
+                self._presented = None
                 self.keys.wanted = not self.keys.loaded or self.keys.wanted
             if self._accepted is not None and self._accepted.raw == raw:
                 self._accepted = None

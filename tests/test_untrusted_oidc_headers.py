@@ -295,6 +295,25 @@ def test_after_a_rejection_only_signed_header_tokens_are_candidates_and_the_plat
     assert tokens.first() == newer and len(keys.fetched) == 1
 
 
+def test_a_forgery_rejected_after_a_newer_one_replaced_it_still_has_the_keys_fetched_at_once():
+    """The STS call takes a while, and forgeries keep coming meanwhile: by the time STS rejects
+    the presented one, a newer forgery is the candidate. The rejection still means forgeries are
+    about: the same refresh fetches the keys, and the newer forgery is never presented."""
+    keys = KeySet()
+    tokens = book(fetch_jwks=keys)
+    accepted = ISSUER.token(issued_at=time.time() - 120)
+    tokens.accepted(accepted)
+    first = forged_token(lifetime=3000)
+    tokens.observe(first)
+    assert tokens.first() == first
+    newer = forged_token(lifetime=3001, issued_at=time.time() + 1)
+    tokens.observe(newer)  # while STS considers `first`
+    tokens.rejected(first)
+    assert tokens.fallback(first) == accepted
+    assert keys.fetched == ["https://oidc.vercel.com/acme/.well-known/jwks"]
+    assert tokens.first() == accepted  # not `newer`: its signature is checked now
+
+
 def test_a_cold_instance_attacked_before_any_acceptance_recovers_in_the_same_refresh():
     keys = KeySet()
     tokens = book(sdk_token=None, fetch_jwks=keys)
