@@ -51,20 +51,21 @@ Client: TypeAlias = "httpx.Client | TestClient"
 Response: TypeAlias = "httpx.Response | httpx2.Response"
 
 
-def run_sql(url: str, *statements: str) -> list:
+async def fetch_sql(url: str, *statements: str) -> list:
     """Run statements in order on one connection; the rows of the last one."""
+    connection = await asyncpg.connect(url)
+    try:
+        result: list = []
+        for statement in statements:
+            result = await connection.fetch(statement)
+        return result
+    finally:
+        await connection.close()
 
-    async def run() -> list:
-        connection = await asyncpg.connect(url)
-        try:
-            result: list = []
-            for statement in statements:
-                result = await connection.fetch(statement)
-            return result
-        finally:
-            await connection.close()
 
-    return asyncio.run(run())
+def run_sql(url: str, *statements: str) -> list:
+    """`fetch_sql` from synchronous code."""
+    return asyncio.run(fetch_sql(url, *statements))
 
 
 def with_database(url: str, database: str) -> str:

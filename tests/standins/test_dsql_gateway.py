@@ -20,7 +20,7 @@ import pytest
 import db
 from standins.aurora_gateway import parse_upstream_url
 from standins.dsql_gateway import OC000, OC001, DsqlGateway
-from support import create_database, drop_database, run_sql
+from support import create_database, drop_database, fetch_sql, run_sql
 
 REGION = "us-east-1"
 AKID, SECRET = "AKIATESTDSQLSTANDIN1", "dsql-stand-in-secret"
@@ -93,18 +93,6 @@ async def connect(gateway: NamedGateway, user: str = "admin", **options) -> asyn
     )
 
 
-async def upstream(url: str, *statements: str) -> list:
-    """Run statements on the real PostgreSQL behind the stand-in (not through it)."""
-    connection = await asyncpg.connect(url)
-    try:
-        rows: list = []
-        for statement in statements:
-            rows = await connection.fetch(statement)
-        return rows
-    finally:
-        await connection.close()
-
-
 @asynccontextmanager
 async def session(gateway: NamedGateway, user: str = "admin", **options):
     connection = await connect(gateway, user, **options)
@@ -155,8 +143,8 @@ REFUSED = [
 @pytest.mark.parametrize("sql, named", REFUSED, ids=[r[0][:40] for r in REFUSED])
 async def test_what_dsql_lacks_is_refused_with_0A000_in_both_protocols(stand_in, database, sql, named):
     gateway = stand_in()
-    await upstream(database, "INSERT INTO todos VALUES (gen_random_uuid(), 'kept', false, now(), now())")
-    before = (await upstream(database, "SELECT count(*) FROM todos"))[0][0]
+    await fetch_sql(database, "INSERT INTO todos VALUES (gen_random_uuid(), 'kept', false, now(), now())")
+    before = (await fetch_sql(database, "SELECT count(*) FROM todos"))[0][0]
     async with session(gateway) as connection:
         with pytest.raises(asyncpg.FeatureNotSupportedError, match=named):
             await connection.execute(sql)  # simple protocol: one Query
@@ -165,8 +153,8 @@ async def test_what_dsql_lacks_is_refused_with_0A000_in_both_protocols(stand_in,
         # The connection is in step afterwards, and nothing ran upstream.
         assert await connection.fetchval("SELECT $1::int + 1", 41) == 42
     assert [r.sqlstate for r in gateway.refusals] == ["0A000", "0A000"]
-    assert (await upstream(database, "SELECT count(*) FROM todos"))[0][0] == before
-    assert not await upstream(
+    assert (await fetch_sql(database, "SELECT count(*) FROM todos"))[0][0] == before
+    assert not await fetch_sql(
         database,
         "SELECT 1 FROM pg_class WHERE relname IN ('todo_numbers', 'numbered', 'notes', "
         "'scratch', 'todos_by_title', 'todos_newest', 'done', 'archive')",
@@ -203,7 +191,7 @@ async def test_create_index_async_runs_and_answers_with_a_job_id(stand_in, datab
         rows = await connection.fetch("CREATE INDEX ASYNC IF NOT EXISTS todos_by_done ON todos (completed)")
         assert len(rows) == 1 and list(rows[0].keys()) == ["job_id"] and len(rows[0]["job_id"]) == 26
     built = {
-        r[0] for r in await upstream(database, "SELECT indexname FROM pg_indexes WHERE tablename = 'todos'")
+        r[0] for r in await fetch_sql(database, "SELECT indexname FROM pg_indexes WHERE tablename = 'todos'")
     }
     assert {"todos_by_time", "todos_by_done"} <= built
     assert gateway.index_jobs == 2 and gateway.refusals == []
@@ -235,9 +223,9 @@ async def test_one_ddl_per_transaction_and_never_with_dml(stand_in, database):
         await insert.fetch("5b0c8a4e-98d1-4bb0-9a59-2f6cf7a0a004")
         await connection.execute("CREATE TABLE alone_ddl (id uuid PRIMARY KEY)")
     assert len(gateway.refusals) == 4
-    tables = {r[0] for r in await upstream(database, "SELECT relname FROM pg_class WHERE relkind = 'r'")}
+    tables = {r[0] for r in await fetch_sql(database, "SELECT relname FROM pg_class WHERE relkind = 'r'")}
     assert "alone_ddl" in tables and not {"first_ddl", "second_ddl", "after_dml", "before_dml"} & tables
-    ids = {str(r[0]) for r in await upstream(database, "SELECT id FROM todos")}
+    ids = {str(r[0]) for r in await fetch_sql(database, "SELECT id FROM todos")}
     assert "5b0c8a4e-98d1-4bb0-9a59-2f6cf7a0a004" in ids
     assert not {"5b0c8a4e-98d1-4bb0-9a59-2f6cf7a0a002", "5b0c8a4e-98d1-4bb0-9a59-2f6cf7a0a003"} & ids
 
@@ -265,7 +253,7 @@ async def test_schema_public_is_refused_to_roles_other_than_admin(stand_in):
 
 async def test_conflicts_are_injected_on_writes_under_40001_and_XX000(stand_in, database):
     gateway = stand_in(conflict_rate=1.0, xx000_every=2)
-    before = (await upstream(database, "SELECT count(*) FROM todos"))[0][0]
+    before = (await fetch_sql(database, "SELECT count(*) FROM todos"))[0][0]
     async with session(gateway) as connection:
         with pytest.raises(asyncpg.SerializationError) as first:
             await connection.execute(db.INSERT_TODO, "5b0c8a4e-98d1-4bb0-9a59-2f6cf7a0a006", "a", False)
@@ -275,7 +263,7 @@ async def test_conflicts_are_injected_on_writes_under_40001_and_XX000(stand_in, 
         assert db.is_conflict(first.value) and db.is_conflict(second.value)
         assert await connection.fetchval("SELECT count(*) FROM todos") == before  # reads pass
     assert [(i.sqlstate, i.code) for i in gateway.injections] == [("40001", "OC000"), ("XX000", "OC000")]
-    assert (await upstream(database, "SELECT count(*) FROM todos"))[0][0] == before  # nothing was written
+    assert (await fetch_sql(database, "SELECT count(*) FROM todos"))[0][0] == before  # nothing was written
     assert gateway.refusals == []
 
 
@@ -296,7 +284,7 @@ async def test_a_ddl_racing_another_gets_OC001(stand_in, database):
         with pytest.raises(asyncpg.SerializationError, match=r"\(OC001\)"):
             await connection.execute("CREATE TABLE never_made (id uuid PRIMARY KEY)")
     assert [i.code for i in gateway.injections + racy.injections] == ["OC001", "OC001"]
-    tables = {r[0] for r in await upstream(database, "SELECT relname FROM pg_class WHERE relkind = 'r'")}
+    tables = {r[0] for r in await fetch_sql(database, "SELECT relname FROM pg_class WHERE relkind = 'r'")}
     assert {"racing_first", "racing_second"} <= tables and "never_made" not in tables
 
 
