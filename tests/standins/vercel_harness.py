@@ -515,13 +515,13 @@ class VercelRuntime:
     def unended(self) -> set[str]:
         """Invocations that started or were answered, but whose `end` has not arrived."""
         with self._ids_lock:
-            started: set[str] = set(self._answered)
+            begun: set[str] = set(self._answered)  # answered, whether or not handler-started was read
         ended: set[str] = set()
         for m in self.messages:
             if m["type"] in ("handler-started", "end"):
                 inv = m["payload"]["context"]["invocationId"]
-                (started if m["type"] == "handler-started" else ended).add(inv)
-        return started - ended
+                (begun if m["type"] == "handler-started" else ended).add(inv)
+        return begun - ended
 
     @property
     def logs(self) -> list[IpcLog]:
